@@ -1,0 +1,73 @@
+"""Training data for restoration: degradations (PIL/numpy), paired datasets and cached latents (torch).
+
+``diffusers_restore.data.degradations`` needs only PIL and numpy; the torch-based modules (``paired_dataset``,
+``latents``) are imported on first attribute access, so ``import diffusers_restore.data`` stays light.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY_ATTRIBUTES = {
+    # degradations (PIL / numpy)
+    "GENERIC_PROMPT": "degradations",
+    "DEGRADATIONS": "degradations",
+    "REALESRGAN": "degradations",
+    "REALESRGAN_LIGHT": "degradations",
+    "RealESRGANConfig": "degradations",
+    "apply_degradation_spec": "degradations",
+    "area_downsample_pair": "degradations",
+    "degradation_prompt": "degradations",
+    "parse_degradation_spec": "degradations",
+    "random_degradation": "degradations",
+    "realesrgan_degradation": "degradations",
+    "severity": "degradations",
+    "to_rgb": "degradations",
+    # paired dataset (torch)
+    "PairedDataset": "paired_dataset",
+    "PairedDataError": "paired_dataset",
+    "collate_fn": "paired_dataset",
+    "validate_paired_csv": "paired_dataset",
+    # latent cache (torch, safetensors)
+    "CachedLatentDataset": "latents",
+    "LatentCacheError": "latents",
+    "build_latent_cache": "latents",
+    "degrade_latents": "latents",
+    # pre-generated pairs
+    "make_pairs": "make_pairs",
+}
+
+__all__ = sorted(_LAZY_ATTRIBUTES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_ATTRIBUTES:
+        module = importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .degradations import (
+        DEGRADATIONS,
+        GENERIC_PROMPT,
+        REALESRGAN,
+        REALESRGAN_LIGHT,
+        RealESRGANConfig,
+        apply_degradation_spec,
+        area_downsample_pair,
+        degradation_prompt,
+        parse_degradation_spec,
+        random_degradation,
+        realesrgan_degradation,
+        severity,
+        to_rgb,
+    )
+    from .latents import CachedLatentDataset, LatentCacheError, build_latent_cache, degrade_latents
+    from .make_pairs import make_pairs
+    from .paired_dataset import PairedDataError, PairedDataset, collate_fn, validate_paired_csv

@@ -1,0 +1,687 @@
+"""Latent-space tools for training: condition-latent augmentation and a cache of VAE latents.
+
+* :func:`degrade_latents`: add gaussian noise with a per-sample sigma ~ U[0, max_sigma] to condition latents, so the
+  model learns to tolerate imperfect latents of the degraded image.
+* :func:`build_latent_cache` / :class:`CachedLatentDataset`: encode every (clean, degraded) pair once with the VAE
+  (``z = vae.encode(x).latent * scaling_factor``) into safetensors shards, optionally with the prompts' text
+  embeddings (stored once per unique prompt), and read them back for training without a VAE forward per step.
+
+Cache layout (``output_dir``)::
+
+    latents-00000-of-00004.safetensors   "latents", "conditioning_latents" [N, C, h, w], "indices" [N] (int64);
+                                         metadata: JSON lists "prompts" and "degradations" (one per sample)
+    prompt_embeds-00000-of-00001.safetensors   "prompt_embeds" [P, L, D], "prompt_attention_mask" [P, L];
+                                         metadata: JSON list "prompts" (the P unique prompts, in row order)
+    index.json                           written last: metadata, every file's size and sha256, the prompt table
+    progress.json                        only while a build is unfinished (what is done, for resuming)
+
+Integrity: every file is written to a temporary name, flushed to disk and renamed into place, so a file under its
+final name is always complete; its sha256 is recorded (progress.json, then index.json). An interrupted build
+leaves at most a stray temporary file (removed on the next build) and no index; rebuilding skips the shards whose
+recorded checksum still matches. The reader refuses a cache without an index, checks every shard's size and
+safetensors header and sha256 when it is created (``verify="sha256"``, the default), and raises
+:class:`LatentCacheError` naming the file. The index records the VAE (class, config hash, scaling factor and, by
+default, a hash of its weights), the resolution, dataset length, seed, epoch and degradation; building into or
+reading from a cache made with other settings is refused with an error that lists the differences.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+PROGRESS_FILE = "progress.json"
+_TEMP_PREFIX = ".tmp-"
+
+__all__ = [
+    "CachedLatentDataset",
+    "LatentCacheError",
+    "build_latent_cache",
+    "degrade_latents",
+    "encode_latents",
+    "vae_fingerprint",
+]
+
+PromptEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LatentCacheError(RuntimeError):
+    """A latent cache that is missing, incomplete, corrupt, or built with other settings."""
+
+
+# ------------------------------------------------------------------------------------ latent augmentation
+
+
+def degrade_latents(
+    latents: torch.Tensor,
+    max_sigma: float = 0.12,
+    generator: torch.Generator | None = None,
+    return_sigmas: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Add gaussian noise with a per-sample standard deviation ``sigma ~ U[0, max_sigma]`` to condition latents.
+
+    Args:
+        latents: [B, C, H, W] (any trailing shape) scaled latents.
+        max_sigma: upper bound of the per-sample sigma (0 returns the latents unchanged).
+        generator: torch generator for reproducibility (may live on another device than `latents`).
+        return_sigmas: also return the sigmas drawn, shape [B].
+
+    Returns:
+        The noisy latents (same shape and dtype), and the sigmas [B] (float32) if `return_sigmas`.
+    """
+    if max_sigma < 0:
+        raise ValueError(f"max_sigma must be >= 0, got {max_sigma}.")
+    if latents.ndim < 1 or latents.shape[0] == 0:
+        raise ValueError(f"latents must have a non-empty batch dimension, got shape {tuple(latents.shape)}.")
+    batch = latents.shape[0]
+    # Draw on the generator's device (a CPU generator gives the same numbers whatever device trains), then move.
+    draw_device = generator.device if generator is not None else latents.device
+    sigmas = torch.rand(batch, generator=generator, device=draw_device, dtype=torch.float32) * max_sigma
+    noise = torch.randn(latents.shape, generator=generator, device=draw_device, dtype=torch.float32)
+    sigmas, noise = sigmas.to(latents.device), noise.to(latents.device)
+    view = (batch,) + (1,) * (latents.ndim - 1)
+    noisy = (latents.float() + sigmas.view(view) * noise).to(latents.dtype)
+    return (noisy, sigmas) if return_sigmas else noisy
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images in [-1, 1]: ``(z - shift_factor) * scaling_factor`` where ``z`` is
+    ``vae.encode(pixels).latent`` (AutoencoderDC) or ``.latent_dist.mode()`` (KL autoencoders); ``shift_factor`` is
+    0 unless the VAE config defines one (SD3/Flux VAEs).
+
+    Args:
+        vae: a diffusers autoencoder with ``config.scaling_factor``.
+        pixels: [B, 3, H, W] in the VAE's dtype and device.
+
+    Returns:
+        [B, C, H / f, W / f] latents.
+    """
+    output = vae.encode(pixels)
+    if hasattr(output, "latent"):
+        latents = output.latent
+    elif hasattr(output, "latent_dist"):
+        latents = output.latent_dist.mode()
+    elif isinstance(output, (tuple, list)):
+        latents = output[0].mode() if hasattr(output[0], "mode") else output[0]
+    else:
+        raise TypeError(f"cannot find latents in the output of {type(vae).__name__}.encode ({type(output).__name__}).")
+    config = vae.config
+    scaling, shift = (config.get(k) if isinstance(config, dict) else getattr(config, k, None)
+                      for k in ("scaling_factor", "shift_factor"))
+    if scaling is None:
+        raise ValueError(f"{type(vae).__name__}.config has no scaling_factor.")
+    if shift is not None:
+        latents = latents - shift
+    return latents * scaling
+
+
+def _config_dict(vae: torch.nn.Module) -> dict[str, Any]:
+    config = dict(getattr(vae, "config", {}) or {})
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def vae_fingerprint(vae: torch.nn.Module, hash_weights: bool = True) -> dict[str, Any]:
+    """What identifies a VAE for the cache: class, sha256 of its config (without bookkeeping keys such as
+    ``_name_or_path``), scaling/shift factors and, if `hash_weights`, a sha256 over all of its parameters and
+    buffers (about a second per GB of weights)."""
+    config = _config_dict(vae)
+    fingerprint = {
+        "class": type(vae).__name__,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "scaling_factor": config.get("scaling_factor"),
+        "shift_factor": config.get("shift_factor"),
+    }
+    if hash_weights:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(vae.state_dict().items()):
+            tensor = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        fingerprint["weights_sha256"] = digest.hexdigest()
+    return fingerprint
+
+
+# ------------------------------------------------------------------------------------------ file helpers
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, then os.replace."""
+    folder, name = os.path.split(path)
+    handle, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX + name + ".", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def _atomic_write_json(path: str, payload: dict[str, Any]) -> None:
+    _atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _check_safetensors(path: str, expected_size: int | None = None) -> dict[str, Any]:
+    """Check that `path` is a complete safetensors file (size, header, data extent); return its header."""
+    if not os.path.isfile(path):
+        raise LatentCacheError(f"{path}: cache file is missing.")
+    size = os.path.getsize(path)
+    if expected_size is not None and size != expected_size:
+        raise LatentCacheError(f"{path}: {size} bytes, the index records {expected_size}: the file is truncated or "
+                               f"was replaced. Rebuild the cache with build_latent_cache.")
+    try:
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_size))
+        ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+        if 8 + header_size + max(ends, default=0) != size:
+            raise ValueError("tensor data does not end at the end of the file")
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise LatentCacheError(f"{path}: not a valid safetensors file ({error}); rebuild the cache.") from None
+    return header
+
+
+def _verify_file(path: str, entry: dict[str, Any], checksum: bool) -> None:
+    _check_safetensors(path, entry["size"])
+    if checksum and _sha256_file(path) != entry["sha256"]:
+        raise LatentCacheError(f"{path}: sha256 mismatch with the index (corrupt or replaced); rebuild the cache.")
+
+
+def _differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key), found.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: cache has {b!r}, expected {a!r}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _shard_name(kind: str, number: int, total: int) -> str:
+    return f"{kind}-{number:05d}-of-{total:05d}.safetensors"
+
+
+def _batch_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in items]),
+        "prompt": [item.get("prompt", "") for item in items],
+        "degradation": [item.get("degradation", "") for item in items],
+        "index": torch.tensor([int(item.get("index", -1)) for item in items], dtype=torch.int64),
+    }
+
+
+def _cache_metadata(dataset: Any, vae: torch.nn.Module, dtype: torch.dtype, shard_size: int, with_prompts: bool,
+                    hash_weights: bool) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "vae": vae_fingerprint(vae, hash_weights=hash_weights),
+        "resolution": getattr(dataset, "resolution", None),
+        "dataset_length": len(dataset),
+        "dataset_source": (
+            os.path.abspath(dataset.source) if isinstance(getattr(dataset, "source", None), str) else None
+        ),
+        "seed": getattr(dataset, "seed", None),
+        "epoch": getattr(dataset, "epoch", None),
+        "degradation": str(getattr(dataset, "degradation", None)),
+        "dtype": str(dtype).replace("torch.", ""),
+        "shard_size": shard_size,
+        "prompt_embeds": with_prompts,
+    }
+
+
+def _remove_stray_temp_files(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if name.startswith(_TEMP_PREFIX):
+            logger.warning("removing %s left by an interrupted cache build", os.path.join(output_dir, name))
+            os.remove(os.path.join(output_dir, name))
+
+
+@torch.no_grad()
+def build_latent_cache(
+    dataset: Any,
+    vae: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    encode_prompt_fn: PromptEncoder | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    prompt_batch_size: int = 64,
+    prompt_shard_size: int = 1024,
+    overwrite: bool = False,
+    hash_weights: bool = True,
+) -> dict[str, Any]:
+    """Encode every pair of `dataset` once and write a latent cache (see the module docstring for the layout).
+
+    Args:
+        dataset: a map-style dataset whose items have ``pixel_values`` and ``conditioning_pixel_values`` ([3, H, W]
+            in [-1, 1]), ``prompt`` and optionally ``degradation`` (e.g. :class:`PairedDataset`; its current epoch's
+            on-the-fly degradations are what gets cached). Its ``resolution``, ``seed``, ``epoch``, ``degradation``
+            and ``source`` attributes, when present, are recorded.
+        vae: the autoencoder (see :func:`encode_latents`); run in eval mode under ``torch.no_grad``.
+        output_dir: the cache folder (created if needed).
+        batch_size: images per VAE forward.
+        shard_size: samples per latent shard.
+        encode_prompt_fn: optional ``fn(prompts: list[str]) -> (prompt_embeds [P, L, D], attention_mask [P, L])``;
+            the embeddings of each unique prompt are stored once. ``L`` must be the same for every call (pad to a
+            fixed ``max_sequence_length``, as SANA does).
+        dtype: storage dtype of latents and embeddings (the VAE runs in its own dtype).
+        device: where the VAE runs (default: the VAE's device).
+        num_workers: DataLoader workers producing the pairs.
+        prompt_batch_size: prompts per `encode_prompt_fn` call.
+        prompt_shard_size: unique prompts per embedding shard.
+        overwrite: replace a cache in `output_dir` that was built with other settings instead of raising.
+        hash_weights: include a hash of the VAE weights in the cache's identity (recommended).
+
+    Returns:
+        The index (as written to ``index.json``).
+
+    Raises:
+        LatentCacheError: `output_dir` holds a cache (finished or not) built with other settings and not
+            `overwrite`; or `encode_prompt_fn` returns inconsistent shapes.
+    """
+    if batch_size < 1 or shard_size < 1 or prompt_batch_size < 1 or prompt_shard_size < 1:
+        raise ValueError("batch_size, shard_size, prompt_batch_size and prompt_shard_size must be >= 1.")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty.")
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if device is None:
+        device = next(vae.parameters()).device
+    vae_dtype = next(vae.parameters()).dtype
+    vae.eval()
+    metadata = _cache_metadata(dataset, vae, dtype, shard_size, encode_prompt_fn is not None, hash_weights)
+    index_path, progress_path = os.path.join(output_dir, INDEX_FILE), os.path.join(output_dir, PROGRESS_FILE)
+
+    # ---- an existing cache: reuse it if it matches, refuse (or clear) otherwise
+    for path in (index_path, progress_path):
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        differences = _differences(metadata, previous.get("metadata", {}))
+        if differences and not overwrite:
+            raise LatentCacheError(
+                f"{path}: {output_dir} holds a latent cache built with other settings:\n  " + "\n  ".join(differences)
+                + "\nUse another output_dir or overwrite=True."
+            )
+        if differences:
+            _clear_cache_files(output_dir)
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        try:
+            for entry in index["shards"] + index["prompt_shards"]:
+                _verify_file(os.path.join(output_dir, entry["file"]), entry, checksum=True)
+            return index
+        except LatentCacheError as error:
+            logger.warning("rebuilding the damaged parts of the cache: %s", error)
+            os.remove(index_path)
+            progress = {"metadata": metadata, "shards": {e["file"]: e for e in index["shards"]},
+                        "prompt_shards": {}}
+            _atomic_write_json(progress_path, progress)
+
+    _remove_stray_temp_files(output_dir)
+    progress = {"metadata": metadata, "shards": {}, "prompt_shards": {}}
+    if os.path.isfile(progress_path):
+        with open(progress_path, encoding="utf-8") as handle:
+            progress = json.load(handle)
+
+    # ---- latent shards
+    num_samples = len(dataset)
+    num_shards = (num_samples + shard_size - 1) // shard_size
+    shard_entries = []
+    for number in range(num_shards):
+        name = _shard_name("latents", number, num_shards)
+        path = os.path.join(output_dir, name)
+        start, stop = number * shard_size, min(num_samples, (number + 1) * shard_size)
+        entry = progress["shards"].get(name)
+        if entry is not None:
+            try:
+                _verify_file(path, entry, checksum=True)
+                shard_entries.append(entry)
+                continue
+            except LatentCacheError as error:
+                logger.warning("re-encoding shard %s: %s", name, error)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(start, stop)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_batch_items,
+        )
+        latents, conditioning, indices, prompts, degradations = [], [], [], [], []
+        for batch in loader:
+            pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]])
+            encoded = encode_latents(vae, pixels.to(device=device, dtype=vae_dtype)).to("cpu", dtype)
+            count = batch["pixel_values"].shape[0]
+            latents.append(encoded[:count])
+            conditioning.append(encoded[count:])
+            indices.append(batch["index"])
+            prompts += batch["prompt"]
+            degradations += batch["degradation"]
+        tensors = {
+            "latents": torch.cat(latents).contiguous(),
+            "conditioning_latents": torch.cat(conditioning).contiguous(),
+            "indices": torch.cat(indices).contiguous(),
+        }
+        blob = safetensors_save(
+            tensors, metadata={"prompts": json.dumps(prompts), "degradations": json.dumps(degradations)}
+        )
+        _atomic_write(path, blob)
+        entry = {"file": name, "start": start, "num_samples": stop - start, "size": len(blob),
+                 "sha256": hashlib.sha256(blob).hexdigest()}
+        progress["shards"][name] = entry
+        _atomic_write_json(progress_path, progress)
+        shard_entries.append(entry)
+
+    # ---- the prompt table and its embeddings (one row per unique prompt)
+    unique_prompts: list[str] = []
+    seen: set[str] = set()
+    for entry in shard_entries:
+        with safe_open(os.path.join(output_dir, entry["file"]), framework="pt") as handle:
+            for prompt in json.loads(handle.metadata()["prompts"]):
+                if prompt not in seen:
+                    seen.add(prompt)
+                    unique_prompts.append(prompt)
+    prompt_entries = []
+    if encode_prompt_fn is not None:
+        prompt_entries = _build_prompt_shards(
+            unique_prompts, encode_prompt_fn, output_dir, progress, progress_path, dtype, prompt_batch_size,
+            prompt_shard_size,
+        )
+
+    index = {
+        "format_version": FORMAT_VERSION,
+        "metadata": metadata,
+        "num_samples": num_samples,
+        "shards": shard_entries,
+        "prompt_shards": prompt_entries,
+        "prompts": unique_prompts,
+    }
+    _atomic_write_json(index_path, index)
+    os.remove(progress_path)
+    return index
+
+
+def _build_prompt_shards(
+    prompts: list[str],
+    encode_prompt_fn: PromptEncoder,
+    output_dir: str,
+    progress: dict[str, Any],
+    progress_path: str,
+    dtype: torch.dtype,
+    prompt_batch_size: int,
+    prompt_shard_size: int,
+) -> list[dict[str, Any]]:
+    num_shards = max(1, (len(prompts) + prompt_shard_size - 1) // prompt_shard_size)
+    entries, expected_shape = [], None
+    for number in range(num_shards):
+        name = _shard_name("prompt_embeds", number, num_shards)
+        path = os.path.join(output_dir, name)
+        chunk = prompts[number * prompt_shard_size : (number + 1) * prompt_shard_size]
+        entry = progress["prompt_shards"].get(name)
+        if entry is not None and entry.get("prompts_sha256") == _prompts_hash(chunk):
+            try:
+                _verify_file(path, entry, checksum=True)
+                entries.append(entry)
+                continue
+            except LatentCacheError as error:
+                logger.warning("re-encoding prompt shard %s: %s", name, error)
+        embeds, masks = [], []
+        for begin in range(0, len(chunk), prompt_batch_size):
+            batch = chunk[begin : begin + prompt_batch_size]
+            prompt_embeds, attention_mask = encode_prompt_fn(batch)
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != len(batch) or tuple(attention_mask.shape) != tuple(
+                prompt_embeds.shape[:2]
+            ):
+                raise LatentCacheError(
+                    f"encode_prompt_fn must return embeddings [P, L, D] and a mask [P, L] for P={len(batch)} prompts, "
+                    f"got {tuple(prompt_embeds.shape)} and {tuple(attention_mask.shape)}."
+                )
+            if expected_shape is None:
+                expected_shape = tuple(prompt_embeds.shape[1:])
+            elif tuple(prompt_embeds.shape[1:]) != expected_shape:
+                raise LatentCacheError(
+                    f"encode_prompt_fn returned embeddings of shape {tuple(prompt_embeds.shape[1:])} after "
+                    f"{expected_shape}: pad every prompt to the same max_sequence_length."
+                )
+            embeds.append(prompt_embeds.detach().to("cpu", dtype))
+            masks.append(attention_mask.detach().to("cpu", torch.int64))
+        blob = safetensors_save(
+            {"prompt_embeds": torch.cat(embeds).contiguous(), "prompt_attention_mask": torch.cat(masks).contiguous()},
+            metadata={"prompts": json.dumps(chunk)},
+        )
+        _atomic_write(path, blob)
+        entry = {"file": name, "start": number * prompt_shard_size, "num_prompts": len(chunk), "size": len(blob),
+                 "sha256": hashlib.sha256(blob).hexdigest(), "prompts_sha256": _prompts_hash(chunk)}
+        progress["prompt_shards"][name] = entry
+        _atomic_write_json(progress_path, progress)
+        entries.append(entry)
+    return entries
+
+
+def _prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def _clear_cache_files(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        is_cache_file = name.endswith(".safetensors") and name.startswith(("latents-", "prompt_embeds-"))
+        if is_cache_file or name in (INDEX_FILE, PROGRESS_FILE) or name.startswith(_TEMP_PREFIX):
+            os.remove(os.path.join(output_dir, name))
+
+
+# ------------------------------------------------------------------------------------------------- read
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _ShardReader:
+    """Reads single rows of the tensors of one safetensors file with positioned reads (one ``os.pread`` per tensor
+    and row), so that items are private copies and random access costs neither a full load nor page-fault storms
+    on a memory map. The file descriptor is opened lazily, once per process (DataLoader workers open their own)."""
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        self.path = path
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+        self.data_start = 8 + header_size
+        self.tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            self.tensors[name] = (dtype, shape[1:], begin, row_bytes)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        dtype, shape, begin, row_bytes = self.tensors[name]
+        data = os.pread(self._fd, row_bytes, self.data_start + begin + index * row_bytes)
+        if len(data) != row_bytes:
+            raise LatentCacheError(f"{self.path}: short read (the file changed after it was verified).")
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fd"], state["_pid"] = None, None  # descriptors are per process
+        return state
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Reads a cache written by :func:`build_latent_cache`.
+
+    Args:
+        cache_dir: the cache folder.
+        vae: if given, the cache must have been built with this VAE (class, config, scaling factor and, when the
+            cache recorded one, weights hash); otherwise :class:`LatentCacheError` lists the differences.
+        resolution: if given, the cache must have been built at this resolution.
+        load_prompt_embeds: return the cached prompt embeddings (needs a cache built with ``encode_prompt_fn``).
+        verify: when the dataset is created, check every file's size, safetensors header and sha256 ("sha256",
+            the default; reads the whole cache once), size and header only ("size"), or nothing ("none").
+
+    Items: ``latents`` and ``conditioning_latents`` [C, h, w] (the stored dtype), ``prompt`` (str), ``index`` (the
+    source dataset's index), ``degradation`` (str), and with `load_prompt_embeds` ``prompt_embeds`` [L, D] and
+    ``prompt_attention_mask`` [L] (int64). torch's default collate batches them.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        vae: torch.nn.Module | None = None,
+        resolution: int | None = None,
+        load_prompt_embeds: bool = True,
+        verify: str = "sha256",
+    ) -> None:
+        if verify not in ("sha256", "size", "none"):
+            raise ValueError(f"verify must be 'sha256', 'size' or 'none', got {verify!r}.")
+        self.cache_dir = os.fspath(cache_dir)
+        index_path = os.path.join(self.cache_dir, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            hint = (
+                " A build was interrupted (progress.json is present): run build_latent_cache again to finish it."
+                if os.path.isfile(os.path.join(self.cache_dir, PROGRESS_FILE))
+                else ""
+            )
+            raise LatentCacheError(f"{index_path}: no cache index; the cache is missing or unfinished.{hint}")
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                self.index = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise LatentCacheError(f"{index_path}: unreadable cache index ({error}).") from None
+        if self.index.get("format_version") != FORMAT_VERSION:
+            raise LatentCacheError(
+                f"{index_path}: cache format {self.index.get('format_version')}, this reader needs {FORMAT_VERSION}."
+            )
+        self.metadata = self.index["metadata"]
+        expected = {}
+        if vae is not None:
+            recorded = self.metadata["vae"]
+            expected["vae"] = vae_fingerprint(vae, hash_weights="weights_sha256" in recorded)
+        if resolution is not None:
+            expected["resolution"] = resolution
+        differences = _differences(expected, {key: self.metadata.get(key) for key in expected})
+        if differences:
+            raise LatentCacheError(
+                f"{index_path}: the cache was built with other settings:\n  " + "\n  ".join(differences)
+            )
+        if load_prompt_embeds and not self.index["prompt_shards"]:
+            raise LatentCacheError(
+                f"{index_path}: the cache has no prompt embeddings (built without encode_prompt_fn); "
+                "pass load_prompt_embeds=False."
+            )
+        self.load_prompt_embeds = load_prompt_embeds
+        self.verify = verify
+        self._shards = self.index["shards"]
+        self._prompt_shards = self.index["prompt_shards"] if load_prompt_embeds else []
+        self._starts = [entry["start"] for entry in self._shards]
+        self._prompt_starts = [entry["start"] for entry in self._prompt_shards]
+        prompt_ids = {prompt: number for number, prompt in enumerate(self.index["prompts"])}
+        self._sample_prompts: list[str] = []
+        self._sample_degradations: list[str] = []
+        for entry in self._shards + self._prompt_shards:
+            if verify != "none":
+                _verify_file(self._path(entry), entry, checksum=verify == "sha256")
+        self._readers: dict[str, _ShardReader] = {}
+        for entry in self._prompt_shards:
+            self._readers[entry["file"]] = _ShardReader(self._path(entry), _check_safetensors(self._path(entry)))
+        for entry in self._shards:
+            header = _check_safetensors(self._path(entry))
+            self._readers[entry["file"]] = _ShardReader(self._path(entry), header)
+            metadata = header.get("__metadata__", {})
+            self._sample_prompts += json.loads(metadata["prompts"])
+            self._sample_degradations += json.loads(metadata["degradations"])
+        self._sample_prompt_ids = [prompt_ids[prompt] for prompt in self._sample_prompts]
+        if len(self._sample_prompts) != self.index["num_samples"]:
+            raise LatentCacheError(
+                f"{index_path}: the shards hold {len(self._sample_prompts)} samples, the index "
+                f"{self.index['num_samples']}; rebuild the cache."
+            )
+
+    def _path(self, entry: dict[str, Any]) -> str:
+        return os.path.join(self.cache_dir, entry["file"])
+
+    def __len__(self) -> int:
+        return self.index["num_samples"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} samples.")
+        index %= len(self)
+        shard_number = bisect.bisect_right(self._starts, index) - 1
+        entry = self._shards[shard_number]
+        row = index - entry["start"]
+        shard = self._readers[entry["file"]]
+        item = {
+            "latents": shard.row("latents", row),
+            "conditioning_latents": shard.row("conditioning_latents", row),
+            "prompt": self._sample_prompts[index],
+            "index": int(shard.row("indices", row)),
+            "degradation": self._sample_degradations[index],
+        }
+        if self.load_prompt_embeds:
+            prompt_id = self._sample_prompt_ids[index]
+            prompt_entry = self._prompt_shards[bisect.bisect_right(self._prompt_starts, prompt_id) - 1]
+            prompt_shard = self._readers[prompt_entry["file"]]
+            prompt_row = prompt_id - prompt_entry["start"]
+            item["prompt_embeds"] = prompt_shard.row("prompt_embeds", prompt_row)
+            item["prompt_attention_mask"] = prompt_shard.row("prompt_attention_mask", prompt_row)
+        return item
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(cache_dir={self.cache_dir!r}, samples={len(self)}, "
+                f"resolution={self.metadata.get('resolution')}, prompts={len(self.index['prompts'])})")

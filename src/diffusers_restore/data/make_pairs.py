@@ -1,0 +1,334 @@
+"""Pre-generate degraded copies of clean photos and the pairs CSV that :class:`PairedDataset` reads.
+
+    sana-restore make-pairs --input-dir photos/ --output-dir pairs/ --degradation random --workers 8
+    python -m diffusers_restore.data.make_pairs --input-dir photos/ --output-dir pairs/ --degradation jpeg:20
+
+Writes ``<output-dir>/degraded/<relative path>.png`` for every image under ``--input-dir`` (``__<k>`` appended per
+copy when ``--copies`` > 1) and ``<output-dir>/pairs.csv`` (``image_path,condition_image_path,caption``, paths
+relative to the CSV; the caption is built from the degradations applied).
+
+* Reproducible: each output's generator is seeded from (``--seed``, the file's relative path, the copy number),
+  never from the processing order, so any number of workers gives byte-identical outputs.
+* Parallel: a process pool over ``--workers`` cores (default: all).
+* Resumable: every output is written to a temporary file and renamed into place, and carries its degradation
+  record and caption in a PNG text chunk; a rerun keeps the outputs already made with the same settings and only
+  computes the missing ones. The settings are recorded in ``<output-dir>/make_pairs.json``; a run with other
+  settings into the same folder stops before doing anything, unless ``--overwrite``.
+* The CSV is written once, at the end, atomically.
+Degraded images are lossless PNG (RGB), so that what the degradation produced (e.g. JPEG artifacts) is kept exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .degradations import apply_degradation_spec, degradation_prompt, load_rgb, parse_degradation_spec
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+PNG_TEXT_KEY = "sana_restore_pair"
+DEGRADED_FOLDER = "degraded"
+_TEMP_PREFIX = ".tmp-"
+
+__all__ = ["MakePairsResult", "make_pairs", "main", "pair_seed"]
+
+
+@dataclass
+class MakePairsResult:
+    csv_path: str
+    num_written: int = 0
+    num_resumed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """``(input path, error)`` for every photo that could not be processed (left out of the CSV)."""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Job:
+    input_root: str
+    relative_path: str
+    copy: int
+    output_path: str
+    degradation: str
+    seed: int
+    overwrite: bool
+    generic_prompt_probability: float
+
+
+def pair_seed(seed: int, relative_path: str, copy: int = 0) -> list[int]:
+    """The entropy of one output's generator: (seed, 64-bit hash of the relative path and copy number).
+    Independent of processing order and of the number of workers."""
+    key = f"{relative_path.replace(os.sep, '/')}#{copy}".encode()
+    return [int(seed), int.from_bytes(hashlib.sha256(key).digest()[:8], "little")]
+
+
+def _find_images(input_dir: str, exclude: str) -> list[str]:
+    """Relative paths of the images under `input_dir`, sorted, leaving out the folder `exclude` (our outputs)."""
+    found = []
+    exclude = os.path.abspath(exclude)
+    for directory, subdirectories, files in os.walk(input_dir):
+        subdirectories[:] = sorted(d for d in subdirectories if os.path.abspath(os.path.join(directory, d)) != exclude)
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(_TEMP_PREFIX):
+                found.append(os.path.relpath(os.path.join(directory, name), input_dir))
+    return sorted(found)
+
+
+def _settings(job: _Job) -> dict:
+    return {"source": job.relative_path.replace(os.sep, "/"), "copy": job.copy, "seed": job.seed,
+            "degradation": job.degradation}
+
+
+def _read_existing(path: str) -> dict | None:
+    """The pair record stored in an existing output, or None if it has none."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}) or {}
+            return json.loads(text[PNG_TEXT_KEY]) if PNG_TEXT_KEY in text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
+    """Degrade one photo. Returns (job, caption, status, error) with status "written", "resumed" or "failed"."""
+    try:
+        if os.path.exists(job.output_path):
+            existing = _read_existing(job.output_path)
+            if existing is not None and all(existing.get(k) == v for k, v in _settings(job).items()):
+                return job, existing["caption"], "resumed", None
+            if not job.overwrite:
+                return job, "", "failed", (
+                    f"{job.output_path} exists but was not made by this command with these settings "
+                    f"(found {None if existing is None else {k: existing.get(k) for k in _settings(job)}}); "
+                    "use another --output-dir or --overwrite."
+                )
+        rng = np.random.default_rng(pair_seed(job.seed, job.relative_path, job.copy))
+        clean = load_rgb(os.path.join(job.input_root, job.relative_path))
+        degraded, records = apply_degradation_spec(clean, job.degradation, rng)
+        degraded = degraded.convert("RGB")
+        if degraded.size != clean.size:
+            degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
+        caption = degradation_prompt(records, rng, job.generic_prompt_probability)
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_TEXT_KEY, json.dumps({**_settings(job), "records": records, "caption": caption}))
+        buffer = io.BytesIO()
+        degraded.save(buffer, format="PNG", pnginfo=info, compress_level=1)
+        _atomic_write(job.output_path, buffer.getvalue())
+        return job, caption, "written", None
+    except Exception as error:  # reported per file; one bad photo must not stop a long run
+        return job, "", "failed", f"{type(error).__name__}: {error}"
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX + name + ".", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def _remove_stray_temp_files(folder: str) -> None:
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(_TEMP_PREFIX):
+                os.remove(os.path.join(directory, name))
+
+
+MANIFEST_FILE = "make_pairs.json"
+
+
+def _check_manifest(output_dir: str, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix outputs of different settings in one folder (unless `overwrite`); record the settings."""
+    path = os.path.join(output_dir, MANIFEST_FILE)
+    if os.path.isfile(path) and not overwrite:
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != settings:
+            raise ValueError(
+                f"{output_dir} holds pairs made with other settings ({previous}, now {settings}); use another "
+                "--output-dir or --overwrite."
+            )
+    _atomic_write(path, (json.dumps(settings, sort_keys=True) + "\n").encode())
+
+
+def _csv_path_field(path: str, csv_folder: str) -> str:
+    try:
+        relative = os.path.relpath(path, csv_folder)
+    except ValueError:  # another drive (Windows)
+        return os.path.abspath(path)
+    return relative.replace(os.sep, "/")
+
+
+def make_pairs(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    degradation: str = "random",
+    seed: int = 0,
+    copies: int = 1,
+    num_workers: int | None = None,
+    csv_name: str = "pairs.csv",
+    overwrite: bool = False,
+    generic_prompt_probability: float = 0.1,
+    verbose: bool = True,
+) -> MakePairsResult:
+    """Degrade every image under `input_dir` and write the pairs CSV (see the module docstring).
+
+    Args:
+        input_dir: folder of clean photos (searched recursively).
+        output_dir: where ``degraded/`` and the CSV go.
+        degradation: a spec accepted by :func:`~.degradations.parse_degradation_spec` ("random", "realesrgan",
+            "jpeg:20", ...).
+        seed: base seed.
+        copies: degraded versions per photo (each with its own generator).
+        num_workers: processes (default: all cores; 1 runs in this process).
+        csv_name: the CSV's file name inside `output_dir`.
+        overwrite: redo outputs that were made with other settings instead of failing on them.
+        generic_prompt_probability: share of captions that are the generic restoration prompt.
+
+    Returns:
+        A :class:`MakePairsResult` (photos that failed are listed and left out of the CSV).
+    """
+    start_time = time.perf_counter()
+    input_dir, output_dir = os.fspath(input_dir), os.fspath(output_dir)
+    if not os.path.isdir(input_dir):
+        raise ValueError(f"input_dir '{input_dir}' is not a folder.")
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}.")
+    if num_workers is not None and num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+    parse_degradation_spec(degradation)  # a clear ValueError for a bad spec, before any work
+    degraded_root = os.path.join(output_dir, DEGRADED_FOLDER)
+    relative_paths = _find_images(input_dir, exclude=degraded_root)
+    if not relative_paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{input_dir}'.")
+    os.makedirs(output_dir, exist_ok=True)
+    _check_manifest(output_dir, {"degradation": degradation, "seed": int(seed),
+                                 "generic_prompt_probability": generic_prompt_probability}, overwrite)
+    if os.path.isdir(degraded_root):
+        _remove_stray_temp_files(degraded_root)
+    input_abs = os.path.abspath(input_dir)
+    if os.path.commonpath([input_abs, os.path.abspath(degraded_root)]) == os.path.abspath(degraded_root):
+        raise ValueError("input_dir must not lie inside output_dir/degraded.")
+
+    jobs = []
+    for relative_path in relative_paths:
+        stem = os.path.splitext(relative_path)[0]
+        for copy in range(copies):
+            suffix = f"__{copy}" if copies > 1 else ""
+            jobs.append(
+                _Job(input_abs, relative_path, copy, os.path.join(degraded_root, stem + suffix + ".png"),
+                     degradation, int(seed), overwrite, generic_prompt_probability)
+            )
+    if len({job.output_path for job in jobs}) != len(jobs):
+        raise ValueError(f"two inputs under '{input_dir}' differ only by extension; their outputs would collide.")
+
+    workers = min(num_workers or os.cpu_count() or 1, len(jobs))
+    result = MakePairsResult(csv_path=os.path.join(output_dir, csv_name))
+    outcomes = []
+    report_every = max(1, len(jobs) // 20)
+    if workers == 1:
+        iterator = map(_process, jobs)
+        outcomes = _collect(iterator, len(jobs), report_every, verbose)
+    else:
+        # spawn: safe whatever threads the parent runs (torch, tokenizers), same behaviour on every platform
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            outcomes = _collect(pool.imap_unordered(_process, jobs, chunksize=4), len(jobs), report_every, verbose)
+
+    rows = []
+    for job, caption, status, error in sorted(outcomes, key=lambda o: (o[0].relative_path, o[0].copy)):
+        if status == "failed":
+            result.failures.append((os.path.join(input_dir, job.relative_path), error or "unknown error"))
+            continue
+        result.num_written += status == "written"
+        result.num_resumed += status == "resumed"
+        rows.append((
+            _csv_path_field(os.path.join(input_abs, job.relative_path), os.path.abspath(output_dir)),
+            _csv_path_field(job.output_path, os.path.abspath(output_dir)),
+            caption,
+        ))
+    result.seconds = time.perf_counter() - start_time
+    if not rows:  # keep any earlier CSV rather than replacing it by an empty one
+        return result
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_path", "condition_image_path", "caption"])
+    writer.writerows(rows)
+    _atomic_write(result.csv_path, buffer.getvalue().encode("utf-8"))
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _collect(iterator, total: int, report_every: int, verbose: bool) -> list:
+    outcomes = []
+    for outcome in iterator:
+        outcomes.append(outcome)
+        if verbose and (len(outcomes) % report_every == 0 or len(outcomes) == total):
+            print(f"make-pairs: {len(outcomes)}/{total}", file=sys.stderr, flush=True)
+    return outcomes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sana-restore make-pairs",
+        description="Write degraded copies of clean photos and a pairs CSV (image_path,condition_image_path,caption) "
+        "for PairedDataset. Reproducible (seeded per file name), parallel, resumable.",
+    )
+    parser.add_argument("--input-dir", required=True, help="Folder of clean photos (searched recursively).")
+    parser.add_argument("--output-dir", required=True, help="Where degraded/ and the CSV are written.")
+    parser.add_argument("--degradation", default="random",
+                        help="random (1-3 of the basic degradations), realesrgan, realesrgan_light, or a spec such as "
+                        "gaussian_noise:25, jpeg:20, gaussian_blur:7, downscale:2, colour_jitter:0.1,-0.1 "
+                        "(default: random).")
+    parser.add_argument("--seed", type=int, default=0, help="Base seed (default 0).")
+    parser.add_argument("--copies", type=int, default=1, help="Degraded versions per photo (default 1).")
+    parser.add_argument("--workers", type=int, default=None, help="Processes (default: all cores).")
+    parser.add_argument("--csv-name", default="pairs.csv", help="CSV file name in the output folder.")
+    parser.add_argument("--generic-prompt-probability", type=float, default=0.1,
+                        help="Share of captions that are the generic 'Restore this image to high quality' (0.1).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Redo outputs made with other settings instead of stopping.")
+    parser.add_argument("--quiet", action="store_true", help="No progress lines.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry (``sana-restore make-pairs``). Returns 0 on success, 1 if some photos failed, 2 on a usage
+    error."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = make_pairs(
+            args.input_dir, args.output_dir, degradation=args.degradation, seed=args.seed, copies=args.copies,
+            num_workers=args.workers, csv_name=args.csv_name, overwrite=args.overwrite,
+            generic_prompt_probability=args.generic_prompt_probability, verbose=not args.quiet,
+        )
+    except ValueError as error:
+        print(f"sana-restore make-pairs: error: {error}", file=sys.stderr)
+        return 2
+    for path, error in result.failures:
+        print(f"sana-restore make-pairs: failed: {path}: {error}", file=sys.stderr)
+    print(f"{result.csv_path}: {result.num_written + result.num_resumed} pairs ({result.num_written} written, "
+          f"{result.num_resumed} already done, {len(result.failures)} failed) in {result.seconds:.1f} s")
+    return 1 if result.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

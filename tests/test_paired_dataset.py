@@ -1,0 +1,305 @@
+"""PairedDataset (CSV / folder, shared augmentation, seeding, bad data, workers) and make_pairs."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_restore.data.degradations import GENERIC_PROMPT
+from diffusers_restore.data.make_pairs import main as make_pairs_main
+from diffusers_restore.data.make_pairs import make_pairs
+from diffusers_restore.data.paired_dataset import (
+    PairedDataError,
+    PairedDataset,
+    collate_fn,
+    validate_paired_csv,
+)
+
+
+def _photos(folder, count=4, size=(80, 72)):
+    """Real photos from skimage, resized small, written as PNG; returns their file names."""
+    skimage_data = pytest.importorskip("skimage.data")
+    sources = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket()]
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for number in range(count):
+        name = f"photo{number}.png"
+        image = Image.fromarray(sources[number % len(sources)]).resize(size, Image.Resampling.BOX)
+        if number >= len(sources):
+            image = image.transpose(Image.Transpose.ROTATE_180)
+        image.save(os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def _write_csv(path, rows, header="image_path,condition_image_path,caption"):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(header + "\n" + "".join(row + "\n" for row in rows))
+    return str(path)
+
+
+def _hash(tensor):
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def test_shared_crop_and_flip_keep_pairs_aligned(tmp_path):
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 200, size=(90, 110, 3), dtype=np.uint8)
+    clean[:, :, 0] = np.linspace(0, 199, 110).astype(np.uint8)  # a horizontal ramp in red shows flips
+    Image.fromarray(clean).save(tmp_path / "clean.png")
+    Image.fromarray(clean + 7).save(tmp_path / "degraded.png")
+    csv_path = _write_csv(tmp_path / "pairs.csv", ["clean.png,degraded.png,a caption"] * 6)
+    dataset = PairedDataset(csv_path, resolution=64, seed=1)
+    flips, positions = set(), set()
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            item = dataset[index]
+            hq, lq = item["pixel_values"], item["conditioning_pixel_values"]
+            assert hq.shape == lq.shape == (3, 64, 64) and hq.dtype == torch.float32
+            assert hq.min() >= -1 and lq.max() <= 1
+            assert torch.allclose(lq - hq, torch.full_like(hq, 7 / 127.5), atol=1e-6)  # aligned everywhere
+            ramp = hq[0, 0]
+            flips.add(bool(ramp[0] > ramp[-1]))
+            positions.add(_hash(hq))
+            assert item["prompt"] == "a caption" and item["degradation"] == "[]"
+    assert flips == {True, False} and len(positions) > 15
+
+
+def test_super_resolution_pairs_small_images_and_modes(tmp_path):
+    names = _photos(tmp_path, count=1, size=(128, 96))
+    clean = Image.open(tmp_path / names[0])
+    clean.resize((64, 48), Image.Resampling.BOX).save(tmp_path / "lq.png")  # 2x smaller LQ
+    clean.resize((40, 30)).save(tmp_path / "tiny.png")  # smaller than the resolution
+    clean.convert("RGBA").save(tmp_path / "rgba.png")
+    clean.convert("P").save(tmp_path / "palette.png")
+    Image.fromarray((np.asarray(clean.convert("L")).astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    rows = [f"{names[0]},lq.png,", "tiny.png,,", "rgba.png,,", "palette.png,palette.png,", "deep.png,,"]
+    dataset = PairedDataset(_write_csv(tmp_path / "pairs.csv", rows), resolution=64, seed=0)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["pixel_values"].shape == item["conditioning_pixel_values"].shape == (3, 64, 64)
+        assert item["pixel_values"].abs().max() <= 1
+    sr = dataset[0]
+    # the LQ was upsampled to the HQ size before the shared crop: the pair stays close
+    assert (sr["pixel_values"] - sr["conditioning_pixel_values"]).abs().mean() < 0.1
+    assert dataset[2]["prompt"]  # on the fly: a prompt from the degradations
+    assert dataset[3]["prompt"] == GENERIC_PROMPT  # pre-generated pair without caption
+    deep = dataset[4]["pixel_values"]
+    assert deep.max() > 0.5  # 16-bit scaled to 8-bit, not clipped to black/white
+
+
+def test_resolution_must_be_a_multiple_of_32(tmp_path):
+    _photos(tmp_path, count=1)
+    for resolution in (48, 0, 100):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            PairedDataset(str(tmp_path), resolution=resolution)
+
+
+# ------------------------------------------------------------------------------------ on-the-fly + seeds
+
+
+def test_on_the_fly_degradation_is_seeded_per_sample_and_epoch(tmp_path):
+    _photos(tmp_path, count=3)
+    dataset = PairedDataset(str(tmp_path), resolution=64, seed=5)
+    first = [dataset[i] for i in range(3)]
+    again = PairedDataset(str(tmp_path), resolution=64, seed=5)
+    for a, b in zip(first, [again[i] for i in range(3)]):
+        assert torch.equal(a["conditioning_pixel_values"], b["conditioning_pixel_values"])
+        assert a["prompt"] == b["prompt"] and a["degradation"] == b["degradation"]
+    records = json.loads(first[0]["degradation"])
+    assert 1 <= len(records) <= 3 and all("name" in r for r in records)
+    dataset.set_epoch(1)
+    assert dataset.epoch == 1
+    assert not torch.equal(dataset[0]["conditioning_pixel_values"], first[0]["conditioning_pixel_values"])
+    other_seed = PairedDataset(str(tmp_path), resolution=64, seed=6)
+    assert not torch.equal(other_seed[0]["conditioning_pixel_values"], first[0]["conditioning_pixel_values"])
+
+
+def test_degradation_choices(tmp_path):
+    _photos(tmp_path, count=1)
+    jpeg = PairedDataset(str(tmp_path), resolution=64, degradation="jpeg:20")[0]
+    assert json.loads(jpeg["degradation"]) == [{"name": "jpeg", "params": {"quality": 20}}]
+    realesrgan = PairedDataset(str(tmp_path), resolution=64, degradation="realesrgan")[0]
+    assert json.loads(realesrgan["degradation"])[0]["name"] == "realesrgan"
+    assert realesrgan["conditioning_pixel_values"].shape == (3, 64, 64)
+    inverted = PairedDataset(str(tmp_path), resolution=64, degradation=lambda im, rng: im.point(lambda v: 255 - v))[0]
+    assert torch.allclose(inverted["conditioning_pixel_values"], -inverted["pixel_values"], atol=1e-6)
+    assert inverted["prompt"] == GENERIC_PROMPT
+    with pytest.raises(ValueError, match="known"):
+        PairedDataset(str(tmp_path), resolution=64, degradation="no_such_thing")
+
+
+def test_dataloader_workers_match_single_process_and_never_repeat(tmp_path):
+    _photos(tmp_path, count=8, size=(72, 64))
+    dataset = PairedDataset(str(tmp_path), resolution=64, seed=3)
+
+    def run(num_workers):
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=3, num_workers=num_workers, collate_fn=collate_fn,
+            persistent_workers=num_workers > 0,
+        )
+        epochs = []
+        for epoch in (0, 1):
+            dataset.set_epoch(epoch)  # reaches persistent workers through shared memory
+            seen = {}
+            for batch in loader:
+                assert batch["pixel_values"].shape[1:] == (3, 64, 64) and batch["index"].dtype == torch.int64
+                for index, lq, record in zip(batch["index"].tolist(), batch["conditioning_pixel_values"],
+                                             batch["degradation"]):
+                    seen[index] = (_hash(lq), record)
+            epochs.append(seen)
+        return epochs
+
+    with_workers, single = run(2), run(0)
+    assert with_workers == single
+    for seen in with_workers:
+        assert sorted(seen) == list(range(8))
+        assert len({lq for lq, _ in seen.values()}) == 8  # every sample degraded differently
+    assert with_workers[0] != with_workers[1]  # a new epoch draws new degradations
+
+
+def test_collate_fn(tmp_path):
+    _photos(tmp_path, count=2)
+    dataset = PairedDataset(str(tmp_path), resolution=64)
+    batch = collate_fn([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["conditioning_pixel_values"].is_contiguous()
+    assert batch["index"].tolist() == [0, 1] and len(batch["prompt"]) == 2 and len(batch["degradation"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture
+def bad_csv(tmp_path):
+    names = _photos(tmp_path, count=2, size=(64, 64))
+    Image.open(tmp_path / names[0]).resize((32, 64)).save(tmp_path / "narrow.png")
+    data = (tmp_path / names[1]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    rows = [
+        f"{names[0]},,",  # line 2: fine
+        f"{names[0]},{names[1]}",  # line 3: two columns
+        "missing.png,,",  # line 4: missing file
+        f"{names[0]},narrow.png,",  # line 5: aspect ratios disagree
+        "truncated.png,,",  # line 6: truncated
+        "text.png,,",  # line 7: not an image
+        f"{names[1]},,caption",  # line 8: fine
+    ]
+    return _write_csv(tmp_path / "pairs.csv", rows)
+
+
+def test_errors_name_the_csv_and_line(bad_csv, tmp_path):
+    with pytest.raises(PairedDataError, match=r"pairs\.csv, line 3: expected 3 columns"):
+        PairedDataset(bad_csv, resolution=64)
+    lines = open(bad_csv).read().splitlines()
+    del lines[2]  # drop the two-column row: the file rows are now checked when loaded
+    no_columns_problem = _write_csv(tmp_path / "loaded.csv", lines[1:])
+    dataset = PairedDataset(no_columns_problem, resolution=64)
+    dataset[0]
+    expectations = {1: ("line 3", "does not exist"), 2: ("line 4", "aspect ratios disagree"),
+                    3: ("line 5", "cannot be read"), 4: ("line 6", "cannot be read")}
+    for index, (line, message) in expectations.items():
+        with pytest.raises(PairedDataError) as error:
+            dataset[index]
+        assert "loaded.csv, " + line in str(error.value) and message in str(error.value)
+    with pytest.raises(PairedDataError, match="line 1: the header"):
+        PairedDataset(_write_csv(tmp_path / "header.csv", [], header="clean,degraded"), resolution=64)
+
+
+def test_skip_mode_counts_and_logs_each_bad_row_once(bad_csv, caplog):
+    with caplog.at_level("WARNING"):
+        dataset = PairedDataset(bad_csv, resolution=64, on_error="skip")
+    # left out when built: two columns, missing, aspect, not an image (headers are checked up front)
+    assert dataset.num_skipped == 4 and len(dataset) == 3
+    assert {location.rsplit(" ", 1)[1] for location, _ in dataset.skipped} == {"3", "4", "5", "7"}
+    # the truncated file (line 6) passes the header check and is found when decoded: replaced by the next row
+    item = dataset[1]
+    assert item["index"] == 2 and item["prompt"] == "caption"
+    dataset[1]
+    assert dataset.num_skipped == 5 and "line 6" in dataset.skipped[-1][0]
+    logged = [record.getMessage() for record in caplog.records if "skipping" in record.getMessage()]
+    assert len(logged) == 5 and len(set(logged)) == 5
+
+
+def test_validate_paired_csv_lists_every_problem(bad_csv):
+    report = validate_paired_csv(bad_csv)
+    assert not report.ok and report.num_rows == 7 and report.num_valid == 2
+    lines = [location.rsplit(" ", 1)[1] for location, _ in report.problems]
+    assert lines == ["3", "4", "5", "6", "7"]
+    with pytest.raises(PairedDataError) as error:
+        validate_paired_csv(bad_csv, raise_on_error=True)
+    for line in ("line 3", "line 4", "line 5", "line 6", "line 7"):
+        assert line in str(error.value)
+    quick = validate_paired_csv(bad_csv, decode=False)  # headers only: the truncated file is not caught
+    assert [location.rsplit(" ", 1)[1] for location, _ in quick.problems] == ["3", "4", "5", "7"]
+
+
+# --------------------------------------------------------------------------------------------- make_pairs
+
+
+def _digests(folder):
+    found = {}
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return found
+
+
+def test_make_pairs_is_reproducible_parallel_and_resumable(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos, count=3, size=(64, 64))
+    os.makedirs(photos / "sub")
+    Image.open(photos / "photo0.png").rotate(90).save(photos / "sub" / "extra.jpg")
+
+    parallel = make_pairs(photos, tmp_path / "a", degradation="random", seed=2, copies=2, num_workers=2,
+                          verbose=False)
+    serial = make_pairs(photos, tmp_path / "b", degradation="random", seed=2, copies=2, num_workers=1,
+                        verbose=False)
+    assert parallel.num_written == serial.num_written == 8 and not parallel.failures
+    assert _digests(tmp_path / "a" / "degraded") == _digests(tmp_path / "b" / "degraded")
+    csv_text = (tmp_path / "a" / "pairs.csv").read_text()
+    assert csv_text == (tmp_path / "b" / "pairs.csv").read_text()
+    assert "degraded/sub/extra__1.png" in csv_text
+
+    # the CSV feeds PairedDataset; captions come from the degradation records
+    assert validate_paired_csv(tmp_path / "a" / "pairs.csv").ok
+    dataset = PairedDataset(tmp_path / "a" / "pairs.csv", resolution=64)
+    assert len(dataset) == 8 and all(row.caption for row in dataset.rows)
+    assert dataset[0]["prompt"] == dataset.rows[0].caption
+
+    # seeds follow file names, not order: a new photo leaves every existing output unchanged
+    before = _digests(tmp_path / "b" / "degraded")
+    Image.open(photos / "photo1.png").save(photos / "aaa_first.png")
+    result = make_pairs(photos, tmp_path / "b", degradation="random", seed=2, copies=2, num_workers=1,
+                        verbose=False)
+    assert result.num_resumed == 8 and result.num_written == 2
+    after = _digests(tmp_path / "b" / "degraded")
+    assert all(after[name] == digest for name, digest in before.items())
+
+    # resumable: a deleted output and a stray temporary file from an interrupted run
+    os.remove(tmp_path / "a" / "degraded" / "photo1__0.png")
+    (tmp_path / "a" / "degraded" / ".tmp-photo2__0.png.x1").write_bytes(b"partial")
+    assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "a"), "--seed", "2",
+                            "--copies", "2", "--workers", "1", "--quiet"]) == 0
+    assert "3 written, 7 already done" in capsys.readouterr().out
+    assert not (tmp_path / "a" / "degraded" / ".tmp-photo2__0.png.x1").exists()
+    assert _digests(tmp_path / "a" / "degraded")["photo1__0.png"] == after["photo1__0.png"]
+
+    # other settings into the same folder: refused before any work, the CSV untouched
+    csv_before = (tmp_path / "a" / "pairs.csv").read_text()
+    assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "a"), "--degradation",
+                            "jpeg:20", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (tmp_path / "a" / "pairs.csv").read_text() == csv_before
+    assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "c"), "--degradation",
+                            "nope"]) == 2
+    assert "known" in capsys.readouterr().err
