@@ -1,0 +1,356 @@
+# Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
+"""Image helpers of [`SanaRestorationPipeline`]: input conversion, colour fix and overlapping tiles.
+
+Everything here is plain torch on `[0, 1]` RGB tensors of shape `(batch, channels, height, width)` unless stated
+otherwise, so each helper can be used (and tested) on its own.
+
+* Input conversion (`images_to_tensor`): PIL (any mode), numpy (HWC / NHWC) and torch (CHW / NCHW) images, single or
+  in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept aside.
+* Colour fix (`wavelet_color_fix`, `adain_color_fix`): move a result's low frequencies (or channel statistics) to a
+  reference's, the usual last step of diffusion restorers (StableSR, SUPIR, PASD, DiffBIR).
+* Tiles (`tile_starts`, `blend_weights`, `blend_tiles`): evaluate a function on overlapping tiles and blend the
+  results with smooth weights that never reach zero and fade each tile's border out, so tiled results have no
+  seams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COLOR_FIX_METHODS",
+    "adain_color_fix",
+    "apply_color_fix",
+    "blend_tiles",
+    "blend_weights",
+    "images_to_tensor",
+    "pad_to_multiple",
+    "tile_starts",
+    "wavelet_color_fix",
+    "wavelet_decomposition",
+]
+
+COLOR_FIX_METHODS = ("wavelet", "adain")
+
+# PIL modes that carry an alpha channel (premultiplied ones included) and the mode that un-premultiplies them.
+_ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "RGBA", "La": "RGBA", "PA": "RGBA"}
+# Integer grey-level modes read as 16-bit data: value / 65535 (= value / 257 on the 8-bit scale, never clipped at 255).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+
+
+def _pil_to_array(image: PIL.Image.Image, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """One PIL image -> (`float32` HWC RGB array in `[0, 1]`, `float32` HW alpha in `[0, 1]` or `None`)."""
+    mode = image.mode
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        if mode == "La":  # PIL cannot go from La to RGBA directly
+            image = image.convert("LA")
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        return rgba[..., :3], rgba[..., 3]
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.float32) / 65535.0
+        grey = np.clip(grey, 0.0, 1.0)  # mode "I" is 32-bit signed: values outside 16 bits cannot be shown
+        return np.repeat(grey[..., None], 3, axis=2), None
+    if mode == "F":
+        grey = np.asarray(image, dtype=np.float32)
+        _check_float_range(grey, f"`image` (item {index}, PIL mode 'F')")
+        return np.repeat(grey[..., None], 3, axis=2), None
+    try:
+        rgb = image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"`image` (item {index}) has PIL mode {mode!r}, which cannot be converted to RGB: {error}")
+    return np.asarray(rgb, dtype=np.float32) / 255.0, None
+
+
+def _check_float_range(values: np.ndarray | torch.Tensor, name: str) -> None:
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{name} has float values in [{low:.3g}, {high:.3g}], but float images must lie in [0, 1] "
+            "(0 = black, 1 = white). Images in [-1, 1] are not accepted: convert them with `(x + 1) / 2`; "
+            "8-bit data should be passed as uint8."
+        )
+
+
+def _integer_scale(dtype, name: str) -> float:
+    if dtype in (np.uint8, torch.uint8):
+        return 255.0
+    if dtype in (np.uint16, torch.uint16):
+        return 65535.0
+    if dtype in (np.bool_, torch.bool):
+        return 1.0
+    raise ValueError(f"{name} has dtype {dtype}; use uint8, uint16 or float values in [0, 1].")
+
+
+def _numpy_to_tensors(array: np.ndarray, index: int) -> list[torch.Tensor]:
+    """HW, HWC or NHWC numpy image(s) -> list of CHW float tensors in [0, 1]."""
+    name = f"`image` (item {index}, numpy array of shape {array.shape})"
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{name}: numpy images must be HW, HWC or NHWC with 1 or 3 channels last. RGBA arrays are not accepted: "
+            "pass `array[..., :3]`, or the PIL image to keep its alpha channel."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        _check_float_range(values, name)
+    else:
+        values = array.astype(np.float32) / _integer_scale(array.dtype.type, name)
+    tensor = torch.from_numpy(np.ascontiguousarray(values)).permute(0, 3, 1, 2)
+    return list(tensor)
+
+
+def _torch_to_tensors(tensor: torch.Tensor, index: int) -> list[torch.Tensor]:
+    """HW, CHW or NCHW tensor image(s) -> list of CHW float tensors in [0, 1]."""
+    name = f"`image` (item {index}, tensor of shape {tuple(tensor.shape)})"
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{name}: torch images must be HW, CHW or NCHW with 1 or 3 channels first (channels-last tensors are "
+            "not accepted: use `tensor.permute(2, 0, 1)`)."
+        )
+    if tensor.is_floating_point():
+        values = tensor.detach().float()
+        _check_float_range(values, name)
+    else:
+        values = tensor.detach().float() / _integer_scale(tensor.dtype, name)
+    return list(values)
+
+
+def images_to_tensor(image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Convert the pipeline's `image` argument to one RGB batch.
+
+    Accepted, alone or in a list (lists may mix kinds; every image must have the same size):
+
+    * `PIL.Image.Image` of any mode. Alpha modes (RGBA, LA, PA, RGBa, La, P with transparency) give their RGB (after
+      un-premultiplying) and keep their alpha aside; 16-bit and 32-bit integer grey (I;16*, I) are read as
+      `value / 65535`; float grey (F) must lie in [0, 1]; everything else (L, 1, P, CMYK, YCbCr, LAB, HSV, ...) goes
+      through PIL's RGB conversion. Grey images are repeated to 3 channels.
+    * `np.ndarray`: HW, HWC or NHWC with 1 or 3 channels; uint8 (/255), uint16 (/65535), bool, or float in [0, 1].
+    * `torch.Tensor`: HW, CHW or NCHW with 1 or 3 channels; uint8, uint16, bool, or float in [0, 1]. Float values
+      below 0 raise: the [-1, 1] convention of diffusers' internal tensors is deliberately not accepted.
+
+    Returns:
+        `(pixels, alphas)`: `pixels` of shape `(batch, 3, height, width)`, float32 in `[0, 1]`, on the device of the
+        first tensor input (CPU otherwise); `alphas`, one entry per image, an alpha tensor of shape `(1, height,
+        width)` in `[0, 1]` for PIL images with alpha, else `None`.
+    """
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(items) == 0:
+        raise ValueError("`image` is an empty list: pass at least one image.")
+    tensors: list[torch.Tensor] = []
+    alphas: list[torch.Tensor | None] = []
+    for index, item in enumerate(items):
+        if isinstance(item, PIL.Image.Image):
+            rgb, alpha = _pil_to_array(item, index)
+            tensors.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+            alphas.append(None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None])
+        elif isinstance(item, np.ndarray):
+            converted = _numpy_to_tensors(item, index)
+            tensors += converted
+            alphas += [None] * len(converted)
+        elif isinstance(item, torch.Tensor):
+            converted = _torch_to_tensors(item, index)
+            tensors += converted
+            alphas += [None] * len(converted)
+        else:
+            raise ValueError(
+                f"`image` (item {index}) has type {type(item).__name__}; expected a PIL image, a numpy array or a "
+                "torch tensor (or a list of them)."
+            )
+    sizes = {tuple(t.shape[-2:]) for t in tensors}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"`image` holds images of different sizes {sorted(sizes)}; a batch must share one size. Call the "
+            "pipeline once per size (each call handles any size)."
+        )
+    device = tensors[0].device
+    pixels = torch.stack([t.to(device) for t in tensors])
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    return pixels.contiguous(), alphas
+
+
+def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad `(batch, channels, height, width)` at the bottom and right, by reflection, to multiples of `multiple`.
+
+    Reflection continues the image content (no constant border for the VAE to reproduce); it needs a pad smaller than
+    the side, which holds whenever each side is at least `multiple` pixels (the pipeline's minimum size); smaller
+    sides fall back to edge replication.
+    """
+    height, width = pixels.shape[-2:]
+    pad_bottom, pad_right = (-height) % multiple, (-width) % multiple
+    if pad_bottom == 0 and pad_right == 0:
+        return pixels
+    mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+    return F.pad(pixels, (0, pad_right, 0, pad_bottom), mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------------- colour fix
+
+
+def _binomial_blur(image: torch.Tensor, dilation: int) -> torch.Tensor:
+    """3x3 binomial blur ([1, 2, 1]^T [1, 2, 1] / 16) with the given dilation and replicate padding, per channel."""
+    channels = image.shape[1]
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=image.dtype, device=image.device)
+    kernel = (taps[:, None] * taps[None, :] / 16.0).expand(channels, 1, 3, 3)
+    padded = F.pad(image, (dilation, dilation, dilation, dilation), mode="replicate")
+    return F.conv2d(padded, kernel, dilation=dilation, groups=channels)
+
+
+def wavelet_decomposition(image: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """À-trous wavelet split of `(batch, channels, height, width)` into `(high, low)` with `high + low == image`.
+
+    Level `i` (0-based) blurs the previous low band with the 3x3 binomial kernel dilated by `2**i`; `high` is the sum
+    of the detail bands (`image - low`), `low` the last blur (a smooth image: the support of 5 levels is 125 px).
+    """
+    if levels < 1:
+        raise ValueError(f"`levels` must be >= 1, got {levels}.")
+    low = image
+    for level in range(levels):
+        low = _binomial_blur(low, 2**level)
+    return image - low, low
+
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Keep `image`'s detail bands and take the low band (colour, large-scale tone) from `reference`.
+
+    `image` and `reference`: `(batch, channels, height, width)` of the same shape (values in [0, 1]; the result is
+    not clamped). `wavelet_color_fix(x, x) == x` up to rounding.
+    """
+    if image.shape != reference.shape:
+        raise ValueError(f"`image` {tuple(image.shape)} and `reference` {tuple(reference.shape)} must have one shape.")
+    # high(image) + low(reference) = image - low(image) + low(reference) = image - low(image - reference): the blur
+    # is linear, so one decomposition of the difference does the work of two
+    _, low_difference = wavelet_decomposition(image - reference.to(image.dtype), levels)
+    return image - low_difference
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Match each image's per-channel mean and standard deviation to `reference`'s (adaptive instance norm).
+
+    `image` `(batch, channels, height, width)`; `reference` `(batch, channels, H', W')` (any size). Standard
+    deviations are `sqrt(var + eps)`.
+    """
+    if image.shape[:2] != reference.shape[:2]:
+        raise ValueError(
+            f"`image` {tuple(image.shape)} and `reference` {tuple(reference.shape)} need the same batch and channels."
+        )
+    reference = reference.to(image.dtype)
+    image_mean = image.mean(dim=(2, 3), keepdim=True)
+    image_std = (image.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
+    reference_mean = reference.mean(dim=(2, 3), keepdim=True)
+    reference_std = (reference.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
+    return (image - image_mean) / image_std * reference_std + reference_mean
+
+
+def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: str | None) -> torch.Tensor:
+    """`method` in `COLOR_FIX_METHODS` or `None` (no change); the result is clamped to [0, 1]."""
+    if method is None:
+        return image
+    if method == "wavelet":
+        fixed = wavelet_color_fix(image, reference)
+    elif method == "adain":
+        fixed = adain_color_fix(image, reference)
+    else:
+        raise ValueError(f"`color_fix` must be one of {COLOR_FIX_METHODS} or None, got {method!r}.")
+    return fixed.clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------- tiles
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering `[0, length)` with at least `overlap` shared cells.
+
+    The first tile starts at 0 and the last ends at `length`; the others are spread evenly in between, so every
+    tile has the full size and neighbours share `>= overlap` cells. One tile (`[0]`) when `length <= tile`.
+    """
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}.")
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(index * (length - tile) / (count - 1)) for index in range(count)]
+
+
+# Weight of a tile's outermost cells: positive (so weights never sum to zero), small enough to hide its border.
+_EDGE_WEIGHT = 1e-3
+
+
+def _ramp(length: int, width: int, device, dtype) -> torch.Tensor:
+    """1-D blending weight over `[0, length)` for tiles that overlap their neighbours by (at least) `width` cells.
+
+    Going inward from each end: `_EDGE_WEIGHT` over the first quarter of `width` (where a tile's own border
+    artefacts live: zero padding, attention over a cut-off context), a raised-cosine rise over the middle half, 1
+    beyond. Two neighbours overlapping by `width` thus cross-fade over the middle half of their overlap.
+    """
+    if width <= 0:
+        return torch.ones(length, device=device, dtype=dtype)
+    centers = torch.arange(length, device=device, dtype=torch.float64) + 0.5
+    distance = torch.minimum(centers, length - centers)  # to the nearest end, in (0, length / 2]
+    progress = ((distance / width - 0.25) * 2.0).clamp(0.0, 1.0)
+    rise = 0.5 - 0.5 * torch.cos(math.pi * progress)
+    return (_EDGE_WEIGHT + (1.0 - _EDGE_WEIGHT) * rise).to(dtype)
+
+
+def blend_weights(height: int, width: int, ramp: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Blending weight of one tile, shape `(1, 1, height, width)`: the outer product of two ramps (`_ramp`) for an
+    overlap of `ramp` cells. It is smooth, strictly positive (no division by zero) and 1 away from the border."""
+    weights = _ramp(height, ramp, device, dtype)[:, None] * _ramp(width, ramp, device, dtype)[None, :]
+    return weights[None, None]
+
+
+def blend_tiles(
+    function: Callable[[int, int, int, int], torch.Tensor],
+    grid_size: Sequence[int],
+    tile: int,
+    overlap: int,
+    output_scale: int = 1,
+) -> torch.Tensor:
+    """Evaluate `function` on overlapping tiles of a grid and blend the results into one tensor.
+
+    Args:
+        function: called as `function(top, left, height, width)` with a tile in grid cells; returns the tile's result
+            of shape `(batch, channels, height * output_scale, width * output_scale)`.
+        grid_size: `(height, width)` of the grid in cells (e.g. latent pixels).
+        tile, overlap: tile side and minimum overlap in cells (`0 <= overlap < tile`).
+        output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+
+    Returns:
+        `(batch, channels, height * output_scale, width * output_scale)` float32: the weighted mean of the tiles'
+        results, weights from `blend_weights` with a ramp of `overlap * output_scale` output pixels.
+    """
+    grid_height, grid_width = grid_size
+    tile_height, tile_width = min(tile, grid_height), min(tile, grid_width)
+    output = weight_sum = weights = None
+    for top in tile_starts(grid_height, tile, overlap):
+        for left in tile_starts(grid_width, tile, overlap):
+            result = function(top, left, tile_height, tile_width).float()
+            if output is None:
+                batch, channels = result.shape[:2]
+                full = (grid_height * output_scale, grid_width * output_scale)
+                output = result.new_zeros(batch, channels, *full)
+                weight_sum = result.new_zeros(1, 1, *full)
+                weights = blend_weights(*result.shape[-2:], overlap * output_scale, device=result.device)
+            rows = slice(top * output_scale, (top + tile_height) * output_scale)
+            cols = slice(left * output_scale, (left + tile_width) * output_scale)
+            output[:, :, rows, cols] += result * weights
+            weight_sum[:, :, rows, cols] += weights
+    return output / weight_sum

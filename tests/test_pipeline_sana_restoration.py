@@ -1,0 +1,708 @@
+"""SanaRestorationPipeline on the tiny offline kit: inputs, outputs, guidance, tiling, colour fix, caching, loading."""
+
+import functools
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler
+from diffusers_restore.pipelines import pipeline_sana_restoration as pipeline_module
+from diffusers_restore.pipelines.image_processing_restoration import (
+    adain_color_fix,
+    blend_weights,
+    images_to_tensor,
+    tile_starts,
+    wavelet_color_fix,
+    wavelet_decomposition,
+)
+from diffusers_restore.pipelines.pipeline_sana_restoration import (
+    DEFAULT_NEGATIVE_PROMPT,
+    SanaRestorationPipeline,
+    SanaRestorationPipelineOutput,
+)
+from diffusers_restore.testing import get_tiny_components, save_tiny_sana_pipeline
+
+STEPS = 2
+NO_CFG = dict(guidance_scale=1.0, guidance_scale_end=None)
+
+
+def _build(seed: int = 0) -> SanaRestorationPipeline:
+    pipe = SanaRestorationPipeline.from_sana_pipeline(SanaPipeline(**get_tiny_components(seed)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return _build()
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth colourful uint8 HWC image with some texture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    phase = rng.uniform(0, 6, size=3)
+    image = np.stack([0.5 + 0.4 * np.sin(5 * x + 3 * y + p) for p in phase], axis=-1)
+    image += rng.normal(0, 0.03, size=image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _assert_same_images(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Outputs of two pipeline instances with bit-identical weights: equal up to float32 rounding. Weights loaded from
+    safetensors live in differently aligned memory, and the CPU kernels may then sum in another order (1-2 ulp)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _run(pipe, image, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe(image, generator=_gen(seed), **kwargs).images
+
+
+class _TransformerCalls:
+    """Records (batch, height, width) of every transformer forward."""
+
+    def __init__(self, module):
+        self.shapes = []
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.shapes.append(tuple(hidden.shape[:1]) + tuple(hidden.shape[2:]))
+
+    def remove(self):
+        self._handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------- inputs, sizes
+
+
+@pytest.mark.parametrize("height, width, upscale", [(37, 45, 1), (33, 50, 2), (17, 23, 1.5), (64, 64, 1)])
+def test_output_has_input_size_times_upscale(pipe, height, width, upscale):
+    images = _run(pipe, PIL.Image.fromarray(_photo(height, width)), upscale=upscale)
+    assert len(images) == 1
+    assert images[0].size == (round(width * upscale), round(height * upscale))
+    assert images[0].mode == "RGB"
+
+
+def _pil(mode: str, size=(23, 19)) -> PIL.Image.Image:
+    rgba = PIL.Image.fromarray(np.dstack([_photo(size[1], size[0]), np.linspace(0, 255, size[0] * size[1])
+                                          .reshape(size[1], size[0]).astype(np.uint8)]))
+    if mode == "I;16":
+        return PIL.Image.fromarray((np.asarray(rgba.convert("L")).astype(np.uint16) * 257))
+    if mode == "F":
+        return PIL.Image.fromarray(np.asarray(rgba.convert("L")).astype(np.float32) / 255.0)
+    if mode == "P+transparency":
+        image = rgba.convert("RGB").convert("P")
+        image.info["transparency"] = 0
+        return image
+    return rgba.convert(mode)
+
+
+@pytest.mark.parametrize(
+    "mode, output_mode",
+    [("RGB", "RGB"), ("RGBA", "RGBA"), ("LA", "RGBA"), ("L", "RGB"), ("P", "RGB"), ("P+transparency", "RGBA"),
+     ("I;16", "RGB"), ("I", "RGB"), ("F", "RGB"), ("CMYK", "RGB"), ("1", "RGB"), ("YCbCr", "RGB")],
+)
+def test_every_pil_mode_is_restored_at_its_size(pipe, mode, output_mode):
+    image = _pil(mode)
+    restored = _run(pipe, image, num_inference_steps=1, **NO_CFG)[0]
+    assert restored.size == image.size and restored.mode == output_mode
+
+
+def test_alpha_is_carried_through_and_resized(pipe):
+    image = _pil("RGBA")
+    alpha = np.asarray(image)[..., 3]
+    restored = _run(pipe, image, num_inference_steps=1, **NO_CFG)[0]
+    assert np.array_equal(np.asarray(restored)[..., 3], alpha)
+    upscaled = _run(pipe, image, num_inference_steps=1, upscale=2, **NO_CFG)[0]
+    assert upscaled.mode == "RGBA" and upscaled.size == (46, 38)
+    assert abs(float(np.asarray(upscaled)[..., 3].mean()) - float(alpha.mean())) < 2.0
+
+
+def test_input_conventions():
+    # 16-bit grey is scaled by 1/65535 (not clipped at 8 bits)
+    sixteen = PIL.Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
+    pixels, alphas = images_to_tensor(sixteen)
+    assert pixels.shape == (1, 3, 1, 3) and alphas == [None]
+    assert torch.allclose(pixels[0, :, 0], torch.tensor([0.0, 128 / 255, 1.0]).expand(3, 3), atol=1e-6)
+    # numpy HWC uint8, NHWC float, torch CHW / NCHW all give the same pixels
+    array = _photo(5, 7)
+    as_float = array.astype(np.float32) / 255
+    reference, _ = images_to_tensor(array)
+    for other in (as_float[None], torch.from_numpy(as_float).permute(2, 0, 1),
+                  torch.from_numpy(as_float).permute(2, 0, 1)[None], PIL.Image.fromarray(array), [array]):
+        assert torch.allclose(images_to_tensor(other)[0], reference, atol=1e-6)
+    grey, _ = images_to_tensor(np.full((4, 4), 0.25, dtype=np.float32))
+    assert grey.shape == (1, 3, 4, 4) and torch.all(grey == 0.25)
+    assert images_to_tensor([array, array])[0].shape == (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (torch.rand(3, 16, 16) * 2 - 1, r"\[0, 1\]"),
+        (np.full((16, 16, 3), 1.5, dtype=np.float32), r"\[0, 1\]"),
+        (np.zeros((16, 16, 4), dtype=np.uint8), "RGBA"),
+        (torch.rand(16, 16, 3), "channels"),
+        (np.zeros((16, 16, 3), dtype=np.int64), "dtype"),
+        ("image.png", "type str"),
+        ([], "empty"),
+        ([np.zeros((16, 16, 3), np.uint8), np.zeros((16, 20, 3), np.uint8)], "different sizes"),
+        (np.zeros((2, 3, 3), dtype=np.uint8), "too small"),
+        (None, "required"),
+    ],
+)
+def test_bad_images_raise_naming_image(pipe, image, match):
+    with pytest.raises(ValueError, match=match) as error:
+        pipe(image, num_inference_steps=1)
+    assert "`image`" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(strength=0.0), "strength"),
+        (dict(strength=1.5), "strength"),
+        (dict(upscale=0.5), "upscale"),
+        (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(guidance_scale_end=0.0), "guidance_scale_end"),
+        (dict(restoration_guidance=-1.0), "restoration_guidance"),
+        (dict(tile_size=30), "tile_size"),
+        (dict(tile_size=-4), "tile_size"),
+        (dict(tile_size=32, tile_overlap=32), "tile_overlap"),
+        (dict(tile_size=32, tile_overlap=6), "tile_overlap"),
+        (dict(color_fix="histogram"), "color_fix"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(prompt=["a", "b"]), "prompt"),
+        (dict(negative_prompt=["a", "b", "c"]), "negative_prompt"),
+        (dict(prompt=3), "prompt"),
+        (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback_on_step_end_tensor_inputs"),
+        (dict(latents=torch.zeros(1, 4, 3, 3)), "latents"),
+        (dict(generator=[_gen(0), _gen(1)]), "generator"),
+        (dict(strength=1e-4), "strength"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(pipe, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        pipe(_photo(16, 16), **{"num_inference_steps": STEPS, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------- batch and outputs
+
+
+def test_batch_prompts_and_images_per_prompt(pipe):
+    images = [PIL.Image.fromarray(_photo(20, 28, seed)) for seed in (0, 1)]
+    restored = _run(pipe, images, prompt=["denoise", "deblur"], num_images_per_prompt=2)
+    assert len(restored) == 4 and all(r.size == (28, 20) for r in restored)
+    # a batch equals the images restored one at a time with the same noise
+    batch = pipe(images, num_inference_steps=STEPS, generator=[_gen(0), _gen(1)], output_type="np").images
+    single = [_run(pipe, image, seed=seed, output_type="np")[0] for seed, image in zip((0, 1), images)]
+    assert np.allclose(batch, np.stack(single), atol=1e-5)
+
+
+def test_generator_makes_results_deterministic(pipe):
+    image = _photo(24, 24)
+    first = _run(pipe, image, seed=3, output_type="np")
+    again = _run(pipe, image, seed=3, output_type="np")
+    other = _run(pipe, image, seed=4, output_type="np")
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1e-3
+
+
+def test_output_types(pipe):
+    image = _photo(21, 30)
+    pil = _run(pipe, image, output_type="pil")
+    array = _run(pipe, image, output_type="np")
+    tensor = _run(pipe, image, output_type="pt")
+    latent = _run(pipe, image, output_type="latent")
+    assert isinstance(pil[0], PIL.Image.Image)
+    assert array.shape == (1, 21, 30, 3) and array.dtype == np.float32 and 0 <= array.min() and array.max() <= 1
+    assert tensor.shape == (1, 3, 21, 30) and 0 <= float(tensor.min()) and float(tensor.max()) <= 1
+    assert torch.allclose(tensor.permute(0, 2, 3, 1), torch.from_numpy(array))
+    assert np.abs(np.asarray(pil[0]) / 255.0 - array[0]).max() <= 0.5 / 255 + 1e-6
+    assert latent.shape == (1, 4, 6, 8)  # padded to 24 x 32, VAE factor 4
+    output = pipe(image, num_inference_steps=1, return_dict=True)
+    assert isinstance(output, SanaRestorationPipelineOutput)
+    assert isinstance(pipe(image, num_inference_steps=1, return_dict=False), tuple)
+
+
+# ------------------------------------------------------------------------------------------ sampling controls
+
+
+def test_callback_can_replace_tensors_and_interrupt(pipe):
+    seen = []
+
+    def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
+        seen.append((step, tuple(callback_kwargs["condition_latents"].shape)))
+        if step == pipeline.num_timesteps - 1:
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+        return {}
+
+    latent = _run(pipe, _photo(16, 16), num_inference_steps=3, output_type="latent",
+                  callback_on_step_end=zero_at_last_step,
+                  callback_on_step_end_tensor_inputs=["latents", "condition_latents"])
+    assert torch.count_nonzero(latent) == 0
+    assert seen == [(0, (1, 4, 4, 4)), (1, (1, 4, 4, 4)), (2, (1, 4, 4, 4))]
+
+    def stop(pipeline, step, timestep, callback_kwargs):
+        pipeline._interrupt = True
+        return {}
+
+    calls = _TransformerCalls(pipe.transformer)
+    try:
+        _run(pipe, _photo(16, 16), num_inference_steps=4, callback_on_step_end=stop, **NO_CFG)
+    finally:
+        calls.remove()
+    assert len(calls.shapes) == 1
+
+
+def test_classifier_free_guidance_batches_and_skips(pipe):
+    calls = _TransformerCalls(pipe.transformer)
+    try:
+        _run(pipe, _photo(16, 16), num_inference_steps=3, **NO_CFG)
+        no_guidance = [shape[0] for shape in calls.shapes]
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale=3.0, guidance_scale_end=None)
+        constant = [shape[0] for shape in calls.shapes]
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 16), num_inference_steps=3)  # default: linear 1 -> 4 in sigma
+        linear = [shape[0] for shape in calls.shapes]
+    finally:
+        calls.remove()
+    assert no_guidance == [1, 1, 1]
+    assert constant == [2, 2, 2]
+    assert linear == [1, 2, 2]  # sigma_max step has scale 1: its unconditional pass is skipped
+    assert pipe.do_classifier_free_guidance
+
+
+def test_linear_guidance_moves_with_sigma(pipe):
+    scales = []
+
+    def record(pipeline, step, timestep, callback_kwargs):
+        scales.append(pipeline.guidance_scale)
+        return {}
+
+    _run(pipe, _photo(16, 16), num_inference_steps=4, guidance_scale=2.0, guidance_scale_end=6.0,
+         callback_on_step_end=record)
+    sigmas = pipe.scheduler.sigmas[:-1].tolist()
+    expected = [6.0 + (2.0 - 6.0) * s / sigmas[0] for s in sigmas]
+    assert np.allclose(scales, expected)
+    assert scales[0] == pytest.approx(2.0) and all(a < b for a, b in zip(scales, scales[1:]))
+
+
+def test_default_negative_prompt_and_precomputed_embeddings(pipe):
+    image = _photo(16, 16)
+    kwargs = dict(guidance_scale=3.0, guidance_scale_end=None, output_type="np")
+    default = _run(pipe, image, **kwargs)
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(
+        "", do_classifier_free_guidance=True, negative_prompt=DEFAULT_NEGATIVE_PROMPT, complex_human_instruction=None
+    )
+    precomputed = _run(pipe, image, prompt_embeds=embeds, prompt_attention_mask=mask,
+                       negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask, **kwargs)
+    empty_negative = _run(pipe, image, negative_prompt="", **kwargs)
+    assert np.array_equal(default, precomputed)
+    assert not np.array_equal(default, empty_negative)
+
+
+def test_strength_runs_only_the_tail_of_the_schedule(pipe):
+    calls = _TransformerCalls(pipe.transformer)
+    try:
+        _run(pipe, _photo(16, 16), num_inference_steps=6, strength=0.5, **NO_CFG)
+    finally:
+        calls.remove()
+    pipe.scheduler.set_timesteps(6)
+    expected = int((pipe.scheduler.sigmas[:-1] <= 0.5).sum())
+    assert 0 < len(calls.shapes) == expected < 6
+    assert pipe.num_timesteps == expected
+
+
+def test_strength_start_stays_closer_to_the_degraded_latent(pipe):
+    image = _photo(32, 32)
+    conditions = []
+
+    def keep_condition(pipeline, step, timestep, callback_kwargs):
+        conditions.append(callback_kwargs["condition_latents"])
+        return {}
+
+    def distance(strength):
+        final = _run(pipe, image, output_type="latent", strength=strength, num_inference_steps=10, **NO_CFG,
+                     callback_on_step_end=keep_condition, callback_on_step_end_tensor_inputs=["condition_latents"])
+        return float((final - conditions[-1]).abs().mean())
+
+    assert distance(0.2) < 0.5 * distance(1.0)
+
+
+def test_plain_flow_matching_scheduler_works_without_guidance():
+    base = _build()
+    pipe = SanaRestorationPipeline(**{**base.components, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)})
+    pipe.set_progress_bar_config(disable=True)
+    restored = _run(pipe, _photo(20, 20), strength=0.7, num_inference_steps=3, output_type="np")
+    assert restored.shape == (1, 20, 20, 3) and np.isfinite(restored).all()
+    with pytest.raises(ValueError, match="`restoration_guidance`"):
+        _run(pipe, _photo(20, 20), restoration_guidance=2.0)
+
+
+def test_restoration_guidance_reaches_the_scheduler():
+    pipe = _build()
+    with torch.no_grad():  # make the model depend on the condition, as a trained one does
+        pipe.transformer.projection.weight.normal_(0, 0.5, generator=_gen(1))
+    image = _photo(24, 24)
+    off = _run(pipe, image, restoration_guidance=0.0, output_type="np", num_inference_steps=4)
+    on = _run(pipe, image, restoration_guidance=4.0, output_type="np", num_inference_steps=4)
+    assert np.abs(off - on).mean() > 1e-3
+
+
+# -------------------------------------------------------------------------------------------------- tiling
+
+
+def test_tile_layout_and_weights():
+    assert tile_starts(10, 16, 4) == [0]
+    assert tile_starts(64, 32, 8) == [0, 16, 32]
+    for length, tile, overlap in ((100, 32, 8), (33, 16, 4), (257, 64, 16)):
+        starts = tile_starts(length, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + tile == length
+        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    weights = blend_weights(16, 16, 8)
+    assert weights.shape == (1, 1, 16, 16) and float(weights.min()) > 0 and float(weights.max()) == 1.0
+
+
+def test_tiles_are_used_automatically_and_when_forced(pipe):
+    calls = _TransformerCalls(pipe.transformer)
+    try:
+        _run(pipe, _photo(40, 40), tile_size=20, tile_overlap=8, num_inference_steps=1, **NO_CFG)
+        forced = list(calls.shapes)
+        calls.shapes.clear()
+        _run(pipe, _photo(40, 40), num_inference_steps=1, **NO_CFG)
+        small = list(calls.shapes)
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 160), num_inference_steps=1, **NO_CFG)  # wider than the 128 px native size
+        wide = list(calls.shapes)
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 160), tile_size=0, num_inference_steps=1, **NO_CFG)
+        never = list(calls.shapes)
+    finally:
+        calls.remove()
+    assert pipe.default_tile_size == 128
+    assert forced == [(1, 5, 5)] * 9  # latent 10 x 10 in 5 x 5 tiles overlapping >= 2: 3 x 3 tiles
+    assert small == [(1, 10, 10)]
+    assert wide == [(1, 4, 32)] * 2
+    assert never == [(1, 4, 40)]
+
+
+def test_tiled_run_steps_the_scheduler_once_per_step(pipe, monkeypatch):
+    steps = []
+    original = pipe.scheduler.step
+
+    @functools.wraps(original)
+    def counting_step(*args, **kwargs):
+        steps.append(tuple(args[2].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", counting_step)
+    _run(pipe, _photo(40, 40), tile_size=16, tile_overlap=8, num_inference_steps=3)
+    assert steps == [(1, 4, 10, 10)] * 3
+
+
+@pytest.fixture(scope="module")
+def condition_sensitive_pipe():
+    """The tiny pipeline with a random condition projection, so that the VAE-encoded condition matters."""
+    pipe = _build()
+    with torch.no_grad():
+        pipe.transformer.projection.weight.normal_(0, 0.5, generator=_gen(1))
+    return pipe
+
+
+def test_tiled_and_untiled_results_agree(condition_sensitive_pipe):
+    pipe = condition_sensitive_pipe
+    image = _photo(128, 128)
+    kwargs = dict(output_type="np", color_fix=None, **NO_CFG)
+    untiled = _run(pipe, image, tile_size=0, **kwargs)
+    tiled = _run(pipe, image, tile_size=64, tile_overlap=32, **kwargs)
+    other_seed = _run(pipe, image, seed=1, tile_size=0, **kwargs)
+    tiling_error = np.abs(tiled - untiled).mean()
+    assert tiling_error < 0.2 * np.abs(other_seed - untiled).mean()
+    assert tiling_error < 0.04
+
+
+def _seam_profile(image: torch.Tensor) -> tuple[float, float]:
+    """(spatial std, largest jump between neighbours) of the image averaged per 4x4 latent cell, away from the
+    image border (the random tiny decoder draws a fixed pattern inside each cell, even for a flat latent)."""
+    cells = F.avg_pool2d(image[None], 4)[0][:, 4:-4, 4:-4]
+    jumps = torch.cat([(cells[:, 1:] - cells[:, :-1]).flatten(), (cells[:, :, 1:] - cells[:, :, :-1]).flatten()])
+    return float(cells.std(dim=(1, 2)).mean()), float(jumps.abs().max())
+
+
+@pytest.mark.parametrize(
+    "which, untiled_limit, tiled_limit",
+    # the random tiny VAE encodes tiles with visible differences (global attention over a cut context), so the
+    # condition-sensitive pipeline gets a looser bound; diffusion and decoding tiles alone are nearly exact
+    [("pipe", 2e-4, 2e-3), ("condition_sensitive_pipe", 2e-3, 0.015)],
+)
+def test_flat_image_stays_flat_across_tile_borders(request, which, untiled_limit, tiled_limit):
+    pipe = request.getfixturevalue(which)
+    flat = torch.tensor([0.6, 0.3, 0.2])[:, None, None].expand(3, 128, 128).contiguous()
+    start = torch.zeros(1, 4, 32, 32)  # a flat (noise-free) start isolates what tiling adds
+    kwargs = dict(latents=start, output_type="pt", color_fix=None, num_inference_steps=STEPS, **NO_CFG)
+    untiled_std, _ = _seam_profile(pipe(flat, tile_size=0, **kwargs).images[0])
+    std, jump = _seam_profile(pipe(flat, tile_size=64, tile_overlap=32, **kwargs).images[0])
+    _, seam_jump = _seam_profile(pipe(flat, tile_size=64, tile_overlap=0, **kwargs).images[0])
+    assert untiled_std < untiled_limit
+    assert std < tiled_limit and jump < tiled_limit  # at most ~4/255 between neighbouring cells: no visible seam
+    assert seam_jump > 10 * jump  # unblended tiles do show their borders: the measure sees seams
+
+
+# ------------------------------------------------------------------------------------------------ colour fix
+
+
+def test_wavelet_color_fix():
+    image = torch.rand(2, 3, 40, 33, generator=_gen(0))
+    high, low = wavelet_decomposition(image)
+    assert torch.allclose(high + low, image, atol=1e-6)
+    assert torch.allclose(wavelet_color_fix(image, image), image, atol=1e-5)
+    # texture from the image, colour from the reference
+    checker = ((torch.arange(96)[:, None] + torch.arange(96)[None, :]) % 2).float() * 0.2 - 0.1
+    image = torch.tensor([0.2, 0.7, 0.4])[None, :, None, None] + checker
+    reference = torch.tensor([0.6, 0.5, 0.1])[None, :, None, None].expand(1, 3, 96, 96)
+    fixed = wavelet_color_fix(image, reference)
+    expected = reference + checker
+    # exact away from the border (5 levels reach 31 px, where replicate padding leaves a trace of the texture)
+    assert torch.allclose(fixed[..., 32:-32, 32:-32], expected[..., 32:-32, 32:-32], atol=1e-5)
+    assert torch.allclose(fixed, expected, atol=5e-3)
+
+
+def test_adain_color_fix_matches_statistics():
+    image = torch.rand(2, 3, 16, 20, generator=_gen(0))
+    reference = torch.rand(2, 3, 8, 8, generator=_gen(1)) * 0.3 + 0.5
+    fixed = adain_color_fix(image, reference)
+    assert torch.allclose(fixed.mean(dim=(2, 3)), reference.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(fixed.std(dim=(2, 3), unbiased=False), reference.std(dim=(2, 3), unbiased=False), atol=1e-3)
+
+
+def test_color_fix_in_the_pipeline(pipe):
+    image = _photo(32, 32)
+    reference = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    plain = torch.from_numpy(_run(pipe, image, output_type="np", color_fix=None)).permute(0, 3, 1, 2)
+    wavelet = torch.from_numpy(_run(pipe, image, output_type="np", color_fix="wavelet")).permute(0, 3, 1, 2)
+    adain = torch.from_numpy(_run(pipe, image, output_type="np", color_fix="adain")).permute(0, 3, 1, 2)
+    assert torch.allclose(wavelet, wavelet_color_fix(plain, reference).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(adain, adain_color_fix(plain, reference).clamp(0, 1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ prompt cache
+
+
+class _ForwardCounter:
+    def __init__(self, module):
+        self.count = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+def test_prompt_cache_skips_the_text_encoder_for_repeated_prompts():
+    pipe = _build()
+    image = _photo(16, 16)
+    kwargs = dict(prompt="remove the noise", guidance_scale=3.0, output_type="np")
+    counter = _ForwardCounter(pipe.text_encoder)
+    try:
+        first = _run(pipe, image, **kwargs)
+        assert counter.count == 2  # prompt and negative prompt
+        second = _run(pipe, image, **kwargs)
+        assert counter.count == 2  # both cached
+        assert np.array_equal(first, second)
+
+        _run(pipe, image, **{**kwargs, "prompt": "deblur"})
+        assert counter.count == 3  # only the new prompt is encoded
+        _run(pipe, [image, image], **{**kwargs, "prompt": ["a", "a"]})
+        assert counter.count == 4  # a repeated prompt is encoded once
+
+        pipe.clear_prompt_cache()
+        assert np.array_equal(_run(pipe, image, **kwargs), first)
+        assert counter.count == 6
+
+        with torch.no_grad():  # new weights: stale embeddings must not be served
+            pipe.text_encoder.embed_tokens.weight.mul_(2.0)
+        changed = _run(pipe, image, **kwargs)
+        assert counter.count == 8 and not np.array_equal(changed, first)
+
+        _run(pipe, image, attention_kwargs={"scale": 1.0}, **kwargs)  # LoRA scale active: no cache
+        assert counter.count == 10
+    finally:
+        counter.remove()
+
+    pipe.prompt_cache_size = 2
+    for prompt in ("one", "two", "three"):
+        _run(pipe, image, **{**kwargs, "prompt": prompt})
+    assert len(pipe._prompt_cache) == 2
+
+
+def test_prompt_cache_resets_when_the_text_encoder_is_replaced():
+    pipe = _build()
+    image = _photo(16, 16)
+    before = _run(pipe, image, prompt="sharpen", output_type="np", **NO_CFG)
+    pipe.text_encoder = get_tiny_components(seed=5)["text_encoder"]
+    counter = _ForwardCounter(pipe.text_encoder)
+    try:
+        after = _run(pipe, image, prompt="sharpen", output_type="np", **NO_CFG)
+    finally:
+        counter.remove()
+    assert counter.count == 1 and not np.array_equal(before, after)
+
+
+# ---------------------------------------------------------------------------------------- saving and loading
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, pipe):
+    path = tmp_path_factory.mktemp("restoration_pipeline")
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def test_save_and_load_locally_gives_identical_output(pipe, saved):
+    with open(os.path.join(saved, "model_index.json")) as handle:
+        index = json.load(handle)
+    assert index["_class_name"] == "SanaRestorationPipeline"
+    assert index["transformer"] == ["diffusers_restore.models.transformer_sana_concat", "ConcatConditionedTransformer"]
+    assert index["scheduler"] == [RestorationGuidedFlowScheduler.__module__, "RestorationGuidedFlowScheduler"]
+    assert index["vae"] == ["diffusers", "AutoencoderDC"]
+    assert index["text_encoder"] == ["transformers", "Gemma2Model"]
+
+    loaded = SanaRestorationPipeline.from_pretrained(saved)
+    loaded.set_progress_bar_config(disable=True)
+    # The weights round-trip bit for bit ...
+    for name in ("transformer", "vae", "text_encoder"):
+        original, reloaded = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert original.keys() == reloaded.keys(), name
+        assert all(torch.equal(original[key], reloaded[key]) for key in original), name
+    assert {k: v for k, v in loaded.scheduler.config.items() if not k.startswith("_")} == {
+        k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")
+    }
+    # ... and the outputs agree to float32 rounding (CPU kernels may pick a different summation order for freshly
+    # allocated tensors, which moves the last bit).
+    image = _photo(20, 24)
+    _assert_same_images(_run(pipe, image, output_type="np"), _run(loaded, image, output_type="np"))
+
+
+def test_from_pretrained_with_a_repo_id_downloads_a_snapshot(pipe, saved, monkeypatch):
+    requests = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        requests.append((repo_id, kwargs))
+        return saved
+
+    monkeypatch.setattr(pipeline_module, "snapshot_download", fake_snapshot_download)
+    loaded = SanaRestorationPipeline.from_pretrained("someone/sana-restorer", revision="v1", token="secret")
+    loaded.set_progress_bar_config(disable=True)
+    assert len(requests) == 1
+    repo_id, kwargs = requests[0]
+    assert repo_id == "someone/sana-restorer" and kwargs["revision"] == "v1" and kwargs["token"] == "secret"
+    assert "*.bin" in kwargs["ignore_patterns"]  # pickled weights are never fetched
+    image = _photo(20, 24)
+    _assert_same_images(_run(pipe, image, output_type="np"), _run(loaded, image, output_type="np"))
+
+
+def test_push_to_hub_then_load_by_repo_id(pipe, tmp_path, monkeypatch):
+    """The inherited push_to_hub uploads a folder that from_pretrained(repo_id) loads (Hub simulated by a folder)."""
+    import shutil
+    import types
+
+    import diffusers.utils.hub_utils as hub_utils
+
+    hub = tmp_path / "hub" / "me" / "restorer"
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        assert repo_id == "me/restorer"
+        shutil.copytree(folder_path, hub, dirs_exist_ok=True)
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub_utils, "upload_folder", upload_folder)
+    monkeypatch.setattr(pipeline_module, "snapshot_download", lambda repo_id, **kwargs: str(tmp_path / "hub" / repo_id))
+    pipe.push_to_hub("me/restorer")
+    assert (hub / "model_index.json").is_file() and (hub / "transformer" / "config.json").is_file()
+    loaded = SanaRestorationPipeline.from_pretrained("me/restorer")
+    loaded.set_progress_bar_config(disable=True)
+    image = _photo(20, 24)
+    _assert_same_images(_run(pipe, image, output_type="np"), _run(loaded, image, output_type="np"))
+
+
+def test_from_pretrained_refuses_a_plain_sana_checkpoint(tmp_path):
+    folder = save_tiny_sana_pipeline(tmp_path / "sana")
+    with pytest.raises(ValueError, match="from_pretrained_sana"):
+        SanaRestorationPipeline.from_pretrained(folder)
+
+
+def test_from_pretrained_sana_builds_an_identity_restorer(tmp_path):
+    folder = save_tiny_sana_pipeline(tmp_path / "sana")
+    pipe = SanaRestorationPipeline.from_pretrained_sana(folder)
+    base = SanaPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, RestorationGuidedFlowScheduler)
+    assert pipe.scheduler.config.shift == 3.0
+    assert isinstance(pipe.transformer, ConcatConditionedTransformer)
+    generator = _gen(0)
+    x, condition = torch.randn(2, 4, 6, 6, generator=generator), torch.randn(2, 4, 6, 6, generator=generator)
+    text, mask = torch.randn(2, 5, 8, generator=generator), torch.ones(2, 5)
+    timestep = torch.tensor([900.0, 100.0])
+    with torch.no_grad():
+        ours = pipe.transformer(x, condition, text, timestep, encoder_attention_mask=mask).sample
+        theirs = base.transformer(x, encoder_hidden_states=text, timestep=timestep, encoder_attention_mask=mask).sample
+    assert torch.equal(ours, theirs)
+
+
+def test_lora_weights_round_trip_through_the_pipeline(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = _build()
+    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0): give it an effect
+        for name, parameter in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=_gen(2))
+    image = _photo(24, 24)
+    expected = _run(trained, image, output_type="np")
+    SanaRestorationPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained.transformer)
+    )
+
+    fresh = _build()
+    base = _run(fresh, image, output_type="np")
+    fresh.load_lora_weights(tmp_path)
+    _assert_same_images(_run(fresh, image, output_type="np"), expected)
+    assert np.abs(expected - base).max() > 1e-3
+    _assert_same_images(_run(fresh, image, output_type="np", attention_kwargs={"scale": 0.0}), base)
+
+
+def test_optional_text_encoder_and_vae_tiling_passthrough(pipe, tmp_path):
+    embeds, mask, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False)
+    textless = SanaRestorationPipeline(**{**pipe.components, "tokenizer": None, "text_encoder": None})
+    textless.set_progress_bar_config(disable=True)
+    textless.save_pretrained(tmp_path)
+    reloaded = SanaRestorationPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
+    reloaded.set_progress_bar_config(disable=True)
+    image = _photo(16, 16)
+    expected = _run(pipe, image, output_type="np", **NO_CFG)
+    got = _run(reloaded, image, prompt_embeds=embeds, prompt_attention_mask=mask, output_type="np", **NO_CFG)
+    _assert_same_images(expected, got)
+
+    pipe.enable_vae_tiling(tile_sample_min_height=64, tile_sample_min_width=64)
+    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 64
+    pipe.disable_vae_tiling()
+    assert not pipe.vae.use_tiling
