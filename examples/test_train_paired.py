@@ -1,0 +1,587 @@
+# Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
+"""Tests of examples/train_paired.py on the tiny offline SANA kit (CPU, no network).
+
+Most runs call `main(parse_args([...]))` in this process (much faster than a launcher); one test launches two
+processes with `accelerate launch --num_processes 2 --cpu` to check data-parallel training.
+"""
+
+import os
+
+# huggingface_hub reads these at import time; tests/conftest.py sets them too, but this folder has its own rootdir.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import csv  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+SCRIPT = EXAMPLES_DIR / "train_paired.py"
+CAPTIONS = ("Denoise this photograph", "Deblur this photograph")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_paired", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_paired"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_paired = _load_script()
+
+
+# --------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for every run of this module, the module-scoped ones included: results that are compared
+    bit for bit must come from the same reduction order, and the tiny models gain nothing from threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reset_accelerate() -> None:
+    """Each in-process run builds its own Accelerator; accelerate's state objects are process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from diffusers_restore.testing import save_tiny_sana_pipeline
+
+    return save_tiny_sana_pipeline(tmp_path_factory.mktemp("tiny-sana") / "base")
+
+
+def _smooth_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A random smooth RGB image (a few low-frequency waves), uint8 HWC."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+        channels.append(0.5 + 0.4 * np.sin(2 * np.pi * (fx * x + fy * y) + phase))
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    """Six 64 px (clean, noisy) pairs listed in pairs.csv with two distinct captions; also a folder of clean images."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    (root / "clean").mkdir()
+    rows = []
+    for index in range(6):
+        clean = _smooth_image(rng)
+        noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(clean).save(root / "clean" / f"{index}.png")
+        Image.fromarray(noisy).save(root / f"noisy{index}.png")
+        rows.append({"image_path": f"clean/{index}.png", "condition_image_path": f"noisy{index}.png",
+                     "caption": CAPTIONS[index % 2]})
+    with open(root / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image_path", "condition_image_path", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def _base_args(tiny_base, pair_data, output_dir, *extra) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny_base),
+        "--train_data_csv", str(pair_data / "pairs.csv"),
+        "--output_dir", str(output_dir),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--max_sequence_length", "16",
+        "--learning_rate", "1e-3",
+        "--seed", "0",
+        "--report_to", "none",
+        *map(str, extra),
+    ]
+
+
+def _run(args: list[str]) -> None:
+    train_paired.main(train_paired.parse_args(args))
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _checkpoints(folder) -> set[str]:
+    return {name for name in os.listdir(folder) if name.startswith("checkpoint-")}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_base, pair_data, tmp_path_factory):
+    """4 steps of full fine-tuning with EMA, dropout, latent noise, warm-up, checkpoints every 2 steps and a
+    validation at step 2 (tensorboard). Records every prompt the text encoder encoded."""
+    from transformers import Gemma2Model
+
+    output_dir = tmp_path_factory.mktemp("full") / "out"
+    encoded_rows = []
+    original_forward = Gemma2Model.forward
+
+    def recording_forward(self, input_ids=None, *args, **kwargs):
+        encoded_rows.extend(input_ids.tolist())
+        return original_forward(self, input_ids, *args, **kwargs)
+
+    args = _base_args(
+        tiny_base, pair_data, output_dir,
+        "--max_train_steps", 4, "--checkpointing_steps", 2,
+        "--use_ema", "--ema_decay", 0.9,
+        "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 3,
+        "--proportion_empty_prompts", 0.5, "--condition_noise_max", 0.1,
+        "--validation_image", pair_data / "noisy1.png", "--validation_target_image", pair_data / "clean" / "1.png",
+        "--validation_steps", 2, "--validation_inference_steps", 2,
+        "--report_to", "tensorboard",
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Gemma2Model, "forward", recording_forward)
+        _run(args)
+    _reset_accelerate()
+    return {"output_dir": output_dir, "args": args, "encoded_rows": encoded_rows}
+
+
+# ------------------------------------------------------------------------------------------- arguments and maths
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_data_dir", "."], "exactly one data source"),
+        (["--resolution", "48"], "--resolution"),
+        (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts"),
+        (["--conditioning_dropout_prob", "0.5"], "--conditioning_dropout_prob"),
+        (["--conditioning_dropout_prob", "0.1", "--proportion_empty_prompts", "0.1"], "not both"),
+        (["--use_lora", "--use_ema"], "--use_ema"),
+        (["--degradation", "gaussian_noize:25"], "--degradation"),
+        (["--validation_target_image", "x.png"], "--validation_image"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
+        (["--resume_from_checkpoint", "step-3"], "--resume_from_checkpoint"),
+        (["--model_card_template", "missing.md"], "--model_card_template"),
+        (["--caption_column", "text"], "--caption_column"),
+    ],
+)
+def test_parse_args_rejects_bad_combinations(tiny_base, pair_data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path / "out", *extra))
+
+
+def test_validation_counts_are_checked(tiny_base, pair_data, tmp_path):
+    image = str(pair_data / "noisy0.png")
+    with pytest.raises(ValueError, match="one target per validation image"):
+        train_paired.parse_args(
+            _base_args(tiny_base, pair_data, tmp_path, "--validation_image", image, image,
+                       "--validation_target_image", image)
+        )
+    with pytest.raises(ValueError, match="--validation_prompt has 2 prompts"):
+        train_paired.parse_args(
+            _base_args(tiny_base, pair_data, tmp_path, "--validation_image", image, image, image,
+                       "--validation_prompt", "a", "b")
+        )
+
+
+def test_shift_sigmas_is_sanas_shift():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(train_paired.shift_sigmas(u, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    assert torch.equal(train_paired.shift_sigmas(u, 1.0), u)
+
+
+def test_flow_matching_loss_follows_design():
+    """x_t = (1 - sigma) z + sigma noise reaches the model with t = sigma * 1000; loss = MSE to noise - z."""
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    condition = torch.randn(2, 4, 3, 3, generator=generator)
+    prediction = torch.randn(2, 4, 3, 3, generator=generator)
+    sigmas = torch.tensor([0.2, 0.9])
+    seen = {}
+
+    def model(hidden_states, condition_latents, encoder_hidden_states, timestep, encoder_attention_mask, return_dict):
+        seen.update(hidden_states=hidden_states, condition=condition_latents, timestep=timestep)
+        return (prediction,)
+
+    loss = train_paired.flow_matching_loss(
+        model, latents, condition, torch.zeros(2, 5, 8), torch.ones(2, 5), sigmas, noise,
+        weighting_scheme="logit_normal", timestep_multiplier=1000.0,
+    )
+    expected_xt = (1 - sigmas.view(2, 1, 1, 1)) * latents + sigmas.view(2, 1, 1, 1) * noise
+    assert torch.allclose(seen["hidden_states"], expected_xt)
+    assert torch.equal(seen["condition"], condition)
+    assert torch.allclose(seen["timestep"], torch.tensor([200.0, 900.0]))
+    assert torch.allclose(loss, ((prediction - (noise - latents)) ** 2).mean())
+
+    # sigma_sqrt weighs each sample by 1 / sigma^2
+    weighted = train_paired.flow_matching_loss(
+        model, latents, condition, torch.zeros(2, 5, 8), torch.ones(2, 5), sigmas, noise,
+        weighting_scheme="sigma_sqrt", timestep_multiplier=1000.0,
+    )
+    per_sample = ((prediction - (noise - latents)) ** 2).reshape(2, -1).mean(1)
+    assert torch.allclose(weighted, (per_sample / sigmas**2).mean())
+
+
+def test_identity_check_detects_a_modified_projection():
+    from diffusers_restore import ConcatConditionedTransformer
+    from diffusers_restore.testing import get_tiny_transformer
+
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    assert train_paired.identity_check(model) == 0.0
+    with torch.no_grad():
+        model.projection.weight[:, -1] += 0.5
+    with pytest.raises(RuntimeError, match="differs from the pretrained SANA"):
+        train_paired.identity_check(model)
+
+
+def test_render_model_card_template_names_unknown_placeholders():
+    assert train_paired.render_model_card_template("a {x} b", {"x": 1}) == "a 1 b"
+    with pytest.raises(ValueError, match=r"\{y\}"):
+        train_paired.render_model_card_template("a {y}", {"x": 1}, "card.md")
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+
+def test_resume_is_exact_and_continues_the_step_count(full_run, tiny_base, pair_data, tmp_path):
+    """2 steps, then resume from 'latest' for 2 more == 4 uninterrupted steps (weights, EMA), bit for bit."""
+    full = full_run["output_dir"]
+    assert _checkpoints(full) == {"checkpoint-2", "checkpoint-4"}
+
+    output_dir = tmp_path / "out"
+    common = [
+        "--checkpointing_steps", 2, "--use_ema", "--ema_decay", 0.9,
+        "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 3,
+        "--proportion_empty_prompts", 0.5, "--condition_noise_max", 0.1,
+    ]  # no validation here: validating in the reference run must not change what training draws
+    _run(_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, *common))
+    assert _checkpoints(output_dir) == {"checkpoint-2"}
+    _reset_accelerate()
+    _run(_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest",
+                    *common))
+
+    assert _checkpoints(output_dir) == {"checkpoint-2", "checkpoint-4"}
+    with open(output_dir / "checkpoint-4" / "training_state.json", encoding="utf-8") as handle:
+        assert json.load(handle)["global_step"] == 4
+    for sub in ("checkpoint-4/transformer", "checkpoint-4/transformer_ema", "transformer"):
+        _assert_same_weights(_weights(full / sub), _weights(output_dir / sub))
+    # and training did move the weights away from the pretrained SANA
+    base = _weights(Path(tiny_base) / "transformer")
+    trained = _weights(full / "checkpoint-4" / "transformer")
+    assert not torch.equal(base["transformer_blocks.0.attn1.to_q.weight"],
+                           trained["transformer.transformer_blocks.0.attn1.to_q.weight"])
+
+
+def test_final_pipeline_holds_the_ema_weights_and_restores(full_run, pair_data):
+    from diffusers_restore import SanaRestorationPipeline
+
+    full = full_run["output_dir"]
+    _assert_same_weights(_weights(full / "transformer"), _weights(full / "checkpoint-4" / "transformer_ema"))
+    pipe = SanaRestorationPipeline.from_pretrained(str(full))
+    assert pipe.scheduler.config.shift == 3.0  # SANA's flow_shift carried over from the DPM-Solver config
+    image = Image.open(pair_data / "noisy2.png")
+    restored = pipe(image, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+                    max_sequence_length=16).images
+    assert restored.shape == (1, 64, 64, 3)
+    assert np.isfinite(restored).all() and restored.min() >= 0.0 and restored.max() <= 1.0
+
+
+def test_prompts_are_encoded_once(full_run, tiny_base):
+    """The text encoder saw each distinct prompt once, although training asked for 8 prompts (4 steps x 2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in full_run["encoded_rows"]]
+    assert len(texts) == len(set(texts)), texts
+    for caption in CAPTIONS:  # SANA lower-cases prompts; max_sequence_length 16 keeps their start
+        assert sum(bool(text) and caption.lower().startswith(text) for text in texts) == 1, (caption, texts)
+    assert len(texts) <= 5  # 2 captions, "", the validation prompt and the negative-quality prompt
+
+
+def test_validation_grid_metrics_and_model_card(full_run):
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    full = full_run["output_dir"]
+    grid = Image.open(full / "validation.png")
+    assert grid.size == (3 * 64, 64)  # before | after | target
+    assert (full / "validation" / "step-2.png").is_file() and (full / "validation" / "step-4.png").is_file()
+
+    card_text = (full / "README.md").read_text(encoding="utf-8")
+    card = ModelCard(card_text)
+    assert card.data.pipeline_tag == "image-to-image"
+    assert card.data.library_name == "diffusers"
+    assert "image-restoration" in card.data.tags
+    assert re.search(r"PSNR \d+\.\d\d dB, SSIM \d\.\d{4}", card_text)
+    assert "![validation](validation.png)" in card_text
+    assert "| training steps | 4 |" in card_text and "| EMA | decay 0.9 |" in card_text
+    assert not re.search(r"\{[a-z_]+\}", card_text)
+
+    event_files = list((full / "logs").rglob("events.out.tfevents.*"))
+    tags = {"images": set(), "scalars": set()}
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    assert {"validation", "test"} <= tags["images"]
+    assert {"loss", "lr", "validation/psnr", "validation/ssim", "test/psnr"} <= tags["scalars"]
+
+
+def test_lora_with_checkpoint_limit_and_exact_resume(tiny_base, pair_data, tmp_path):
+    from diffusers_restore import SanaRestorationPipeline
+
+    lora = ["--use_lora", "--rank", 2, "--lora_alpha", 2, "--learning_rate", 1e-2, "--max_train_steps", 4,
+            "--checkpointing_steps", 1, "--checkpoints_total_limit", 2]
+    first = tmp_path / "first"
+    _run(_base_args(tiny_base, pair_data, first, *lora))
+    assert _checkpoints(first) == {"checkpoint-3", "checkpoint-4"}
+    adapter = load_file(first / "transformer_lora" / "pytorch_lora_weights.safetensors")
+    assert adapter and all("lora" in key for key in adapter)
+    assert (first / "transformer_lora" / "condition_projection.safetensors").is_file()
+
+    # the saved pipeline has the adapter merged in: loads as a plain restoration pipeline
+    fused = _weights(first / "transformer")
+    base = _weights(Path(tiny_base) / "transformer")
+    assert not torch.equal(fused["transformer.transformer_blocks.0.attn1.to_q.weight"],
+                           base["transformer_blocks.0.attn1.to_q.weight"])
+    assert not any("lora" in key for key in fused)
+    reloaded = SanaRestorationPipeline.from_pretrained(str(first)).transformer
+    _assert_same_weights(fused, {key: value for key, value in reloaded.state_dict().items()})
+
+    _reset_accelerate()
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "checkpoint-3", second / "checkpoint-3")
+    _run(_base_args(tiny_base, pair_data, second, *lora, "--resume_from_checkpoint", "latest"))
+    _assert_same_weights(fused, _weights(second / "transformer"))
+    assert load_file(second / "transformer_lora" / "pytorch_lora_weights.safetensors").keys() == adapter.keys()
+
+
+def test_resume_is_exact_with_accumulation_and_on_the_fly_data(tiny_base, pair_data, tmp_path):
+    """Folder of clean images degraded on the fly, gradient accumulation (the resume position counts batches),
+    ip2p conditioning dropout, gradient checkpointing, --offload, the 'mode' density and SANA's long instruction."""
+    options = [
+        "--gradient_accumulation_steps", 2, "--max_train_steps", 2, "--checkpointing_steps", 1,
+        "--conditioning_dropout_prob", 0.2, "--gradient_checkpointing", "--offload", "--weighting_scheme", "mode",
+        "--complex_human_instruction", "default", "--degradation", "random", "--random_flip",
+    ]
+
+    def args(output_dir, *extra):
+        base = _base_args(tiny_base, pair_data, output_dir, *options, *extra)
+        csv_index = base.index("--train_data_csv")
+        return base[:csv_index] + ["--train_data_dir", str(pair_data / "clean")] + base[csv_index + 2:]
+
+    first = tmp_path / "first"
+    _run(args(first))
+    assert _checkpoints(first) == {"checkpoint-1", "checkpoint-2"}
+    _reset_accelerate()
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "checkpoint-1", second / "checkpoint-1")
+    _run(args(second, "--resume_from_checkpoint", "checkpoint-1"))
+    _assert_same_weights(_weights(first / "transformer"), _weights(second / "transformer"))
+    base = _weights(Path(tiny_base) / "transformer")
+    assert not torch.equal(_weights(first / "transformer")["transformer.caption_projection.linear_1.weight"],
+                           base["caption_projection.linear_1.weight"])
+
+
+def test_cache_latents_encodes_everything_once(tiny_base, pair_data, tmp_path):
+    from diffusers import AutoencoderDC
+    from transformers import Gemma2Model
+
+    counts = {"images": 0, "prompts": 0}
+    encode, forward = AutoencoderDC.encode, Gemma2Model.forward
+
+    def counting_encode(self, x, *args, **kwargs):
+        counts["images"] += x.shape[0]
+        return encode(self, x, *args, **kwargs)
+
+    def counting_forward(self, input_ids=None, *args, **kwargs):
+        counts["prompts"] += input_ids.shape[0]
+        return forward(self, input_ids, *args, **kwargs)
+
+    output_dir = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoencoderDC, "encode", counting_encode)
+        patch.setattr(Gemma2Model, "forward", counting_forward)
+        _run(_base_args(tiny_base, pair_data, output_dir, "--cache_latents", "--max_train_steps", 6,
+                        "--proportion_empty_prompts", 0.3, "--checkpointing_steps", 100))
+    assert counts["images"] == 2 * 6  # every clean and degraded image once, none during the 6 steps
+    assert counts["prompts"] <= len(CAPTIONS) + 1  # the captions and ""
+    trained = _weights(output_dir / "transformer")
+    base = _weights(Path(tiny_base) / "transformer")
+    assert not torch.equal(trained["transformer.transformer_blocks.0.attn1.to_q.weight"],
+                           base["transformer_blocks.0.attn1.to_q.weight"])
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_base, pair_data, tmp_path, monkeypatch):
+    from diffusers_restore import ConcatConditionedTransformer
+
+    output_dir = tmp_path / "out"
+    save = ConcatConditionedTransformer.save_pretrained
+    calls = []
+
+    def crashing_save(self, save_directory, *args, **kwargs):
+        calls.append(save_directory)
+        save(self, save_directory, *args, **kwargs)  # part of checkpoint-2.tmp is on disk ...
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")  # ... when the run dies
+
+    monkeypatch.setattr(ConcatConditionedTransformer, "save_pretrained", crashing_save)
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--checkpointing_steps", 1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args)
+    assert _checkpoints(output_dir) == {"checkpoint-1", "checkpoint-2.tmp"}
+    assert train_paired.resolve_checkpoint(str(output_dir), "latest") == str(output_dir / "checkpoint-1")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        train_paired.resolve_checkpoint(str(output_dir), str(output_dir / "checkpoint-2.tmp"))
+
+    monkeypatch.setattr(ConcatConditionedTransformer, "save_pretrained", save)
+    _reset_accelerate()
+    _run(args + ["--resume_from_checkpoint", "latest"])
+    assert _checkpoints(output_dir) == {"checkpoint-1", "checkpoint-2"}  # the stale .tmp is gone
+
+
+def test_push_to_hub_uploads_exactly_the_output_folder(tiny_base, pair_data, tmp_path):
+    from diffusers_restore.testing_hub import LocalHubServer, hub_endpoint
+
+    output_dir = tmp_path / "restorer"
+    with LocalHubServer(require_token=True) as server, hub_endpoint(server.url):
+        _run(_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 1, "--checkpointing_steps", 1,
+                        "--push_to_hub", "--hub_token", "hf_test"))
+        repo = server.repo_path("local-user/restorer")
+        uploaded = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+        assert not server.errors
+    local = {p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()}
+    expected = {path for path in local if not path.startswith("checkpoint-")}
+    assert "checkpoint-1/training_state.json" in local
+    assert uploaded == expected
+    assert {"model_index.json", "README.md", "transformer/diffusion_pytorch_model.safetensors"} <= uploaded
+
+
+def test_push_to_hub_fails_before_training_when_offline_or_without_token(tiny_base, pair_data, tmp_path,
+                                                                        monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    output_dir = tmp_path / "out"
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 1, "--push_to_hub")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        _run(args)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="needs a Hub token"):
+        _run(args)
+    assert not output_dir.exists() or not os.listdir(output_dir)  # no training time was spent
+
+
+def test_continue_training_from_a_restoration_pipeline(full_run, pair_data, tmp_path):
+    """Stage 2 of a resolution curriculum: --pretrained_model_name_or_path is a folder this script wrote."""
+    full = full_run["output_dir"]
+    output_dir = tmp_path / "stage2"
+    _run(_base_args(full, pair_data, output_dir, "--resolution", 64, "--max_train_steps", 1,
+                    "--learning_rate", 1e-12, "--checkpointing_steps", 100))
+    before, after = _weights(full / "transformer"), _weights(output_dir / "transformer")
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-9, rtol=0)
+
+
+def test_dataset_name_reads_a_datasets_dataset(tiny_base, pair_data, tmp_path, monkeypatch):
+    rows = [
+        {"hq": Image.open(pair_data / "clean" / f"{i}.png"), "lq": Image.open(pair_data / f"noisy{i}.png"),
+         "text": CAPTIONS[0]}
+        for i in range(4)
+    ]
+
+    class FakeDataset(list):
+        column_names = ["hq", "lq", "text"]
+
+    requested = {}
+
+    def load_dataset(name, config=None, cache_dir=None):
+        requested.update(name=name, config=config)
+        return {"train": FakeDataset(rows)}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    base = _base_args(tiny_base, pair_data, tmp_path / "out", "--max_train_steps", 1)
+    csv_index = base.index("--train_data_csv")
+    args = base[:csv_index] + base[csv_index + 2:] + [
+        "--dataset_name", "org/pairs", "--image_column", "hq", "--conditioning_image_column", "lq",
+        "--caption_column", "text",
+    ]
+    _run(args)
+    assert requested == {"name": "org/pairs", "config": None}
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match="pip install datasets"):
+        _run(args[:-2] + ["--caption_column", "text", "--output_dir", str(tmp_path / "out2")])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ValueError, match="--caption_column 'caption' is not a column"):
+        _run(args[:-2] + ["--caption_column", "caption", "--output_dir", str(tmp_path / "out3")])
+
+
+def test_two_processes_train_the_same_weights(tiny_base, pair_data, tmp_path):
+    """Two processes, DDP over gloo, started by accelerate's launcher; both ranks end with the saved weights.
+
+    `accelerate launch --cpu --num_processes 2` needs MPI; torchrun (accelerate's `--multi_gpu` launcher) with
+    ACCELERATE_USE_CPU=1 gives accelerate's MULTI_CPU mode without it.
+    """
+    output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        str(SCRIPT),
+        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
+                    "--checkpointing_steps", 2, "--weights_checksum_dir", checksums),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DistributedType.MULTI_CPU" in result.stdout + result.stderr
+
+    rank0 = (checksums / "rank-0.sha256").read_text().strip()
+    rank1 = (checksums / "rank-1.sha256").read_text().strip()
+    assert rank0 == rank1
+    from diffusers_restore import ConcatConditionedTransformer
+
+    saved = ConcatConditionedTransformer.from_pretrained(str(output_dir), subfolder="transformer")
+    assert train_paired.weights_digest(saved) == rank0
+    initial = ConcatConditionedTransformer.from_pretrained(str(tiny_base), subfolder="transformer")
+    assert train_paired.weights_digest(initial) != rank0
+    assert _checkpoints(output_dir) == {"checkpoint-2"}
+    assert sorted(os.listdir(output_dir / "checkpoint-2")).count("training_generator_1.safetensors") == 1

@@ -1,0 +1,1695 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune SANA into an image restorer on (clean, degraded) image pairs, with 🤗 Accelerate.
+
+    accelerate launch examples/train_paired.py \\
+        --pretrained_model_name_or_path Efficient-Large-Model/Sana_1600M_1024px_diffusers \\
+        --train_data_csv pairs.csv --resolution 512 --output_dir sana-restore
+
+The model is SANA's transformer wrapped in a `ConcatConditionedTransformer`: the degraded image's latent is
+concatenated to the noisy latent and projected back by a 1x1 convolution that starts as identity (step 0 *is* the
+pretrained SANA). Training is flow matching in diffusers' convention (DESIGN.md §2, §7):
+
+    z = vae(clean) * sf,  z_c = vae(degraded) * sf            (or read from a latent cache)
+    u ~ density(weighting_scheme),  sigma = s * u / (1 + (s - 1) * u)      (SANA's shift s, 3.0)
+    x_t = (1 - sigma) * z + sigma * noise
+    loss = weight(sigma) * || model(x_t, z_c, text, sigma * 1000) - (noise - z) ||^2
+
+At the end, `output_dir` holds a complete `SanaRestorationPipeline` (load it with
+`SanaRestorationPipeline.from_pretrained(output_dir)`), a README.md model card and, with --push_to_hub, a Hub repo.
+The structure follows diffusers' train_instruct_pix2pix.py, train_dreambooth_lora_sana.py and train_control_flux.py;
+flag names are theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, Gemma2Model
+
+import diffusers
+from diffusers import AutoencoderDC, SanaPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import (
+    EMAModel,
+    cast_training_params,
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+    offload_models,
+)
+from diffusers.utils import make_image_grid
+from diffusers.utils.hub_utils import populate_model_card
+from diffusers.utils.torch_utils import is_compiled_module
+
+from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline
+from diffusers_restore.data.degradations import GENERIC_PROMPT as DEFAULT_VALIDATION_PROMPT
+from diffusers_restore.data.degradations import load_rgb, parse_degradation_spec
+from diffusers_restore.data.latents import CachedLatentDataset, build_latent_cache, degrade_latents, encode_latents
+from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
+from diffusers_restore.metrics import psnr, ssim
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_CARD_TEMPLATE = REPO_ROOT / "model_card_template.md"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_NAME = "training_state.json"
+# Never uploaded with --push_to_hub: resumable checkpoints (and their unfinished .tmp twins), the latent cache and
+# the export of a --dataset_name dataset.
+HUB_IGNORE_PATTERNS = [
+    "checkpoint-*", "*.tmp", "*.tmp/**", "latent_cache/**", "dataset_export/**", "step_*", "epoch_*"
+]
+# Prompt embeddings kept by the pipeline's encode_prompt cache: repeated prompts (degradation descriptions, "") are
+# encoded once. At SANA scale one entry is 300 x 2304 bf16 values, about 1.4 MB.
+PROMPT_CACHE_SIZE = 128
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fine-tune SANA into an image restorer on paired data.")
+
+    # model
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="A SANA text-to-image checkpoint (Hub id or folder in SanaPipeline layout), or a SanaRestorationPipeline "
+        "folder written by this script (to continue training, e.g. at a higher resolution).",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the weight files, e.g. 'bf16'.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are kept.")
+
+    # data
+    parser.add_argument(
+        "--train_data_csv",
+        type=str,
+        default=None,
+        help="CSV with columns image_path,condition_image_path,caption (paths relative to the CSV). An empty "
+        "condition_image_path degrades the clean image on the fly with --degradation.",
+    )
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A folder of clean images, degraded on the fly with --degradation.",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A 🤗 datasets dataset (Hub id or local folder) with image columns; needs `pip install datasets`.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration name.")
+    parser.add_argument("--image_column", type=str, default="image", help="--dataset_name column with clean images.")
+    parser.add_argument(
+        "--conditioning_image_column",
+        type=str,
+        default=None,
+        help="--dataset_name column with degraded images; if not given, the clean image is degraded on the fly.",
+    )
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="--dataset_name column with captions; without it the prompt describes the degradation.",
+    )
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training examples.")
+    parser.add_argument(
+        "--degradation",
+        type=str,
+        default="random",
+        help="How clean images are degraded on the fly: 'random' (1-3 of noise, JPEG, blur, resize, colour), a "
+        "preset ('realesrgan', 'realesrgan_light') or a spec such as 'gaussian_noise:25'.",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training crops are resolution x resolution pixels: a multiple of 32 (SANA's DC-AE downsamples 32x).",
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Centre crops instead of random crops.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip pairs horizontally.")
+    parser.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="Skip unreadable images (logged) instead of stopping with an error naming the file.",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Subprocesses for data loading (0 = in the main process).",
+    )
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every pair (clean and degraded latents, prompt embeddings) once before training, so neither "
+        "the VAE nor the text encoder runs during training. Freezes one crop and degradation draw per example.",
+    )
+    parser.add_argument(
+        "--latent_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_latents writes its safetensors shards (default: <output_dir>/latent_cache).",
+    )
+
+    # output and logging
+    parser.add_argument("--output_dir", type=str, default="sana-restore", help="Checkpoints and the final pipeline.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder inside output_dir.")
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help="'tensorboard', 'wandb', 'comet_ml', 'all' or 'none'.",
+    )
+    parser.add_argument("--tracker_project_name", type=str, default="train_paired", help="Tracker project name.")
+
+    # training length and batching
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total optimisation steps; overrides --num_train_epochs.",
+    )
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass (slower, much less memory).",
+    )
+
+    # learning rate and optimiser
+    parser.add_argument("--learning_rate", type=float, default=1e-5)
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by gradient accumulation steps x batch size x number of processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help="'linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant' or 'constant_with_warmup'.",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision; the trained weights stay float32. Defaults to the accelerate config.",
+    )
+
+    # flow matching
+    parser.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default="logit_normal",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="Timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap); see SD3's paper.",
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal.")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' density.")
+    parser.add_argument(
+        "--flow_shift",
+        type=float,
+        default=None,
+        help="SANA's timestep shift s (sigma' = s sigma / (1 + (s - 1) sigma)). Defaults to the checkpoint's "
+        "scheduler config: `flow_shift` (DPM-Solver) or `shift` (flow-matching Euler); 3.0 for SANA 512/1024 px.",
+    )
+
+    # conditioning
+    parser.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Probability (per example) of training on the empty prompt, so that classifier-free guidance works.",
+    )
+    parser.add_argument(
+        "--conditioning_dropout_prob",
+        type=float,
+        default=None,
+        help="InstructPix2Pix's dropout (section 3.2.1), per example: with probability q each the prompt, the "
+        "degraded image, or both are dropped. For image-guidance experiments; exclusive with "
+        "--proportion_empty_prompts.",
+    )
+    parser.add_argument(
+        "--condition_noise_max",
+        type=float,
+        default=0.0,
+        help="Latent-space degradation: add N(0, sigma^2) noise, sigma ~ U[0, this], to the degraded latent "
+        "(DESIGN.md §6 suggests 0.12). 0 disables it.",
+    )
+
+    # SANA text encoding
+    parser.add_argument("--max_sequence_length", type=int, default=300, help="Prompt tokens given to SANA.")
+    parser.add_argument(
+        "--complex_human_instruction",
+        type=str,
+        default=None,
+        help="Text prepended to every prompt before Gemma encodes it, as SANA's pipeline does; 'default' uses "
+        "SanaPipeline's instruction, other text is split into lines on '\\n'. Off by default (the restoration "
+        "pipeline does not use it unless told to).",
+    )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="Keep the VAE and the text encoder on the CPU: the VAE visits the device for each encode (and both for "
+        "caching and validation); new prompts are encoded on the CPU, repeated ones come from the prompt cache.",
+    )
+
+    # EMA and LoRA
+    parser.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument(
+        "--use_lora",
+        action="store_true",
+        help="Train LoRA adapters (and the condition projection) instead of all transformer weights.",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    parser.add_argument("--lora_alpha", type=int, default=4, help="LoRA alpha (scale = alpha / rank).")
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--lora_layers",
+        type=str,
+        default="to_k,to_q,to_v",
+        help="Comma-separated names of the modules that get adapters, e.g. 'to_k,to_q,to_v,to_out.0'.",
+    )
+
+    # checkpointing
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint-<step> folder every X steps.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted once a newer one is complete).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest', a checkpoint-<step> name inside output_dir, or a checkpoint folder path.",
+    )
+
+    # validation
+    parser.add_argument(
+        "--validation_image",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Degraded images restored every --validation_steps (logged before | after | target).",
+    )
+    parser.add_argument(
+        "--validation_target_image",
+        type=str,
+        nargs="+",
+        default=None,
+        help="The clean targets of --validation_image, in the same order; enables PSNR/SSIM.",
+    )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        default=None,
+        help=f"One prompt for all validation images or one each (default: '{DEFAULT_VALIDATION_PROMPT}').",
+    )
+    parser.add_argument("--validation_steps", type=int, default=100, help="Validate every X steps.")
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=1,
+        help="Restorations (different seeds) per validation image.",
+    )
+    parser.add_argument("--validation_inference_steps", type=int, default=20, help="Sampling steps in validation.")
+
+    # Hub and model card
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Repo to push to (default: the output_dir's name under your account).",
+    )
+    parser.add_argument(
+        "--model_card_template",
+        type=str,
+        default=str(DEFAULT_MODEL_CARD_TEMPLATE),
+        help="The README.md template filled at the end of training (default: the repository's "
+        "model_card_template.md).",
+    )
+
+    # distributed and debugging
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+    parser.add_argument(
+        "--weights_checksum_dir",
+        type=str,
+        default=None,
+        help="Debug aid: at the end, every process writes the SHA-256 of its trained weights to "
+        "DIR/rank-<i>.sha256 (to check that data-parallel replicas agree).",
+    )
+
+    args = parser.parse_args(input_args)
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse argument combinations that cannot work, with a message naming the argument."""
+    sources = [name for name in ("train_data_csv", "train_data_dir", "dataset_name") if getattr(args, name)]
+    if len(sources) != 1:
+        raise ValueError(
+            "Specify exactly one data source: --train_data_csv, --train_data_dir or --dataset_name"
+            + (f" (got {', '.join('--' + s for s in sources)})." if sources else ".")
+        )
+    if args.train_data_csv and not os.path.isfile(args.train_data_csv):
+        raise ValueError(f"--train_data_csv {args.train_data_csv} is not a file.")
+    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    if args.dataset_name is None:
+        for name in ("dataset_config_name", "conditioning_image_column", "caption_column"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} only applies to --dataset_name.")
+
+    try:
+        parse_degradation_spec(args.degradation)
+    except ValueError as error:
+        raise ValueError(f"--degradation {args.degradation!r}: {error}") from None
+
+    if args.resolution <= 0 or args.resolution % 32 != 0:
+        raise ValueError(
+            f"--resolution must be a positive multiple of 32 (SANA's DC-AE factor), got {args.resolution}."
+        )
+    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps", "num_validation_images", "validation_inference_steps", "max_sequence_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if args.logit_std <= 0:
+        raise ValueError(f"--logit_std must be > 0, got {args.logit_std}.")
+    if args.flow_shift is not None and args.flow_shift <= 0:
+        raise ValueError(f"--flow_shift must be > 0, got {args.flow_shift}.")
+
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
+    if args.conditioning_dropout_prob is not None:
+        if not 0.0 <= args.conditioning_dropout_prob <= 1.0 / 3.0:
+            raise ValueError(
+                "--conditioning_dropout_prob must be in [0, 1/3] (it drops the prompt, the image and both with "
+                f"that probability each), got {args.conditioning_dropout_prob}."
+            )
+        if args.proportion_empty_prompts > 0:
+            raise ValueError("Use either --conditioning_dropout_prob or --proportion_empty_prompts, not both.")
+    if args.condition_noise_max < 0:
+        raise ValueError(f"--condition_noise_max must be >= 0, got {args.condition_noise_max}.")
+
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    if args.use_lora:
+        if args.use_ema:
+            raise ValueError("--use_ema is supported for full fine-tuning only, not with --use_lora.")
+        if args.rank < 1:
+            raise ValueError(f"--rank must be >= 1, got {args.rank}.")
+        if not [name for name in args.lora_layers.split(",") if name.strip()]:
+            raise ValueError("--lora_layers names no module.")
+
+    if args.validation_image is not None:
+        for path in args.validation_image + (args.validation_target_image or []):
+            if not os.path.isfile(path):
+                raise ValueError(f"Validation image {path} is not a file.")
+        if args.validation_target_image is not None and len(args.validation_target_image) != len(
+            args.validation_image
+        ):
+            raise ValueError(
+                f"--validation_target_image has {len(args.validation_target_image)} images but --validation_image "
+                f"has {len(args.validation_image)}: give one target per validation image."
+            )
+        if args.validation_prompt is not None and len(args.validation_prompt) not in (1, len(args.validation_image)):
+            raise ValueError(
+                f"--validation_prompt has {len(args.validation_prompt)} prompts: give one for all "
+                f"{len(args.validation_image)} validation images or one each."
+            )
+    elif args.validation_target_image is not None or args.validation_prompt is not None:
+        raise ValueError("--validation_target_image and --validation_prompt need --validation_image.")
+
+    if not os.path.isfile(args.model_card_template):
+        raise ValueError(
+            f"Model card template {args.model_card_template} not found: pass --model_card_template with the path of "
+            "model_card_template.md (it is at the top level of the diffusers-restore repository)."
+        )
+    if args.resume_from_checkpoint is not None and args.resume_from_checkpoint != "latest":
+        name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
+        if not CHECKPOINT_PATTERN.match(name):
+            raise ValueError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: expected 'latest', 'checkpoint-<step>' or "
+                "the path of such a folder."
+            )
+
+
+def complex_human_instruction_list(value: str | None) -> list[str] | None:
+    """--complex_human_instruction as the list of lines `encode_prompt` expects (None = off)."""
+    if value is None:
+        return None
+    if value == "default":
+        return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+    return value.split("\\n")
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as sorted (step, path) pairs.
+
+    A checkpoint is written into `checkpoint-<step>.tmp` and renamed once complete, so every folder named exactly
+    `checkpoint-<step>` is complete; unfinished `.tmp` folders are ignored.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
+    """The checkpoint folder named by --resume_from_checkpoint ('latest' gives None when there is none)."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(output_dir, os.path.basename(os.path.normpath(resume_from_checkpoint)))
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint ({path}).")
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE_NAME)):
+        raise ValueError(f"{path} is not a complete checkpoint written by this script (no {TRAINING_STATE_NAME}).")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, args, global_step: int, generator: torch.Generator) -> str:
+    """Write checkpoint-<global_step> atomically; every process must call this.
+
+    Everything goes into `checkpoint-<step>.tmp` first (accelerate's state with the transformer in diffusers format
+    written by the save hook, each process's noise-generator state, then training_state.json); only then is it
+    renamed to `checkpoint-<step>` and are old checkpoints pruned. A run killed while saving leaves the previous
+    checkpoints untouched, and `--resume_from_checkpoint latest` never picks an unfinished one.
+    """
+    final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    tmp_dir = final_dir + ".tmp"
+    if accelerator.is_main_process:
+        for name in os.listdir(args.output_dir):
+            if name.startswith("checkpoint-") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(args.output_dir, name))  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(tmp_dir)
+    save_file(
+        {"state": generator.get_state()},
+        os.path.join(tmp_dir, f"training_generator_{accelerator.process_index}.safetensors"),
+    )
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        state = {
+            "global_step": global_step,
+            "use_lora": args.use_lora,
+            "use_ema": args.use_ema,
+            "num_processes": accelerator.num_processes,
+        }
+        with open(os.path.join(tmp_dir, TRAINING_STATE_NAME), "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2)
+        if os.path.exists(final_dir):  # the same step saved by an earlier run: replace it, never write into it
+            replaced = final_dir + ".replaced.tmp"
+            os.replace(final_dir, replaced)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp_dir, final_dir)
+        logger.info(f"Saved state to {final_dir}")
+
+        if args.checkpoints_total_limit is not None:
+            checkpoints = list_checkpoints(args.output_dir)
+            for _, path in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
+                logger.info(f"Removing {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of the dataset that depends only on (seed, epoch).
+
+    The order does not consume any global random state, so a run resumed from a checkpoint sees exactly the batches
+    the uninterrupted run would have seen (the resumed epoch's first batches are skipped).
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_train_dataset(args, seed: int) -> PairedDataset:
+    """The training pairs (pixels in [-1, 1], prompts) from the CSV, the folder, or a 🤗 datasets dataset."""
+    if args.train_data_csv:
+        data = args.train_data_csv
+    elif args.train_data_dir:
+        data = args.train_data_dir
+    else:
+        data = export_hf_dataset(args)
+    dataset = PairedDataset(
+        data,
+        resolution=args.resolution,
+        degradation=args.degradation,
+        seed=seed,
+        random_flip=args.random_flip,
+        center_crop=args.center_crop,
+        on_error="skip" if args.skip_bad_samples else "raise",
+    )
+    if args.max_train_samples is not None:
+        dataset.rows = dataset.rows[: args.max_train_samples]
+    return dataset
+
+
+def export_hf_dataset(args) -> str:
+    """Write a 🤗 datasets dataset's pairs as PNG files and a pairs CSV (so that they go through `PairedDataset`'s
+    shared augmentation and on-the-fly degradation like any CSV), and return the CSV's path.
+
+    The export lives in <output_dir>/dataset_export and is reused when complete (the CSV is written last).
+    """
+    export_dir = os.path.join(args.output_dir, "dataset_export")
+    csv_path = os.path.join(export_dir, "pairs.csv")
+    if os.path.isfile(csv_path):
+        return csv_path
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("--dataset_name needs the `datasets` package: pip install datasets") from error
+
+    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    if hasattr(dataset, "keys"):
+        if "train" not in dataset:
+            raise ValueError(f"--dataset_name {args.dataset_name} has no 'train' split (splits: {list(dataset)}).")
+        dataset = dataset["train"]
+    columns = list(dataset.column_names)
+    for flag in ("image_column", "conditioning_image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column is not None and column not in columns:
+            raise ValueError(f"--{flag} '{column}' is not a column of {args.dataset_name} (columns: {columns}).")
+
+    def save(image, name: str, row_index: int, column: str) -> str:
+        if isinstance(image, str):
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(
+                f"{args.dataset_name} row {row_index}, column '{column}': expected an image, got "
+                f"{type(image).__name__}."
+            )
+        image.save(os.path.join(export_dir, name))
+        return name
+
+    os.makedirs(export_dir, exist_ok=True)
+    rows = []
+    for index, row in enumerate(dataset):
+        if args.max_train_samples is not None and index >= args.max_train_samples:
+            break
+        clean = save(row[args.image_column], f"{index:07d}.png", index, args.image_column)
+        degraded = ""
+        if args.conditioning_image_column:
+            degraded = save(
+                row[args.conditioning_image_column], f"{index:07d}_lq.png", index, args.conditioning_image_column
+            )
+        caption = row[args.caption_column] if args.caption_column else ""
+        rows.append((clean, degraded, caption or ""))
+    partial = csv_path + ".tmp"
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+    os.replace(partial, csv_path)
+    return csv_path
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def load_validation_pairs(args) -> list[dict]:
+    """Validation inputs as RGB PIL images, each with its target (or None) and prompt."""
+    prompts = args.validation_prompt or [DEFAULT_VALIDATION_PROMPT]
+    if len(prompts) == 1:
+        prompts = prompts * len(args.validation_image)
+    pairs = []
+    for index, path in enumerate(args.validation_image):
+        image = load_rgb(path)
+        target = None
+        if args.validation_target_image is not None:
+            target = load_rgb(args.validation_target_image[index])
+            if target.size != image.size:  # e.g. a low-resolution input: the model restores at the target's size
+                image = image.resize(target.size, Image.BICUBIC)
+        pairs.append({"image": image, "target": target, "prompt": prompts[index]})
+    return pairs
+
+
+@torch.no_grad()
+def log_validation(
+    pipeline: SanaRestorationPipeline,
+    args,
+    accelerator: Accelerator,
+    validation_pairs: list[dict],
+    global_step: int,
+    is_final: bool = False,
+    offload: bool = False,
+) -> dict:
+    """Restore the validation images, log a before | after(s) | target grid and PSNR/SSIM, save the grid PNG.
+
+    Returns `{"grid": path of the saved PNG, "psnr": mean dB or None, "ssim": mean or None}`.
+    """
+    logger.info(f"Running validation on {len(validation_pairs)} image(s) at step {global_step}.")
+    pipeline.set_progress_bar_config(disable=True)
+    transformer = pipeline.transformer
+    was_training = transformer.training
+    transformer.eval()
+    # its own generator: validation never touches the training random streams
+    generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 0)
+    compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    autocast = (
+        torch.autocast(accelerator.device.type, dtype=compute_dtype)
+        if compute_dtype is not None and accelerator.device.type != "mps"
+        else torch.autocast(accelerator.device.type, enabled=False)
+    )
+
+    rows, psnr_values, ssim_values = [], [], []
+    with offload_models(pipeline.text_encoder, pipeline.vae, device=accelerator.device, offload=offload):
+        for pair in validation_pairs:
+            restored = []
+            for _ in range(args.num_validation_images):
+                with autocast:
+                    output = pipeline(
+                        pair["image"],
+                        prompt=pair["prompt"],
+                        num_inference_steps=args.validation_inference_steps,
+                        generator=generator,
+                        max_sequence_length=args.max_sequence_length,
+                        complex_human_instruction=complex_human_instruction_list(args.complex_human_instruction),
+                        output_type="pil",
+                    )
+                restored.append(output.images[0])
+            row = [pair["image"], *restored]
+            if pair["target"] is not None:
+                row.append(pair["target"])
+                target = _to_tensor(pair["target"])
+                for image in restored:
+                    psnr_values.append(psnr(_to_tensor(image), target).item())
+                    ssim_values.append(ssim(_to_tensor(image), target).item())
+            rows.append(row)
+    transformer.train(was_training)
+
+    columns = max(len(row) for row in rows)
+    width, height = rows[0][0].size
+    cells = []
+    for row in rows:
+        row = [image.resize((width, height)) if image.size != (width, height) else image for image in row]
+        cells.extend(row + [Image.new("RGB", (width, height))] * (columns - len(row)))
+    grid = make_image_grid(cells, rows=len(rows), cols=columns)
+
+    name = "validation" if not is_final else "test"
+    grid_path = os.path.join(args.output_dir, "validation.png")
+    if not is_final:
+        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+        grid_path = os.path.join(args.output_dir, "validation", f"step-{global_step}.png")
+    grid.save(grid_path)
+
+    metrics = {
+        "psnr": float(np.mean(psnr_values)) if psnr_values else None,
+        "ssim": float(np.mean(ssim_values)) if ssim_values else None,
+    }
+    scalars = {f"{name}/{key}": value for key, value in metrics.items() if value is not None}
+    if scalars:
+        accelerator.log(scalars, step=global_step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.asarray(grid)[None], global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(grid, caption="before | after | target")]}, step=global_step)
+        else:
+            logger.warning(f"Image logging is not implemented for {tracker.name}.")
+    message = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if value is not None)
+    logger.info(f"Validation at step {global_step}: grid {grid_path}" + (f", {message}" if message else ""))
+    return {"grid": grid_path, **metrics}
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [1, 3, H, W] float in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+
+
+def render_model_card_template(template: str, values: dict[str, str], template_path: str = "template") -> str:
+    """Fill the `{name}` placeholders of `template`; any other `{name}` is an error naming it."""
+
+    def substitute(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise ValueError(
+                f"{template_path} uses the placeholder {{{key}}}, which the training script does not provide "
+                f"(known: {', '.join(sorted(values))})."
+            )
+        return str(values[key])
+
+    return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, template)
+
+
+def base_model_license(args) -> dict:
+    """license / license_name / license_link of the base model's card when it can be read, else {}."""
+    path = args.pretrained_model_name_or_path
+    try:
+        if os.path.isdir(path):
+            readme = os.path.join(path, "README.md")
+            if not os.path.isfile(readme):
+                return {}
+            card = ModelCard.load(readme)
+        else:
+            card = ModelCard.load(path, token=args.hub_token)
+    except Exception as error:  # offline, private, no card: the model card says so instead
+        logger.warning(f"Could not read the base model's card for its licence: {error}")
+        return {}
+    data = card.data.to_dict()
+    return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+
+
+def save_model_card(
+    args,
+    repo_id: str,
+    validation: dict | None,
+    train_dataset_size: int,
+    total_batch_size: int,
+    global_step: int,
+    flow_shift: float,
+    mixed_precision: str,
+) -> str:
+    """Write output_dir/README.md from --model_card_template and return its path."""
+    base = args.pretrained_model_name_or_path
+    base_is_hub_id = not os.path.isdir(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
+    licence = base_model_license(args)
+
+    if args.train_data_csv:
+        data = f"pairs listed in `{os.path.basename(args.train_data_csv)}` ({train_dataset_size} examples)"
+    elif args.train_data_dir:
+        data = f"a folder of {train_dataset_size} clean images, degraded on the fly"
+    else:
+        data = f"the 🤗 dataset `{args.dataset_name}` ({train_dataset_size} examples)"
+    if validation and validation.get("grid"):
+        rel = os.path.relpath(validation["grid"], args.output_dir)
+        metrics = ""
+        if validation.get("psnr") is not None:
+            metrics = (
+                f"\n\nOn the validation pairs: PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} "
+                f"({args.validation_inference_steps} steps)."
+            )
+        validation_text = f"Before | after | target:\n\n![validation]({rel}){metrics}"
+    else:
+        validation_text = "No validation images were given (--validation_image)."
+    hyperparameters = {
+        "training steps": global_step,
+        "resolution": f"{args.resolution} px",
+        "total batch size": total_batch_size,
+        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
+        "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
+        "mixed precision": mixed_precision,
+        "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full fine-tuning",
+        "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        "timestep density": f"{args.weighting_scheme} (shift {flow_shift:g})",
+        "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
+        "latent condition noise": f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no",
+        "max sequence length": args.max_sequence_length,
+    }
+    if licence:
+        name = licence.get("license_name", licence["license"])
+        licence_text = f"The weights inherit the base model's licence: `{name}`"
+        licence_text += f" ({licence['license_link']})." if licence.get("license_link") else "."
+    else:
+        licence_text = "The weights inherit the licence of the base model; see its model card."
+    values = {
+        "model_name": Path(repo_id).name,
+        "repo_id": repo_id,
+        "base_model": base,
+        "base_model_link": f"[{base}](https://huggingface.co/{base})" if base_is_hub_id else f"`{base}`",
+        "data_description": data,
+        "degradations": args.degradation if not args.conditioning_image_column else "given by the dataset",
+        "validation": validation_text,
+        "hyperparameters": "\n".join(f"| {key} | {value} |" for key, value in hyperparameters.items()),
+        "prompt": (args.validation_prompt or [DEFAULT_VALIDATION_PROMPT])[0],
+        "max_sequence_length": args.max_sequence_length,
+        "license": licence_text,
+    }
+    with open(args.model_card_template, encoding="utf-8") as handle:
+        body = render_model_card_template(handle.read(), values, args.model_card_template)
+
+    card_data = ModelCardData(
+        license=licence.get("license", "other"),
+        license_name=licence.get("license_name"),
+        license_link=licence.get("license_link"),
+        base_model=base if base_is_hub_id else None,
+        pipeline_tag="image-to-image",
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card = populate_model_card(
+        card, tags=["image-restoration", "sana", "diffusers-restore", "diffusers-training", "image-to-image"]
+    )
+    path = os.path.join(args.output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_flow_shift(scheduler_config: dict) -> float | None:
+    """SANA's shift from a scheduler config: `shift` (flow-matching Euler, this package's scheduler) or else
+    `flow_shift` (the DPM-Solver that SANA checkpoints ship)."""
+    for key in ("shift", "flow_shift"):
+        if scheduler_config.get(key) is not None:
+            return float(scheduler_config[key])
+    return None
+
+
+def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """SANA's timestep shift: `sigma = shift * u / (1 + (shift - 1) * u)` (u, sigma in [0, 1]; shift 1 = identity)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_loss(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    condition_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    weighting_scheme: str,
+    timestep_multiplier: float,
+    model_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The rectified-flow loss of DESIGN.md §7 in diffusers' convention.
+
+    Args:
+        latents: clean latents `z`, `(B, C, h, w)`.
+        condition_latents: degraded latents `z_c`, `(B, C_cond, h, w)`.
+        prompt_embeds, prompt_attention_mask: `(B, L, D)` and `(B, L)`.
+        sigmas: noise levels in [0, 1], `(B,)`.
+        noise: `(B, C, h, w)` standard normal.
+        weighting_scheme: `compute_loss_weighting_for_sd3`'s scheme (`sigma_sqrt`, `cosmap`; others weigh 1).
+        timestep_multiplier: the model sees `sigma * timestep_multiplier` (`num_train_timesteps * timestep_scale`).
+
+    Returns:
+        The scalar loss `mean_b mean(weight(sigma_b) * (v_pred - (noise - z))^2)`, with
+        `v_pred = model(x_t, z_c, text, sigma * timestep_multiplier)` and `x_t = (1 - sigma) z + sigma noise`.
+    """
+    batch_size = latents.shape[0]
+    sigmas = sigmas.view(batch_size, 1, 1, 1).to(latents.dtype)
+    noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
+    model_pred = model(
+        noisy_latents.to(model_dtype),
+        condition_latents=condition_latents.to(model_dtype),
+        encoder_hidden_states=prompt_embeds.to(model_dtype),
+        timestep=sigmas.flatten() * timestep_multiplier,
+        encoder_attention_mask=prompt_attention_mask,
+        return_dict=False,
+    )[0]
+    target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+    return (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def prepare_hub_repo(args, accelerator: Accelerator) -> str | None:
+    """Check that --push_to_hub can work and create the repo, before any training time is spent.
+
+    Returns the repo id on the main process (None elsewhere).
+    """
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            "--push_to_hub needs the Hub, but huggingface_hub is offline (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE, "
+            "or train without --push_to_hub and upload output_dir later with `hf upload`."
+        )
+    token = args.hub_token or get_token()
+    if token is None:
+        raise ValueError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
+    if not accelerator.is_main_process:
+        return None
+    try:
+        return create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=token
+        ).repo_id
+    except Exception as error:
+        raise ValueError(
+            f"--push_to_hub: could not create the repo {args.hub_model_id or Path(args.output_dir).name!r} on "
+            f"{constants.ENDPOINT} ({type(error).__name__}: {error}). Check the token and the network."
+        ) from error
+
+
+@torch.no_grad()
+def identity_check(model: ConcatConditionedTransformer) -> float:
+    """Max |wrapper(x, c) - SANA(x)| on random inputs; raises if the freshly wrapped model is not the pretrained one.
+
+    `from_transformer` initialises the projection as identity on the noisy latent and zero on the condition, so the
+    first training step starts from the pretrained text-to-image model (DESIGN.md §3).
+    """
+    config = model.config
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(parameter.device, parameter.dtype)
+
+    hidden_states = randn(1, config.in_channels, 4, 4)
+    condition = randn(1, config.condition_channels, 4, 4)
+    text = randn(1, 8, config.caption_channels)
+    timestep = torch.tensor([500.0], device=parameter.device)
+    was_training = model.training
+    model.eval()
+    # exact fp32 convolutions for the comparison (cuDNN would otherwise use TF32 for the 1x1 projection)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        wrapped = model(hidden_states, condition, text, timestep, return_dict=False)[0]
+        plain = model.transformer(hidden_states, encoder_hidden_states=text, timestep=timestep, return_dict=False)[0]
+    model.train(was_training)
+    difference = (wrapped.float() - plain.float()).abs().max().item()
+    if not difference <= 1e-5 * max(plain.float().abs().max().item(), 1.0):
+        raise RuntimeError(
+            f"The wrapped transformer differs from the pretrained SANA at step 0 (max |difference| {difference:.3g}): "
+            "its condition projection is not the identity/zero initialisation."
+        )
+    return difference
+
+
+def load_lora_checkpoint(model: ConcatConditionedTransformer, lora_dir: str) -> None:
+    """Load a checkpoint's LoRA adapter and condition projection *into the existing parameters* (in place, so the
+    optimizer keeps tracking them)."""
+    from peft import set_peft_model_state_dict
+
+    state_dict = load_file(os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
+    result = set_peft_model_state_dict(model, state_dict, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    missing = [key for key in (getattr(result, "missing_keys", None) or []) if "lora_" in key]
+    if unexpected or missing:
+        raise ValueError(
+            f"{lora_dir} does not match the model's LoRA layers (unexpected: {unexpected[:3]}, missing: {missing[:3]}):"
+            " resume with the same --rank and --lora_layers."
+        )
+    projection = load_file(os.path.join(lora_dir, "condition_projection.safetensors"))["projection.weight"]
+    with torch.no_grad():
+        model.projection.weight.copy_(projection)
+
+
+@contextlib.contextmanager
+def ema_weights(ema_model: EMAModel | None, model: torch.nn.Module):
+    """Within the block, `model` holds the EMA weights (no-op without EMA); the trained weights come back after."""
+    if ema_model is None:
+        yield
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema_model.restore(model.parameters())
+
+
+def cache_latents(
+    args, accelerator: Accelerator, pipeline: SanaRestorationPipeline, dataset: PairedDataset,
+    complex_human_instruction: list[str] | None,
+) -> CachedLatentDataset:
+    """Encode every pair (and every unique prompt) once into safetensors shards; return the dataset reading them.
+
+    The main process builds the cache (reused when it exists with the same settings); the others wait and read it.
+    One crop, flip and degradation draw (epoch 0's) is frozen per example.
+    """
+    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    # The cache records the VAE, data and resolution itself; the text settings of its embeddings are recorded here.
+    text_settings = {
+        "text_encoder": pipeline.text_encoder.config._name_or_path,
+        "max_sequence_length": args.max_sequence_length,
+        "complex_human_instruction": complex_human_instruction,
+    }
+    settings_file = os.path.join(cache_dir, "text_encoding.json")
+    if accelerator.is_main_process:
+        if os.path.isfile(settings_file):
+            with open(settings_file, encoding="utf-8") as handle:
+                recorded = json.load(handle)
+            if recorded != text_settings:
+                raise ValueError(
+                    f"The latent cache in {cache_dir} holds prompt embeddings made with {recorded}, not "
+                    f"{text_settings}: delete it or pass another --latent_cache_dir."
+                )
+        storage_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        with offload_models(pipeline.vae, pipeline.text_encoder, device=accelerator.device, offload=args.offload):
+            build_latent_cache(
+                dataset,
+                pipeline.vae,
+                cache_dir,
+                batch_size=args.train_batch_size,
+                encode_prompt_fn=lambda prompts: encode_prompts(
+                    pipeline, prompts, args, complex_human_instruction, accelerator
+                ),
+                dtype=storage_dtype,
+                device=accelerator.device,
+                num_workers=args.dataloader_num_workers,
+            )
+        with open(settings_file, "w", encoding="utf-8") as handle:
+            json.dump(text_settings, handle, indent=2)
+    accelerator.wait_for_everyone()
+    cached = CachedLatentDataset(cache_dir, vae=pipeline.vae, resolution=args.resolution, load_prompt_embeds=True)
+    prompts = len(cached.index["prompts"])
+    logger.info(f"Training on the latent cache {cache_dir}: {len(cached)} pairs, {prompts} distinct prompts.")
+    return cached
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipeline: SanaRestorationPipeline, prompts: list[str], args, complex_human_instruction, accelerator: Accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings `(B, L, D)` and masks `(B, L)` on the training device, from the pipeline's encode_prompt.
+
+    The text encoder runs where it lives (on the CPU with --offload): the pipeline serves repeated prompts from its
+    cache, so moving Gemma to the device for every step would cost more than the rare cache misses.
+    """
+    prompt_embeds, prompt_attention_mask, _, _ = pipeline.encode_prompt(
+        prompts,
+        do_classifier_free_guidance=False,
+        device=pipeline.text_encoder.device,
+        max_sequence_length=args.max_sequence_length,
+        complex_human_instruction=complex_human_instruction,
+    )
+    return prompt_embeds.to(accelerator.device), prompt_attention_mask.to(accelerator.device)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError(
+            "You cannot use both --report_to=wandb and --hub_token due to a security risk of exposing your token."
+            " Please use `hf auth login` to authenticate with the Hub."
+        )
+    if torch.backends.mps.is_available() and args.mixed_precision == "bf16":
+        raise ValueError("Mixed precision training with bfloat16 is not supported on MPS. Use fp16 or fp32.")
+
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    if torch.backends.mps.is_available():
+        accelerator.native_amp = False
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    if args.seed is not None:
+        set_seed(args.seed)
+    # the data order must be identical on every process (each takes its own share of every batch)
+    data_seed = args.seed if args.seed is not None else 0
+
+    # Fail before any training time is spent when the upload at the end cannot work.
+    repo_id = None
+    if args.push_to_hub:
+        repo_id = prepare_hub_repo(args, accelerator)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ load the components
+    load_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load_kwargs)
+    text_encoder = Gemma2Model.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
+    )
+    vae = AutoencoderDC.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load_kwargs
+    )
+    transformer_config = ConcatConditionedTransformer.load_config(
+        args.pretrained_model_name_or_path, subfolder="transformer", **load_kwargs
+    )
+    starts_from_sana = transformer_config.get("_class_name") != ConcatConditionedTransformer.__name__
+    # A plain SanaTransformer2DModel is wrapped without copying (identity projection); a restoration checkpoint
+    # written by this script is loaded as it is (continued training, e.g. at a higher resolution).
+    model = ConcatConditionedTransformer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **load_kwargs
+    )
+    scheduler_config = dict(
+        RestorationGuidedFlowScheduler.load_config(
+            args.pretrained_model_name_or_path, subfolder="scheduler", **load_kwargs
+        )
+    )
+    flow_shift = args.flow_shift if args.flow_shift is not None else read_flow_shift(scheduler_config)
+    if flow_shift is None:
+        raise ValueError(
+            f"The scheduler config of {args.pretrained_model_name_or_path} has neither `flow_shift` nor `shift`: "
+            "pass --flow_shift (3.0 for SANA at 512/1024 px)."
+        )
+    num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+    # the sampler saved with the pipeline uses the shift the model was trained with
+    inference_scheduler = RestorationGuidedFlowScheduler.from_sana_config(scheduler_config, shift=flow_shift)
+    logger.info(f"Flow shift {flow_shift:g} ({'--flow_shift' if args.flow_shift is not None else 'checkpoint'}).")
+
+    vae_scale_factor = vae.spatial_compression_ratio  # 32 for SANA's DC-AE
+    if args.resolution % vae_scale_factor != 0:
+        raise ValueError(
+            f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_scale_factor}."
+        )
+
+    # ------------------------------------------------------------------ precision and devices
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+    original_dtypes = {"text_encoder": text_encoder.dtype, "vae": vae.dtype}
+    frozen_device = "cpu" if args.offload else accelerator.device
+    # SANA keeps the DC-AE in float32; Gemma-2 is made for bfloat16 (it overflows in float16).
+    vae.to(frozen_device, dtype=torch.float32)
+    text_encoder.to(frozen_device, dtype=torch.bfloat16 if weight_dtype != torch.float32 else torch.float32)
+
+    # Full fine-tuning trains float32 weights under autocast; LoRA keeps the frozen base in the autocast dtype.
+    model.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
+    if starts_from_sana:
+        difference = identity_check(model)
+        logger.info(
+            f"Step 0 check: the wrapped model reproduces the pretrained SANA for a random condition "
+            f"(max |difference| = {difference:.3g})."
+        )
+
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.use_lora:
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=[name.strip() for name in args.lora_layers.split(",") if name.strip()],
+            )
+        )
+        # the adapters and the (new, fully trained) condition projection stay in float32
+        cast_training_params(model, dtype=torch.float32)
+    else:
+        model.requires_grad_(True)
+    model.train()
+    trainable_params = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    logger.info(
+        f"Trainable parameters: {sum(p.numel() for p in trainable_params):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,}."
+    )
+
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            model_cls=ConcatConditionedTransformer,
+            model_config=model.config,
+        )
+        ema_model.to(accelerator.device)
+
+    # One pipeline object for prompt encoding (its encode_prompt caches repeated prompts), validation and saving.
+    pipeline = SanaRestorationPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=model, scheduler=inference_scheduler
+    )
+    pipeline.prompt_cache_size = PROMPT_CACHE_SIZE
+    complex_human_instruction = complex_human_instruction_list(args.complex_human_instruction)
+
+    def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+        module = accelerator.unwrap_model(module)
+        return module._orig_mod if is_compiled_module(module) else module
+
+    # FSDP and DeepSpeed keep their own (sharded) model format in checkpoints; the diffusers-format copy is for
+    # plain and data-parallel runs, where it is also what resuming reads.
+    native_model_checkpoints = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for saved_model in models:
+                unwrapped = unwrap_model(saved_model)
+                if args.use_lora:
+                    unwrapped.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
+                elif not native_model_checkpoints:
+                    unwrapped.save_pretrained(os.path.join(output_dir, "transformer"))
+                if weights and not native_model_checkpoints:
+                    weights.pop()  # saved above: accelerate must not save it again
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+
+    def load_model_hook(models, input_dir):
+        if not native_model_checkpoints:
+            # Popped models are skipped by accelerate, so they must be loaded here (the flux-control pitfall).
+            while models:
+                loaded_into = unwrap_model(models.pop())
+                if args.use_lora:
+                    load_lora_checkpoint(loaded_into, os.path.join(input_dir, "transformer_lora"))
+                else:
+                    loaded = ConcatConditionedTransformer.from_pretrained(input_dir, subfolder="transformer")
+                    loaded_into.load_state_dict(loaded.state_dict())
+                    del loaded
+        if ema_model is not None:
+            loaded_ema = EMAModel.from_pretrained(
+                os.path.join(input_dir, "transformer_ema"), ConcatConditionedTransformer
+            )
+            ema_model.load_state_dict(loaded_ema.state_dict())
+            ema_model.to(accelerator.device)
+            del loaded_ema
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ------------------------------------------------------------------ optimiser
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(
+        trainable_params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # ------------------------------------------------------------------ data
+    with accelerator.main_process_first():
+        train_dataset = build_train_dataset(args, seed=data_seed)
+    if len(train_dataset) == 0:
+        raise ValueError("The training data holds no example.")
+    if args.cache_latents:
+        train_dataset = cache_latents(args, accelerator, pipeline, train_dataset, complex_human_instruction)
+        # the VAE and the text encoder are not needed for training steps any more (only "" and validation)
+        vae.to("cpu")
+        text_encoder.to("cpu")
+    offload_frozen = args.offload or args.cache_latents
+    sampler = EpochShuffleSampler(len(train_dataset), seed=data_seed)
+    train_dataloader = DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=None if args.cache_latents else collate_fn,  # cached items batch with torch's default
+        num_workers=args.dataloader_num_workers,
+        # a private generator for worker seeds, so that creating an iterator never draws from the global RNG
+        generator=torch.Generator().manual_seed(data_seed),
+    )
+
+    # ------------------------------------------------------------------ schedule (diffusers PR #8312 arithmetic)
+    num_warmup_steps_for_scheduler = args.lr_warmup_steps * accelerator.num_processes
+    if args.max_train_steps is None:
+        len_train_dataloader_after_sharding = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        num_update_steps_per_epoch = math.ceil(len_train_dataloader_after_sharding / args.gradient_accumulation_steps)
+        num_training_steps_for_scheduler = (
+            args.num_train_epochs * num_update_steps_per_epoch * accelerator.num_processes
+        )
+    else:
+        num_training_steps_for_scheduler = args.max_train_steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps_for_scheduler,
+        num_training_steps=num_training_steps_for_scheduler,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {key: value for key, value in vars(args).items() if not isinstance(value, (list, tuple))}
+        tracker_config["flow_shift_used"] = flow_shift
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    # Noise, timesteps, dropout and latent degradation come from this generator (one stream per process), saved in
+    # every checkpoint: a resumed run draws exactly what the uninterrupted run would have drawn.
+    generator = torch.Generator(device=accelerator.device).manual_seed(
+        (args.seed if args.seed is not None else torch.initial_seed()) % 2**62 + accelerator.process_index
+    )
+
+    # ------------------------------------------------------------------ resume
+    global_step = 0
+    first_epoch = 0
+    resume_batches = 0
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {args.output_dir}. Starting a new training run.")
+        else:
+            with open(os.path.join(checkpoint, TRAINING_STATE_NAME), encoding="utf-8") as handle:
+                saved = json.load(handle)
+            if saved["use_lora"] != args.use_lora or saved["use_ema"] != args.use_ema:
+                raise ValueError(
+                    f"{checkpoint} was written with --use_lora={saved['use_lora']} --use_ema={saved['use_ema']}; "
+                    "resume it with the same flags."
+                )
+            accelerator.print(f"Resuming from checkpoint {checkpoint}")
+            accelerator.load_state(checkpoint)
+            generator_file = os.path.join(checkpoint, f"training_generator_{accelerator.process_index}.safetensors")
+            if os.path.isfile(generator_file):
+                generator.set_state(load_file(generator_file)["state"])
+            else:
+                logger.warning(f"{generator_file} is missing (different number of processes?): noise is not resumed.")
+            global_step = saved["global_step"]
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress_bar = tqdm(
+        range(0, args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+
+    validation_pairs = load_validation_pairs(args) if args.validation_image else []
+    last_validation = None
+    empty_prompt_rate = args.proportion_empty_prompts
+    image_dropout = args.conditioning_dropout_prob is not None and args.conditioning_dropout_prob > 0
+    model_dtype = weight_dtype if args.use_lora else torch.float32
+    timestep_scale = unwrap_model(model).config.timestep_scale
+    if args.cache_latents:
+        empty_embeds, empty_mask = encode_prompts(pipeline, [""], args, complex_human_instruction, accelerator)
+
+    # ------------------------------------------------------------------ training loop
+    for epoch in range(first_epoch, args.num_train_epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        if hasattr(train_dataset, "set_epoch"):  # a latent cache is fixed
+            train_dataset.set_epoch(epoch)
+        epoch_loader = train_dataloader
+        if epoch == first_epoch and resume_batches > 0:
+            epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        epoch_loader.set_epoch(epoch)
+
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                # 1. latents of the clean and the degraded image
+                if args.cache_latents:
+                    latents = batch["latents"].to(accelerator.device, torch.float32)
+                    condition_latents = batch["conditioning_latents"].to(accelerator.device, torch.float32)
+                else:
+                    with torch.no_grad(), offload_models(vae, device=accelerator.device, offload=args.offload):
+                        pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]])
+                        encoded = encode_latents(vae, pixels.to(accelerator.device, vae.dtype)).float()
+                    latents, condition_latents = encoded.chunk(2)
+                bsz = latents.shape[0]
+
+                # 2. conditioning dropout (classifier-free guidance) and latent-space degradation
+                prompts = list(batch["prompt"])
+                keep_image = torch.ones(bsz, device=accelerator.device)
+                if image_dropout:
+                    q = args.conditioning_dropout_prob
+                    draw = torch.rand(bsz, device=accelerator.device, generator=generator)
+                    drop_prompt = draw < 2 * q
+                    keep_image = 1.0 - ((draw >= q) & (draw < 3 * q)).float()
+                elif empty_prompt_rate > 0:
+                    drop_prompt = torch.rand(bsz, device=accelerator.device, generator=generator) < empty_prompt_rate
+                else:
+                    drop_prompt = torch.zeros(bsz, dtype=torch.bool, device=accelerator.device)
+                prompts = [
+                    "" if dropped else prompt for prompt, dropped in zip(prompts, drop_prompt.tolist(), strict=True)
+                ]
+                if args.condition_noise_max > 0:
+                    condition_latents = degrade_latents(
+                        condition_latents, max_sigma=args.condition_noise_max, generator=generator
+                    )
+                condition_latents = condition_latents * keep_image[:, None, None, None]
+
+                # 3. text embeddings: the pipeline's own encode_prompt, with repeated prompts served from its cache
+                if args.cache_latents:  # embeddings from the cache; dropped prompts get the "" embedding
+                    keep = ~drop_prompt
+                    prompt_embeds = torch.where(
+                        keep[:, None, None], batch["prompt_embeds"].to(accelerator.device), empty_embeds
+                    )
+                    prompt_attention_mask = torch.where(
+                        keep[:, None], batch["prompt_attention_mask"].to(accelerator.device), empty_mask
+                    )
+                else:
+                    prompt_embeds, prompt_attention_mask = encode_prompts(
+                        pipeline, prompts, args, complex_human_instruction, accelerator
+                    )
+
+                # 4. flow matching: sigma from the timestep density with SANA's shift, x_t on the straight path,
+                #    velocity target noise - z
+                u = compute_density_for_timestep_sampling(
+                    weighting_scheme=args.weighting_scheme,
+                    batch_size=bsz,
+                    logit_mean=args.logit_mean,
+                    logit_std=args.logit_std,
+                    mode_scale=args.mode_scale,
+                    device=accelerator.device,
+                    generator=generator,
+                )
+                sigmas = shift_sigmas(u, flow_shift)
+                noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+                loss = flow_matching_loss(
+                    model,
+                    latents,
+                    condition_latents,
+                    prompt_embeds,
+                    prompt_attention_mask,
+                    sigmas,
+                    noise,
+                    weighting_scheme=args.weighting_scheme,
+                    timestep_multiplier=num_train_timesteps * timestep_scale,
+                    model_dtype=model_dtype,
+                )
+
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if ema_model is not None:
+                    ema_model.step(unwrap_model(model).parameters())
+                progress_bar.update(1)
+                global_step += 1
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step, generator)
+
+                if validation_pairs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    with ema_weights(ema_model, unwrap_model(model)):
+                        last_validation = log_validation(
+                            pipeline, args, accelerator, validation_pairs, global_step, offload=offload_frozen
+                        )
+
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
+            accelerator.log(logs, step=global_step)
+
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # ------------------------------------------------------------------ save the pipeline
+    accelerator.wait_for_everyone()
+    full_state_dict = accelerator.get_state_dict(model) if native_model_checkpoints else None
+    final_model = unwrap_model(model)
+    if ema_model is not None:
+        ema_model.copy_to(final_model.parameters())
+    if args.weights_checksum_dir is not None:
+        os.makedirs(args.weights_checksum_dir, exist_ok=True)
+        checksum_path = os.path.join(args.weights_checksum_dir, f"rank-{accelerator.process_index}.sha256")
+        with open(checksum_path, "w", encoding="utf-8") as handle:
+            handle.write(weights_digest(final_model) + "\n")
+
+    if accelerator.is_main_process:
+        if full_state_dict is not None:  # FSDP / DeepSpeed: rebuild the model from the gathered weights
+            final_model = ConcatConditionedTransformer.from_config(final_model.config)
+            final_model.load_state_dict(full_state_dict)
+            pipeline.register_modules(transformer=final_model)
+        if final_model.dtype != torch.float32:
+            final_model.to(dtype=torch.float32)
+        if args.use_lora:
+            # the adapter on its own (small, for sharing), then merged into the weights of the saved pipeline
+            final_model.save_lora_adapter(os.path.join(args.output_dir, "transformer_lora"))
+            final_model.fuse_lora()
+            final_model.unload_lora()
+
+        # the same pipeline object as in training: its prompt cache still holds the validation prompts
+        if validation_pairs:
+            last_validation = log_validation(
+                pipeline, args, accelerator, validation_pairs, global_step, is_final=True, offload=offload_frozen
+            )
+        # the frozen components are saved as shipped: reload those that were cast for training
+        if text_encoder.dtype != original_dtypes["text_encoder"]:
+            pipeline.register_modules(
+                text_encoder=Gemma2Model.from_pretrained(
+                    args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
+                )
+            )
+        if vae.dtype != original_dtypes["vae"]:
+            pipeline.register_modules(
+                vae=AutoencoderDC.from_pretrained(
+                    args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load_kwargs
+                )
+            )
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the SanaRestorationPipeline to {args.output_dir}")
+
+        save_model_card(
+            args,
+            repo_id=repo_id or Path(args.output_dir).name,
+            validation=last_validation,
+            train_dataset_size=len(train_dataset),
+            total_batch_size=total_batch_size,
+            global_step=global_step,
+            flow_shift=flow_shift,
+            mixed_precision=accelerator.mixed_precision,
+        )
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=HUB_IGNORE_PATTERNS,
+                token=args.hub_token,
+            )
+            logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
