@@ -213,6 +213,29 @@ def test_spec_parsing_and_application():
             D.parse_degradation_spec(bad)
 
 
+def test_alternatives_pick_each_option_with_its_own_parameters():
+    spec = D.parse_degradation_spec("gaussian_noise:25 | jpeg:20|downscale")
+    assert spec.name == D.ONE_OF and str(spec) == "gaussian_noise:sigma=25.0|jpeg:quality=20|downscale"
+    assert str(D.parse_degradation_spec(str(spec))) == str(spec)  # the printed form parses back to itself
+    image = _photo(64)
+    rng = np.random.default_rng(0)
+    seen = {}
+    for _ in range(60):
+        out, records = D.apply_degradation_spec(image, spec, rng)
+        assert len(records) == 1 and out.size == image.size
+        seen.setdefault(records[0]["name"], []).append(records[0]["params"])
+    assert set(seen) == {"gaussian_noise", "jpeg", "downscale"}
+    assert all(params["sigma"] == 25.0 for params in seen["gaussian_noise"])
+    assert all(params["quality"] == 20 for params in seen["jpeg"])
+    assert all(2 <= params["factor"] <= 4 for params in seen["downscale"])  # drawn from its range
+    assert 10 <= len(seen["jpeg"]) <= 30  # uniform over three alternatives
+    first = [D.apply_degradation_spec(image, spec, 7)[1] for _ in range(2)]
+    assert first[0] == first[1]  # seeded
+    for bad in ("jpeg:20|", "|jpeg", "jpeg||downscale", "jpeg:0|downscale"):
+        with pytest.raises(ValueError):
+            D.parse_degradation_spec(bad)
+
+
 def test_get_degradation_fn_accepts_names_specs_and_callables():
     image = _photo(32)
     rng = np.random.default_rng(0)

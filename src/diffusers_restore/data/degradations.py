@@ -995,6 +995,9 @@ def severity(hq: Image.Image | np.ndarray, lq: Image.Image | np.ndarray) -> dict
 
 # ------------------------------------------------------------------------------------------ specs and presets
 
+ONE_OF = "one_of"
+"""Name of a parsed ``a|b|c`` spec: one alternative is drawn uniformly per image."""
+
 PRESETS = ("random", "realesrgan", "realesrgan_light")
 """Composite degradations accepted wherever a spec is: ``random[:n]``, ``realesrgan``, ``realesrgan_light``."""
 
@@ -1020,6 +1023,8 @@ class DegradationSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
+        if self.name == ONE_OF:
+            return "|".join(str(option) for option in self.params["options"])
         if not self.params:
             return self.name
         return self.name + ":" + ",".join(f"{key}={value}" for key, value in self.params.items())
@@ -1060,6 +1065,8 @@ def parse_degradation_spec(spec: str) -> DegradationSpec:
     """Parse ``name[:value[,value...]]``; values are positional in the order of the degradation's parameters or
     ``key=value``. Examples: ``gaussian_noise:25``, ``jpeg:20``, ``downscale:2``, ``gaussian_blur:7``,
     ``colour_jitter:0.1,-0.1``, ``gaussian_noise:sigma=15,gray=true``, ``random``, ``random:2``, ``realesrgan``.
+    Alternatives separated by ``|`` pick one of them uniformly per image, e.g. ``gaussian_noise|jpeg|downscale:2``
+    (a training mixture; parameters a spec leaves out are drawn from that degradation's range).
 
     Raises:
         ValueError: unknown name (the message lists the known ones), unknown or repeated parameter, a value of the
@@ -1067,6 +1074,11 @@ def parse_degradation_spec(spec: str) -> DegradationSpec:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a degradation spec must be a non-empty string like 'gaussian_noise:25', got {spec!r}.")
+    if "|" in spec:
+        parts = [part.strip() for part in spec.split("|")]
+        if not all(parts):
+            raise ValueError(f"{spec!r}: empty alternative between '|' separators.")
+        return DegradationSpec(ONE_OF, {"options": tuple(parse_degradation_spec(part) for part in parts)})
     name_part, _, value_part = spec.strip().partition(":")
     name = _canonical_name(name_part)
     parameters = _SPEC_PARAMETERS[name]
@@ -1108,6 +1120,9 @@ def apply_degradation_spec(
     if isinstance(spec, str):
         spec = parse_degradation_spec(spec)
     rng = _as_rng(rng)
+    if spec.name == ONE_OF:
+        options = spec.params["options"]
+        return apply_degradation_spec(image, options[int(rng.integers(len(options)))], rng)
     if spec.name == "random":
         count = spec.params.get("num_degradations")
         return random_degradation(image, num_degradations=(1, 3) if count is None else count, rng=rng)
