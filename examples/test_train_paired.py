@@ -181,7 +181,7 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
     "extra, message",
     [
         (["--train_data_dir", "."], "exactly one data source"),
-        (["--resolution", "48"], "--resolution"),
+        (["--resolution", "0"], "--resolution"),
         (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts"),
         (["--conditioning_dropout_prob", "0.5"], "--conditioning_dropout_prob"),
         (["--conditioning_dropout_prob", "0.1", "--proportion_empty_prompts", "0.1"], "not both"),
@@ -585,3 +585,20 @@ def test_two_processes_train_the_same_weights(tiny_base, pair_data, tmp_path):
     assert train_paired.weights_digest(initial) != rank0
     assert _checkpoints(output_dir) == {"checkpoint-2"}
     assert sorted(os.listdir(output_dir / "checkpoint-2")).count("training_generator_1.safetensors") == 1
+
+
+def test_repeats_give_distinct_samples_of_each_image(tiny_base, pair_data, tmp_path):
+    args = train_paired.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(pair_data / "clean"),
+        "--output_dir", str(tmp_path), "--resolution", "32", "--degradation", "gaussian_noise|jpeg", "--repeats", "3",
+    ])
+    dataset = train_paired.build_train_dataset(args, seed=0)
+    assert len(dataset) == 3 * 6
+    first, repeat = dataset[0], dataset[6]  # the same photo, repeated
+    assert dataset.rows[0] == dataset.rows[6]
+    assert not torch.equal(first["conditioning_pixel_values"], repeat["conditioning_pixel_values"])
+    with pytest.raises(ValueError, match="--repeats"):
+        train_paired.parse_args([
+            "--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(pair_data / "clean"),
+            "--output_dir", str(tmp_path), "--repeats", "0",
+        ])

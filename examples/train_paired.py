@@ -140,6 +140,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training examples.")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="How many times to repeat the training data per epoch. Each repeat is its own sample (own crop, flip and "
+        "on-the-fly degradation), so a handful of large photos can fill many batches.",
+    )
+    parser.add_argument(
         "--degradation",
         type=str,
         default="random",
@@ -150,7 +157,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--resolution",
         type=int,
         default=512,
-        help="Training crops are resolution x resolution pixels: a multiple of 32 (SANA's DC-AE downsamples 32x).",
+        help="Training crops are resolution x resolution pixels: a multiple of the VAE's downsampling factor times "
+        "the transformer's patch size (32 for SANA's DC-AE with patch 1).",
     )
     parser.add_argument("--center_crop", action="store_true", help="Centre crops instead of random crops.")
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip pairs horizontally.")
@@ -424,11 +432,9 @@ def _check_args(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ValueError(f"--degradation {args.degradation!r}: {error}") from None
 
-    if args.resolution <= 0 or args.resolution % 32 != 0:
-        raise ValueError(
-            f"--resolution must be a positive multiple of 32 (SANA's DC-AE factor), got {args.resolution}."
-        )
-    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+    if args.resolution <= 0:
+        raise ValueError(f"--resolution must be a positive number of pixels, got {args.resolution}.")
+    for name in ("repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "num_validation_images", "validation_inference_steps", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -640,6 +646,8 @@ def build_train_dataset(args, seed: int) -> PairedDataset:
     )
     if args.max_train_samples is not None:
         dataset.rows = dataset.rows[: args.max_train_samples]
+    # Samples are seeded by their index, so the copies get different crops, flips and degradations.
+    dataset.rows = dataset.rows * args.repeats
     return dataset
 
 
@@ -1252,9 +1260,11 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Flow shift {flow_shift:g} ({'--flow_shift' if args.flow_shift is not None else 'checkpoint'}).")
 
     vae_scale_factor = vae.spatial_compression_ratio  # 32 for SANA's DC-AE
-    if args.resolution % vae_scale_factor != 0:
+    patch_size = model.transformer.config.patch_size
+    if args.resolution % (vae_scale_factor * patch_size) != 0:
         raise ValueError(
-            f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_scale_factor}."
+            f"--resolution {args.resolution} is not a multiple of {vae_scale_factor * patch_size} (the VAE's "
+            f"downsampling factor {vae_scale_factor} times the transformer's patch size {patch_size})."
         )
 
     # ------------------------------------------------------------------ precision and devices
