@@ -174,9 +174,20 @@ def test_lora_add_save_load(tmp_path):
     fresh = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
     with torch.no_grad():
         assert not torch.allclose(fresh(**inputs).sample, expected)
-    fresh.load_lora_adapter(tmp_path, prefix=None, adapter_name="default")
+    fresh.load_lora_adapter(tmp_path)  # the default prefix (None) reads the wrapper's own files
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).sample, expected, rtol=1e-5, atol=1e-6)
+
+    # A pipeline-style state dict carries the component name in front: prefix="transformer" strips it.
+    from safetensors.torch import load_file
+
+    prefixed = {f"transformer.{k}": v for k, v in load_file(tmp_path / "pytorch_lora_weights.safetensors").items()}
+    other = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    with torch.no_grad():
+        other.projection.weight.copy_(model.projection.weight)
+    other.load_lora_adapter(prefixed, prefix="transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(other(**inputs).sample, expected, rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()

@@ -293,7 +293,13 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         save_file({"projection.weight": weight}, os.path.join(save_directory, "condition_projection.safetensors"))
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix: str | None = None, **kwargs) -> None:
-        """Load a LoRA adapter saved by `save_lora_adapter`, with its `condition_projection.safetensors` if present."""
+        """Load a LoRA adapter saved by `save_lora_adapter`, with its `condition_projection.safetensors` if present.
+
+        `prefix` defaults to `None` (diffusers' `PeftAdapterMixin` defaults to `"transformer"`): `save_lora_adapter`
+        writes keys relative to this wrapper, which already start with `transformer.` (the wrapped SANA), so the
+        diffusers default would strip that and find no module. Pass `prefix="transformer"` for a pipeline LoRA file
+        (`SanaRestorationPipeline.save_lora_weights`), whose keys carry the pipeline's component name in front.
+        """
         from safetensors.torch import load_file
 
         kwargs.setdefault("use_safetensors", True)  # never unpickle adapter files
