@@ -21,3 +21,14 @@ def _deterministic_torch():
         return
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def hub():
+    """A `LocalHubServer` on 127.0.0.1 with this process's huggingface_hub client pointed at it (the `HF_ENDPOINT`
+    constants, offline mode lifted); both undone after the test. Fails the test if the server raised."""
+    from diffusers_restore.testing_hub import LocalHubServer, hub_endpoint
+
+    with LocalHubServer() as server, hub_endpoint(server.url, timeout=30.0):
+        yield server
+        assert server.errors == [], "the server raised while handling requests"

@@ -643,6 +643,23 @@ def test_push_to_hub_then_load_by_repo_id(pipe, tmp_path, monkeypatch):
     _assert_same_images(_run(pipe, image, output_type="np"), _run(loaded, image, output_type="np"))
 
 
+def test_push_to_hub_and_from_pretrained_through_the_hub_http_protocol(pipe, hub, tmp_path):
+    """The real huggingface_hub client against a local server: upload, then download by repo id into a cache."""
+    from huggingface_hub import list_repo_files
+
+    pipe.push_to_hub("org/restorer", token="hf_test")
+    files = set(list_repo_files("org/restorer"))
+    assert {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "vae/diffusion_pytorch_model.safetensors"} <= files
+    loaded = SanaRestorationPipeline.from_pretrained("org/restorer", cache_dir=tmp_path / "cache")
+    loaded.set_progress_bar_config(disable=True)
+    downloaded = {request.path for request in hub.requests if "/resolve/" in request.path}
+    assert any(path.endswith("transformer/diffusion_pytorch_model.safetensors") for path in downloaded)
+    assert not any(path.endswith((".bin", ".pt", ".ckpt", ".pkl")) for path in downloaded)  # never pickles
+    image = _photo(20, 24)
+    _assert_same_images(_run(pipe, image, output_type="np"), _run(loaded, image, output_type="np"))
+
+
 def test_from_pretrained_refuses_a_plain_sana_checkpoint(tmp_path):
     folder = save_tiny_sana_pipeline(tmp_path / "sana")
     with pytest.raises(ValueError, match="from_pretrained_sana"):

@@ -38,14 +38,6 @@ TOKEN = "hf_local_test_token"
 CLIENT_TIMEOUT = 30.0
 
 
-@pytest.fixture
-def hub():
-    """A running server with the client of this process pointed at it; both undone after the test."""
-    with LocalHubServer() as server, hub_endpoint(server.url, timeout=CLIENT_TIMEOUT):
-        yield server
-        assert server.errors == [], "the server raised while handling requests"
-
-
 def _write_folder(folder: Path) -> dict[str, bytes]:
     """A small model-like folder: text, JSON, a binary safetensors file in a subfolder, a model card, a log."""
     (folder / "sub").mkdir(parents=True)
