@@ -43,7 +43,9 @@ def _positive_int(value: str) -> int:
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and sampling")
-    group.add_argument("--model", required=True, help="Local pipeline folder or Hub repo id (org/name).")
+    group.add_argument("--model", required=True,
+                       help="Local pipeline folder, Hub repo id (org/name), or 'bundled' (the small restorer shipped "
+                            "in the package).")
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     group.add_argument("--prompt", default="", help="Restoration prompt (default: empty).")
     group.add_argument("--negative-prompt", default=None, help="Negative prompt (default: the pipeline's quality one).")
@@ -71,11 +73,22 @@ def _resolve_device_and_dtype(args: argparse.Namespace):
     return device, getattr(torch, dtype_name)
 
 
+BUNDLED = "bundled"
+"""`--model bundled`: the small restorer shipped inside the package (`diffusers_restore/bundled/sana-restore-tiny`)."""
+
+
 def load_pipeline(model: str, dtype=None, device: str | None = None, revision: str | None = None, cpu_offload=False):
     """Load a :class:`SanaRestorationPipeline` from a folder or Hub id, turning the usual failures into `CLIError`."""
     from .pipelines.pipeline_sana_restoration import SanaRestorationPipeline
 
     expanded = os.path.expanduser(model)
+    if model == BUNDLED and not os.path.exists(expanded):
+        from .demo import BUNDLED_MODEL_DIR
+
+        if not os.path.isfile(os.path.join(BUNDLED_MODEL_DIR, "model_index.json")):
+            raise CLIError(f"--model bundled: this installation has no bundled restorer ({BUNDLED_MODEL_DIR} is "
+                           "missing); rebuild it with `python examples/build_bundled_model.py`.")
+        expanded = model = BUNDLED_MODEL_DIR
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "model_index.json")):
             raise CLIError(
@@ -254,16 +267,47 @@ def _evaluation_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
             parse_degradation_spec(spec)
         except ValueError as error:
             raise CLIError(f"--degradation '{spec}': {error}") from error
-    for path in _collect_images([args.images]):
-        clean = _load_rgb(path)
+    if args.sample_photos:
+        from .sample_photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_photo
+
+        names = HELD_OUT_PHOTOS if args.sample_photos == "held-out" else TRAIN_PHOTOS
+        try:
+            sources = [(name, load_photo(name)) for name in names]
+        except RuntimeError as error:  # scikit-image missing
+            raise CLIError(str(error)) from error
+    else:
+        sources = [(os.path.splitext(os.path.basename(path))[0], path) for path in _collect_images([args.images])]
+    for name, source in sources:
+        clean = _load_rgb(source) if isinstance(source, str) else source
         if args.crop:
             clean = center_crop(clean, args.crop)
-        name = os.path.splitext(os.path.basename(path))[0]
         for spec in specs:
             seed = zlib.crc32(f"{args.seed}:{name}:{spec}".encode())
             degraded, _ = apply_degradation_spec(clean, spec, np.random.default_rng(seed))
             cases.append(dict(name=name, degradation=spec, clean=clean, degraded=degraded, prompt=None))
     return cases
+
+
+def _vae_round_trip(pipe, image):
+    """decode(encode(image)) with the pipeline's own VAE: the best any restorer in its latent space can reach."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from .metrics import to_tensor01
+
+    pixels = to_tensor01(image).float() * 2 - 1
+    height, width = pixels.shape[-2:]
+    factor = pipe.vae_scale_factor
+    pad_h, pad_w = -height % factor, -width % factor
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (0, pad_w, 0, pad_h), mode="reflect")
+    vae = pipe.vae
+    with torch.no_grad():
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent).sample[..., :height, :width]
+    array = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
 
 
 def _grid(images):
@@ -294,10 +338,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .metrics import compute_metrics, to_tensor01
 
-    if bool(args.pairs) == bool(args.images):
-        raise CLIError("pass exactly one of --pairs CSV or --images DIR.")
+    if sum(bool(source) for source in (args.pairs, args.images, args.sample_photos)) != 1:
+        raise CLIError("pass exactly one of --pairs CSV, --images DIR or --sample-photos {held-out,train}.")
     if args.pairs and args.degradation:
-        raise CLIError("--degradation applies to --images only (pairs are already degraded).")
+        raise CLIError("--degradation applies to --images and --sample-photos only (pairs are already degraded).")
     if args.images and not os.path.isdir(args.images):
         raise CLIError(f"--images folder '{args.images}' does not exist.")
     if args.baselines:
@@ -321,6 +365,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         restored = pipe(case["degraded"], generator=generator, **kwargs).images[0]
         outputs = {"input": case["degraded"], "restored": restored}
+        if args.vae_roundtrip:
+            outputs["vae(clean)"] = _vae_round_trip(pipe, case["clean"])
+            outputs["vae(input)"] = _vae_round_trip(pipe, case["degraded"])
         if args.baselines:
             from .baselines import run_baselines
 
@@ -386,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_argument_group("data (one of)")
     source.add_argument("--pairs", help="CSV with image_path,condition_image_path,caption (clean, degraded).")
     source.add_argument("--images", help="Folder of clean images, degraded with --degradation.")
+    source.add_argument("--sample-photos", choices=["held-out", "train"], default=None,
+                        help="scikit-image's photos as split by diffusers_restore.sample_photos (held-out: chelsea, "
+                             "coffee, rocket; never used to train the bundled restorer), degraded with --degradation.")
     evaluate.add_argument("--degradation", action="append", metavar="SPEC",
                           help="Degradation spec, repeatable (e.g. gaussian_noise:25, jpeg:20, downscale:2).")
     evaluate.add_argument("--crop", type=int, default=None, help="Centre-crop clean images to this size first.")
@@ -394,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lpips", action="store_true", help="Also report LPIPS (needs local weights).")
     evaluate.add_argument("--baselines", default=None,
                           help="Comma list of classical baselines to score beside the model: blur, nlm.")
+    evaluate.add_argument("--vae-roundtrip", action="store_true",
+                          help="Also score decode(encode(x)) of the clean image (the ceiling of any restorer in this "
+                               "latent space) and of the degraded input.")
     evaluate.add_argument("-o", "--output", required=True, help="Output folder.")
     _add_pipeline_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
