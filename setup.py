@@ -41,7 +41,16 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"diffusers_restore": ["py.typed"]},
+    # The bundled restorer (a complete SanaRestorationPipeline folder, ~10 MB of safetensors and JSON) ships in the
+    # wheel so that `sana-restore demo` works offline; examples/build_bundled_model.py rebuilds it.
+    package_data={
+        "diffusers_restore": [
+            "py.typed",
+            "bundled/sana-restore-tiny/*.json",
+            "bundled/sana-restore-tiny/*.md",
+            "bundled/sana-restore-tiny/*/*",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

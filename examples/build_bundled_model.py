@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Rebuild the restorer bundled in the package (`diffusers_restore/bundled/sana-restore-tiny`) from scratch, offline.
+
+    python examples/build_bundled_model.py                      # about 50 minutes on 2 CPU cores
+    python examples/build_bundled_model.py --work_dir build     # keep the intermediate folders there
+
+Three stages, each with the project's own scripts (the same ones users run):
+
+1. `examples/train_autoencoder.py` trains a small `AutoencoderDC` (f4, 16 latent channels, ~0.29 M parameters) on
+   the training photos of `diffusers_restore.sample_photos.TRAIN_PHOTOS`; the real DC-AE cannot be downloaded here.
+2. A base `SanaPipeline` folder is assembled from that VAE, the offline kit's tokenizer and tiny Gemma-2 text
+   encoder (`diffusers_restore.testing`), and a new small `SanaTransformer2DModel` (8 layers, hidden 128, patch 2,
+   ~2.3 M parameters, random weights); its scheduler is SANA's (DPM-Solver, `flow_shift` 3).
+3. `examples/train_paired.py` fine-tunes it into a restorer on random 64 px crops of the training photos, degraded
+   on the fly by gaussian noise (half of the samples), JPEG or down-up scaling, with EMA. Its output folder (a
+   complete `SanaRestorationPipeline` with the model card) is copied into the package.
+
+The held-out photos (`HELD_OUT_PHOTOS`) are never trained on; evaluate on them with
+
+    sana-restore evaluate --model src/diffusers_restore/bundled/sana-restore-tiny --images <held-out> ...
+
+(the command the README's table comes from is in BENCHMARKS.md). Each stage is deterministic for a given seed and
+thread count on a given machine and torch build; a different machine may change the last bits of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+DEFAULT_DESTINATION = os.path.join(REPO_ROOT, "src", "diffusers_restore", "bundled", "sana-restore-tiny")
+
+# The restorer's transformer: SANA's block design at a size that trains on a CPU in about 40 minutes.
+TRANSFORMER_CONFIG = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    num_layers=8,
+    num_cross_attention_heads=4,
+    cross_attention_head_dim=32,
+    cross_attention_dim=128,
+    mlp_ratio=2.5,
+    patch_size=2,
+    sample_size=16,  # latent pixels: 64 px at f4, the training crop size, so the pipeline's automatic tiles match it
+)
+# Training mixture: gaussian noise twice so that it is half of the samples (the main benchmark is sigma 25 noise).
+DEGRADATION = "gaussian_noise|gaussian_noise|jpeg|downscale"
+TRAIN_ARGS = [
+    "--degradation", DEGRADATION,
+    "--repeats", "64",
+    "--resolution", "64",
+    "--random_flip",
+    "--train_batch_size", "16",
+    "--max_train_steps", "6000",
+    "--learning_rate", "5e-4",
+    "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "200",
+    "--proportion_empty_prompts", "0.5",
+    "--use_ema",
+    "--ema_decay", "0.999",
+    "--checkpointing_steps", "1000",
+    "--checkpoints_total_limit", "1",
+    "--validation_steps", "100000",
+    "--report_to", "none",
+]
+# What the package ships from the training output folder (no checkpoints, logs or validation images).
+SHIPPED = ("model_index.json", "README.md", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default=None, help="Intermediate folders (default: a temporary folder).")
+    parser.add_argument("--destination", default=DEFAULT_DESTINATION, help="Where the finished pipeline goes.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_threads", type=int, default=2, help="CPU threads of the restorer's training.")
+    parser.add_argument("--skip_autoencoder", default=None, metavar="VAE_DIR",
+                        help="Reuse an autoencoder trained before (a folder with config.json) instead of stage 1.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Override the restorer's step count.")
+    return parser.parse_args(input_args)
+
+
+def _run(command: list[str], threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, env=env)
+
+
+def build_base_pipeline(vae_dir: str, output_dir: str, seed: int) -> str:
+    """Assemble the base SANA folder that `train_paired.py --pretrained_model_name_or_path` starts from."""
+    import torch
+    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
+
+    from diffusers_restore.testing import TINY_CAPTION_CHANNELS, get_tiny_components
+
+    components = get_tiny_components(seed)  # tokenizer, text encoder and SANA's scheduler config
+    vae = AutoencoderDC.from_pretrained(vae_dir)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        caption_channels=TINY_CAPTION_CHANNELS,
+        **TRANSFORMER_CONFIG,
+    )
+    components.update(vae=vae, transformer=transformer)
+    SanaPipeline(**components).save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def write_training_photos(folder: str) -> str:
+    """The training photos as uncompressed BMP files: decoding a large PNG per sample (up to 50 ms) would otherwise
+    cost more than the training step itself."""
+    from diffusers_restore.sample_photos import TRAIN_PHOTOS, load_photo
+
+    os.makedirs(folder, exist_ok=True)
+    for name in TRAIN_PHOTOS:
+        load_photo(name).save(os.path.join(folder, f"{name}.bmp"))
+    return folder
+
+
+def main(args: argparse.Namespace) -> str:
+    start = time.time()
+    work = args.work_dir or tempfile.mkdtemp(prefix="bundled-build-")
+    os.makedirs(work, exist_ok=True)
+
+    vae_dir = args.skip_autoencoder
+    if vae_dir is None:
+        _run([sys.executable, os.path.join(HERE, "train_autoencoder.py"), "--output_dir", os.path.join(work, "ae"),
+              "--seed", str(args.seed), "--num_threads", "1"], threads=1)
+        vae_dir = os.path.join(work, "ae", "vae")
+
+    base = build_base_pipeline(vae_dir, os.path.join(work, "base"), args.seed)
+    photos = write_training_photos(os.path.join(work, "train_photos"))
+    restorer = os.path.join(work, "restorer")
+    train_args = list(TRAIN_ARGS)
+    if args.max_train_steps is not None:
+        train_args[train_args.index("--max_train_steps") + 1] = str(args.max_train_steps)
+    _run([sys.executable, os.path.join(HERE, "train_paired.py"), "--pretrained_model_name_or_path", base,
+          "--train_data_dir", photos, "--output_dir", restorer, "--seed", str(args.seed), *train_args],
+         threads=args.num_threads)
+
+    # Replace the shipped folder only once the new one is complete (a failed build leaves the old one in place).
+    staging = args.destination.rstrip(os.sep) + ".new"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    for name in SHIPPED:
+        source = os.path.join(restorer, name)
+        (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(staging, name))
+    shutil.rmtree(args.destination, ignore_errors=True)
+    os.replace(staging, args.destination)
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.destination) for f in files)
+    print(f"bundled restorer written to {args.destination} ({size / 2**20:.2f} MiB) in {time.time() - start:.0f} s")
+    return args.destination
+
+
+if __name__ == "__main__":
+    main(parse_args())
