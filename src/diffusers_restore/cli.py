@@ -459,7 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="sana_restore_demo.png", help="PNG to write.")
     demo.add_argument("--degradation", default="gaussian_noise:25", help="Degradation spec (default gaussian_noise:25).")
     demo.add_argument("--model", default=None, help="Pipeline to use instead of the bundled one.")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="Denoising steps.")
+    from .sample_photos import HELD_OUT_PHOTOS
+
+    demo.add_argument("--photo", choices=list(HELD_OUT_PHOTOS), default="coffee",
+                      help="Held-out scikit-image photo to use (default coffee).")
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help="Denoising steps (default: 4 for the bundled restorer, else the pipeline's default).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
     demo.set_defaults(func=None)
     return parser
