@@ -18,6 +18,9 @@ Measured, each as a ratio within one run (machines are noisy):
    whole process and for the part above the loaded weights (activations and buffers: what tiling bounds).
    Target <= 1.3. These runs pass pre-computed prompt embeddings (no text encoder), one step, no CFG.
 
+4. latency (on CUDA by default, `--latency` elsewhere): wall time of one 1024 px restore at 20 steps with CFG, and
+   peak `max_memory_allocated`: the absolute GPU figures.
+
 Real-size models are built with random weights straight in bf16 (parameters created on the meta device, then
 filled), with the published configurations: SANA 1.6B (`testing.real_sana_transformer_config`), Gemma-2-2B
 (hidden 2304, 26 layers, 8 heads / 4 KV heads, head dim 256, MLP 9216, vocabulary 256000; about 5.2 GB in bf16) and
@@ -165,6 +168,15 @@ class ForwardTimer:
         return sum(self.seconds.values())
 
 
+def _timed_call(pipe, image: np.ndarray, steps: int, device: str) -> float:
+    """Wall seconds of one pipeline call with the benchmark prompt (default CFG 1 -> 4), device work included."""
+    _sync(device)
+    begin = time.perf_counter()
+    pipe(image, prompt=PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    _sync(device)
+    return time.perf_counter() - begin
+
+
 def measure_overhead(args) -> list[dict]:
     size = args.size or (128 if args.scale == "tiny" else 512)
     steps = args.steps or (4 if args.scale == "tiny" else 2)
@@ -185,11 +197,7 @@ def measure_overhead(args) -> list[dict]:
 
     def call() -> float:
         timer.reset()
-        _sync(args.device)
-        begin = time.perf_counter()
-        pipe(image, prompt=PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
-        _sync(args.device)
-        return time.perf_counter() - begin
+        return _timed_call(pipe, image, steps, args.device)
 
     runs = []
     for run in range(args.runs + 1):  # the first run warms up
@@ -288,6 +296,33 @@ def measure_memory(args) -> list[dict]:
     ]
 
 
+def measure_latency(args) -> list[dict]:
+    """Absolute figures (meaningful on a GPU): one restore at `--latency-size` px (1024 by default), 20 steps, CFG
+    1 -> 4 with the negative-quality prompt, warm prompt cache excluded (cold call), after one warm-up call; peak
+    `max_memory_allocated` on CUDA. On a CPU the same code runs (use `--scale tiny --latency` to smoke-test it)."""
+    size, steps = args.latency_size, 20
+    pipe = build_pipeline(args.scale, args.device)
+    image = _image(size)
+
+    def call() -> float:
+        pipe.clear_prompt_cache()
+        return _timed_call(pipe, image, steps, args.device)
+
+    call()  # warm-up (kernels, allocator)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = call()
+    label = f"{args.scale}, {size} px, {steps} steps, CFG 1->4, {args.device}"
+    rows = [dict(metric=f"restore latency ({label})", value=round(seconds, 3), unit="s", target=None,
+                 better="lower")]
+    if args.device.startswith("cuda"):
+        rows.append(dict(metric=f"peak GPU memory, max_memory_allocated ({label})",
+                         value=round(torch.cuda.max_memory_allocated() / 2**30, 3), unit="GiB", target=None,
+                         better="lower"))
+    print(f"  latency: {seconds:.3f} s for {label}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["tiny", "real"], default="tiny")
@@ -297,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="measured cold runs after one warm-up run")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                        help="absolute restore latency (20 steps, CFG) and peak GPU memory; default: on for CUDA")
+    parser.add_argument("--latency-size", type=int, default=1024, help="image side of the latency run")
     parser.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tile-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -311,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure_overhead(args)
     if not args.skip_memory:
         rows += measure_memory(args)
+    if args.latency if args.latency is not None else args.device.startswith("cuda"):
+        rows += measure_latency(args)
 
     print("\n| metric | value | unit | target |\n|---|---|---|---|")
     for row in rows:

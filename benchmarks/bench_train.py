@@ -394,6 +394,9 @@ def overhead(train_paired, root: str, base: str, scale: str, device: str, steps:
          "target": None, "better": "lower"},
         {"metric": f"forward+backward per step [{scale}]", "value": 1e3 * model, "unit": "ms", "target": None,
          "better": "lower"},
+        {"metric": f"training samples/s, batch {batch_size}, {resolution // 4} x {resolution // 4} latent "
+                   f"[{scale}, {device}]", "value": batch_size / step, "unit": "samples/s", "target": None,
+         "better": "higher"},
     ]
 
 
