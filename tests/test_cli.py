@@ -174,3 +174,18 @@ def test_model_bundled_names_the_package_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "BUNDLED_MODEL_DIR", str(tmp_path / "missing"))
     assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "bundled"]) == 2
     assert "build_bundled_model.py" in _error_line(capsys)
+
+
+def test_noise_estimate_recovers_a_known_sigma_and_nlm_runs_on_unknown_noise():
+    pytest.importorskip("skimage")
+    from diffusers_restore.baselines import estimate_noise_sigma, run_baselines
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:128, 0:128] / 128.0
+    clean = np.stack([0.5 + 0.3 * np.sin(3 * x + 2 * y + p) for p in (0, 1, 2)], axis=-1)
+    for sigma in (0.02, 0.1):
+        noisy = clean + rng.normal(0, sigma, clean.shape)
+        assert estimate_noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
+    image = Image.fromarray((np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1) * 255).astype(np.uint8))
+    results = run_baselines(image, image, "nlm", "jpeg:20")  # no known sigma: estimated
+    assert results["nlm"].size == image.size
