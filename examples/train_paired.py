@@ -876,12 +876,16 @@ def save_model_card(
     base_is_hub_id = not os.path.isdir(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
     licence = base_model_license(args)
 
+    unique = train_dataset_size // args.repeats
+    repeats = ""
+    if args.repeats > 1:
+        repeats = f", each repeated {args.repeats} times per epoch with its own crop and degradation"
     if args.train_data_csv:
-        data = f"pairs listed in `{os.path.basename(args.train_data_csv)}` ({train_dataset_size} examples)"
+        data = f"pairs listed in `{os.path.basename(args.train_data_csv)}` ({unique} examples{repeats})"
     elif args.train_data_dir:
-        data = f"a folder of {train_dataset_size} clean images, degraded on the fly"
+        data = f"a folder of {unique} clean images{repeats}, degraded on the fly"
     else:
-        data = f"the 🤗 dataset `{args.dataset_name}` ({train_dataset_size} examples)"
+        data = f"the 🤗 dataset `{args.dataset_name}` ({unique} examples{repeats})"
     if validation and validation.get("grid"):
         rel = os.path.relpath(validation["grid"], args.output_dir)
         metrics = ""
