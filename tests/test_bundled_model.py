@@ -1,0 +1,82 @@
+"""The restorer shipped in the package: it loads offline, is small, and clears a quality floor on a held-out photo
+(the full table, with where it falls short, is in the README and BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("skimage", reason="the held-out photos come from scikit-image")
+
+from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline  # noqa: E402
+from diffusers_restore.baselines import BLUR_SIGMAS, gaussian_blur  # noqa: E402
+from diffusers_restore.cli import main  # noqa: E402
+from diffusers_restore.data.degradations import apply_degradation_spec  # noqa: E402
+from diffusers_restore.demo import BUNDLED_CALL_KWARGS, BUNDLED_MODEL_DIR  # noqa: E402
+from diffusers_restore.metrics import psnr, ssim, to_tensor01  # noqa: E402
+from diffusers_restore.sample_photos import HELD_OUT_PHOTOS, center_crop, load_photo  # noqa: E402
+
+CROP = 128
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    pipe = SanaRestorationPipeline.from_pretrained(BUNDLED_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_bundled_folder_is_small_safetensors_and_documented(bundled):
+    files = [os.path.join(root, name) for root, _, names in os.walk(BUNDLED_MODEL_DIR) for name in names]
+    assert sum(os.path.getsize(path) for path in files) < 20 * 2**20
+    weights = [path for path in files if "model" in os.path.basename(path) and not path.endswith(".json")]
+    assert weights and all(path.endswith(".safetensors") for path in weights), weights
+    assert not any(path.endswith((".bin", ".pt", ".pkl", ".ckpt")) for path in files)
+    assert isinstance(bundled.transformer, ConcatConditionedTransformer)
+    assert isinstance(bundled.scheduler, RestorationGuidedFlowScheduler)
+    with open(os.path.join(BUNDLED_MODEL_DIR, "model_index.json")) as handle:
+        assert json.load(handle)["_class_name"] == "SanaRestorationPipeline"
+    with open(os.path.join(BUNDLED_MODEL_DIR, "README.md"), encoding="utf-8") as handle:
+        card = handle.read()
+    assert "diffusers" in card and "image-restoration" in card
+
+
+def _score(image, clean) -> tuple[float, float]:
+    restored, reference = to_tensor01(image), to_tensor01(clean)
+    return float(psnr(restored, reference)), float(ssim(restored, reference))
+
+
+def test_bundled_restorer_beats_the_noisy_input_and_the_best_blur(bundled):
+    """A quality floor: sigma 25 gaussian noise on a 128 px centre crop of the held-out chelsea photo, sampled with the
+    bundled settings, must come out far above the noisy input (+6 dB) and no more than 0.5 dB below the best gaussian
+    blur (sigma 0.5-1.5, chosen on this very image). The model only ties the blur on PSNR (28.11 vs 28.09 dB here)
+    and trails it on SSIM over the held-out set, so "beats the blur" is not asserted: the README reports that bar as
+    missed, with the numbers from `sana-restore evaluate`."""
+    clean = center_crop(load_photo("chelsea"), CROP)
+    rng = np.random.default_rng(zlib.crc32(b"test:chelsea"))
+    noisy, _ = apply_degradation_spec(clean, "gaussian_noise:25", rng)
+    restored = bundled(noisy, generator=torch.Generator().manual_seed(0), **BUNDLED_CALL_KWARGS).images[0]
+    assert restored.size == noisy.size
+    noisy_psnr, _ = _score(noisy, clean)
+    restored_psnr, _ = _score(restored, clean)
+    best_blur_psnr = max(_score(gaussian_blur(noisy, sigma), clean)[0] for sigma in BLUR_SIGMAS)
+    assert restored_psnr > noisy_psnr + 6.0, (restored_psnr, noisy_psnr)
+    assert restored_psnr > best_blur_psnr - 0.5, (restored_psnr, best_blur_psnr)
+
+
+def test_demo_writes_the_comparison_png(tmp_path, capsys):
+    from PIL import Image
+
+    output = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(output), "--photo", "chelsea"]) == 0
+    with Image.open(output) as grid:
+        assert grid.size == (3 * 256, 256)
+    printed = capsys.readouterr().out
+    assert "bundled restorer" in printed
+    values = {line.split()[0]: float(line.split()[2]) for line in printed.splitlines() if "PSNR" in line}
+    assert values["restored"] > values["degraded"] + 3.0
