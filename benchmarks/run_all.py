@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --scale real              # SANA 1.6B / DC-AE f32c32 shapes, random weights
     python benchmarks/run_all.py --scale real --device cuda
     python benchmarks/run_all.py --only pipeline data      # a subset
+    python benchmarks/run_all.py --scale tiny --skip-learning   # about 3 minutes: no 1500-step learning check
 
 Each benchmark is a script beside this one, run in its own process (so peak-RSS figures do not mix), that ends its
 output with one line ``BENCHMARK_RESULTS_JSON: [...]``: a list of rows
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (absolute GPU figures need cuda)")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument("--skip-learning", action="store_true",
+                        help="train: skip the learning check (1500 CPU steps at tiny scale), keep the overhead run")
     args = parser.parse_args(argv)
 
     all_rows, failures = [], []
     for name in args.only:
         print(f"running {name} ({args.scale}, {args.device}) ...", flush=True)
-        rows, elapsed, error = _run(name, BENCHMARKS[name], args.scale, args.device, [])
+        extra = ["--skip-learning"] if name == "train" and args.skip_learning else []
+        rows, elapsed, error = _run(name, BENCHMARKS[name], args.scale, args.device, extra)
         if error:
             failures.append(error)
         for row in rows:
