@@ -303,3 +303,45 @@ def test_make_pairs_is_reproducible_parallel_and_resumable(tmp_path, capsys):
     assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "c"), "--degradation",
                             "nope"]) == 2
     assert "known" in capsys.readouterr().err
+
+
+def test_make_pairs_super_resolution_mode(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos, count=2, size=(80, 72))
+    Image.new("RGB", (40, 40)).save(photos / "small.png")  # too small for 32 px HQ crops: fails, is left out
+
+    result = make_pairs(photos, tmp_path / "sr", degradation="none", seed=1, num_workers=1, verbose=False,
+                        sr_crop=32)
+    assert result.num_written == 2 and [os.path.basename(p) for p, _ in result.failures] == ["small.png"]
+    rows = (tmp_path / "sr" / "pairs.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in rows] == [
+        ["hq/photo0.png", "degraded/photo0.png"], ["hq/photo1.png", "degraded/photo1.png"]]
+    for index in range(2):
+        hq = Image.open(tmp_path / "sr" / "hq" / f"photo{index}.png")
+        lq = Image.open(tmp_path / "sr" / "degraded" / f"photo{index}.png")
+        assert hq.size == (32, 32) and lq.size == (16, 16)
+        # LQ = HQ area-downsampled 0.5x (2x2 box means), nothing else with degradation "none"
+        expected = np.asarray(hq, dtype=np.float64).reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
+        assert np.abs(np.asarray(lq, dtype=np.float64) - expected).max() <= 1.0
+    dataset = PairedDataset(tmp_path / "sr" / "pairs.csv", resolution=32)
+    item = dataset[0]
+    assert item["pixel_values"].shape == item["conditioning_pixel_values"].shape == (3, 32, 32)
+
+    # a rerun resumes; with a degradation on top, the LQ differs from the plain downsample
+    again = make_pairs(photos, tmp_path / "sr", degradation="none", seed=1, num_workers=1, verbose=False, sr_crop=32)
+    assert again.num_resumed == 2 and again.num_written == 0
+    noisy = make_pairs(photos, tmp_path / "sr_noisy", degradation="gaussian_noise:25", seed=1, num_workers=1,
+                       verbose=False, sr_crop=32)
+    assert noisy.num_written == 2
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "sr_noisy" / "degraded" / "photo0.png")),
+                              np.asarray(Image.open(tmp_path / "sr" / "degraded" / "photo0.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sr_noisy" / "hq" / "photo0.png")),
+                          np.asarray(Image.open(tmp_path / "sr" / "hq" / "photo0.png")))  # same seed, same crop
+
+    with pytest.raises(ValueError, match="sr_crop"):
+        make_pairs(photos, tmp_path / "x", degradation="none", verbose=False)
+    with pytest.raises(ValueError, match="even"):
+        make_pairs(photos, tmp_path / "y", degradation="none", verbose=False, sr_crop=33)
+    assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "cli"), "--sr-crop", "32",
+                            "--degradation", "none", "--workers", "1", "--quiet"]) == 1  # small.png failed
+    assert (tmp_path / "cli" / "hq" / "photo1.png").is_file()

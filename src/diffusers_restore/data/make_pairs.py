@@ -16,6 +16,11 @@ relative to the CSV; the caption is built from the degradations applied).
   settings into the same folder stops before doing anything, unless ``--overwrite``.
 * The CSV is written once, at the end, atomically.
 Degraded images are lossless PNG (RGB), so that what the degradation produced (e.g. JPEG artifacts) is kept exactly.
+
+Super-resolution pairs (``--sr-crop 512``): each photo gives an HQ image, a random 512 px crop of the photo
+area-downsampled 0.5x (:func:`~.degradations.area_downsample_pair`), written to ``<output-dir>/hq/``, and an LQ image,
+the HQ area-downsampled 0.5x (256 px), then degraded by ``--degradation`` unless it is ``none``, written to
+``degraded/``. The CSV pairs them; :class:`PairedDataset` resizes the LQ to the HQ size (the pipeline's ``upscale``).
 """
 
 from __future__ import annotations
@@ -36,12 +41,21 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .degradations import apply_degradation_spec, degradation_prompt, load_rgb, parse_degradation_spec
+from .degradations import (
+    apply_degradation_spec,
+    area_downsample_pair,
+    degradation_prompt,
+    load_rgb,
+    parse_degradation_spec,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PNG_TEXT_KEY = "sana_restore_pair"
 DEGRADED_FOLDER = "degraded"
+HQ_FOLDER = "hq"
 _TEMP_PREFIX = ".tmp-"
+NO_DEGRADATION = "none"
+"""With `sr_crop`: the LQ image is the area-downsampled HQ with nothing more applied."""
 
 __all__ = ["MakePairsResult", "make_pairs", "main", "pair_seed"]
 
@@ -66,6 +80,8 @@ class _Job:
     seed: int
     overwrite: bool
     generic_prompt_probability: float
+    sr_crop: int | None = None
+    hq_path: str | None = None
 
 
 def pair_seed(seed: int, relative_path: str, copy: int = 0) -> list[int]:
@@ -88,8 +104,11 @@ def _find_images(input_dir: str, exclude: str) -> list[str]:
 
 
 def _settings(job: _Job) -> dict:
-    return {"source": job.relative_path.replace(os.sep, "/"), "copy": job.copy, "seed": job.seed,
-            "degradation": job.degradation}
+    settings = {"source": job.relative_path.replace(os.sep, "/"), "copy": job.copy, "seed": job.seed,
+                "degradation": job.degradation}
+    if job.sr_crop is not None:
+        settings["sr_crop"] = job.sr_crop
+    return settings
 
 
 def _read_existing(path: str) -> dict | None:
@@ -107,7 +126,8 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
     try:
         if os.path.exists(job.output_path):
             existing = _read_existing(job.output_path)
-            if existing is not None and all(existing.get(k) == v for k, v in _settings(job).items()):
+            complete = job.hq_path is None or os.path.exists(job.hq_path)  # the HQ file is written first
+            if complete and existing is not None and all(existing.get(k) == v for k, v in _settings(job).items()):
                 return job, existing["caption"], "resumed", None
             if not job.overwrite:
                 return job, "", "failed", (
@@ -117,10 +137,20 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
                 )
         rng = np.random.default_rng(pair_seed(job.seed, job.relative_path, job.copy))
         clean = load_rgb(os.path.join(job.input_root, job.relative_path))
-        degraded, records = apply_degradation_spec(clean, job.degradation, rng)
-        degraded = degraded.convert("RGB")
-        if degraded.size != clean.size:
-            degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
+        if job.sr_crop is not None:
+            clean, degraded, records = area_downsample_pair(clean, crop=job.sr_crop, rng=rng)
+            if job.degradation != NO_DEGRADATION:
+                degraded, more = apply_degradation_spec(degraded, job.degradation, rng)
+                records = records + more
+            buffer = io.BytesIO()
+            clean.save(buffer, format="PNG", compress_level=1)
+            _atomic_write(job.hq_path, buffer.getvalue())
+            degraded = degraded.convert("RGB")  # LQ keeps its half size
+        else:
+            degraded, records = apply_degradation_spec(clean, job.degradation, rng)
+            degraded = degraded.convert("RGB")
+            if degraded.size != clean.size:
+                degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
         caption = degradation_prompt(records, rng, job.generic_prompt_probability)
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_TEXT_KEY, json.dumps({**_settings(job), "records": records, "caption": caption}))
@@ -189,6 +219,7 @@ def make_pairs(
     overwrite: bool = False,
     generic_prompt_probability: float = 0.1,
     verbose: bool = True,
+    sr_crop: int | None = None,
 ) -> MakePairsResult:
     """Degrade every image under `input_dir` and write the pairs CSV (see the module docstring).
 
@@ -203,6 +234,9 @@ def make_pairs(
         csv_name: the CSV's file name inside `output_dir`.
         overwrite: redo outputs that were made with other settings instead of failing on them.
         generic_prompt_probability: share of captions that are the generic restoration prompt.
+        sr_crop: super-resolution pairs (see the module docstring): HQ crops of this even size from the photo
+            area-downsampled 0.5x, LQ = HQ area-downsampled 0.5x, then `degradation` unless it is "none". Photos whose
+            short side is below 2 * `sr_crop` fail with a message and are left out.
 
     Returns:
         A :class:`MakePairsResult` (photos that failed are listed and left out of the CSV).
@@ -215,14 +249,25 @@ def make_pairs(
         raise ValueError(f"copies must be >= 1, got {copies}.")
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
-    parse_degradation_spec(degradation)  # a clear ValueError for a bad spec, before any work
+    if sr_crop is not None and (sr_crop < 2 or sr_crop % 2):
+        raise ValueError(f"sr_crop must be an even number >= 2, got {sr_crop}.")
+    if degradation == NO_DEGRADATION:
+        if sr_crop is None:
+            raise ValueError("degradation 'none' only makes sense with sr_crop (the LQ is then the downsampled HQ).")
+    else:
+        parse_degradation_spec(degradation)  # a clear ValueError for a bad spec, before any work
     degraded_root = os.path.join(output_dir, DEGRADED_FOLDER)
-    relative_paths = _find_images(input_dir, exclude=degraded_root)
+    hq_root = os.path.join(output_dir, HQ_FOLDER)
+    relative_paths = [path for path in _find_images(input_dir, exclude=degraded_root)
+                      if sr_crop is None or not os.path.abspath(os.path.join(input_dir, path)).startswith(
+                          os.path.abspath(hq_root) + os.sep)]
     if not relative_paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{input_dir}'.")
     os.makedirs(output_dir, exist_ok=True)
-    _check_manifest(output_dir, {"degradation": degradation, "seed": int(seed),
-                                 "generic_prompt_probability": generic_prompt_probability}, overwrite)
+    manifest = {"degradation": degradation, "seed": int(seed), "generic_prompt_probability": generic_prompt_probability}
+    if sr_crop is not None:
+        manifest["sr_crop"] = int(sr_crop)
+    _check_manifest(output_dir, manifest, overwrite)
     if os.path.isdir(degraded_root):
         _remove_stray_temp_files(degraded_root)
     input_abs = os.path.abspath(input_dir)
@@ -234,9 +279,10 @@ def make_pairs(
         stem = os.path.splitext(relative_path)[0]
         for copy in range(copies):
             suffix = f"__{copy}" if copies > 1 else ""
+            hq_path = os.path.join(hq_root, stem + suffix + ".png") if sr_crop is not None else None
             jobs.append(
                 _Job(input_abs, relative_path, copy, os.path.join(degraded_root, stem + suffix + ".png"),
-                     degradation, int(seed), overwrite, generic_prompt_probability)
+                     degradation, int(seed), overwrite, generic_prompt_probability, sr_crop, hq_path)
             )
     if len({job.output_path for job in jobs}) != len(jobs):
         raise ValueError(f"two inputs under '{input_dir}' differ only by extension; their outputs would collide.")
@@ -260,8 +306,9 @@ def make_pairs(
             continue
         result.num_written += status == "written"
         result.num_resumed += status == "resumed"
+        clean_path = job.hq_path if job.hq_path is not None else os.path.join(input_abs, job.relative_path)
         rows.append((
-            _csv_path_field(os.path.join(input_abs, job.relative_path), os.path.abspath(output_dir)),
+            _csv_path_field(clean_path, os.path.abspath(output_dir)),
             _csv_path_field(job.output_path, os.path.abspath(output_dir)),
             caption,
         ))
@@ -298,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random (1-3 of the basic degradations), realesrgan, realesrgan_light, or a spec such as "
                         "gaussian_noise:25, jpeg:20, gaussian_blur:7, downscale:2, colour_jitter:0.1,-0.1 "
                         "(default: random).")
+    parser.add_argument("--sr-crop", type=int, default=None, metavar="PX",
+                        help="Super-resolution pairs: PX-pixel HQ crops of the photo area-downsampled 0.5x (written to "
+                        "hq/), LQ = HQ area-downsampled 0.5x then --degradation (use 'none' for a clean LQ).")
     parser.add_argument("--seed", type=int, default=0, help="Base seed (default 0).")
     parser.add_argument("--copies", type=int, default=1, help="Degraded versions per photo (default 1).")
     parser.add_argument("--workers", type=int, default=None, help="Processes (default: all cores).")
@@ -319,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input_dir, args.output_dir, degradation=args.degradation, seed=args.seed, copies=args.copies,
             num_workers=args.workers, csv_name=args.csv_name, overwrite=args.overwrite,
             generic_prompt_probability=args.generic_prompt_probability, verbose=not args.quiet,
+            sr_crop=args.sr_crop,
         )
     except ValueError as error:
         print(f"sana-restore make-pairs: error: {error}", file=sys.stderr)
