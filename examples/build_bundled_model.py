@@ -130,7 +130,8 @@ BUNDLED_CARD_SECTION = """
 ## This model: the restorer bundled with diffusers-restore
 
 A working demonstration, not a SANA fine-tune: {transformer_parameters:,} transformer parameters (SANA's block design,
-8 layers, hidden 128, patch 2, trained from random initialisation) in the latent space of a {vae_parameters:,}-parameter
+{num_layers} layers, hidden {hidden}, patch {patch_size}, trained from random initialisation) in the latent space of a
+{vae_parameters:,}-parameter
 f4 `AutoencoderDC` trained by `examples/train_autoencoder.py`; the tokenizer and the 1-layer Gemma-2 text encoder are
 the offline test kit's (random weights, so prompts carry almost no information). Everything was trained on a CPU on
 six scikit-image photos ({train_photos}); {held_out} are held out for evaluation. Rebuild it with
@@ -180,9 +181,12 @@ def finalise_bundled_folder(folder: str, base_dir: str) -> None:
     with open(card_path, encoding="utf-8") as handle:
         card = handle.read()
     card = card.replace(f"SANA (`{base_dir}`)", "a small SANA-architecture model (see below)")
-    card = card.replace("# restorer_", "# sana-restore-tiny ").replace("\n# restorer\n", "\n# sana-restore-tiny\n")
+    card = card.replace("\n# restorer\n", "\n# sana-restore-tiny\n")  # the title is the output folder's name
     card += BUNDLED_CARD_SECTION.format(
         transformer_parameters=parameters("transformer"),
+        num_layers=TRANSFORMER_CONFIG["num_layers"],
+        hidden=TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"],
+        patch_size=TRANSFORMER_CONFIG["patch_size"],
         vae_parameters=parameters("vae"),
         train_photos=", ".join(TRAIN_PHOTOS),
         held_out=", ".join(HELD_OUT_PHOTOS),

@@ -53,3 +53,11 @@ def test_base_folder_photos_and_one_training_step(tmp_path):
                    check=True, env=env, capture_output=True)
     for name in build.SHIPPED:
         assert (output / name).exists(), name
+
+    # The shipped folder names no local path and says what the model is.
+    build.finalise_bundled_folder(str(output), base)
+    for config in output.rglob("config.json"):
+        assert str(tmp_path) not in config.read_text(), config
+    card = (output / "README.md").read_text()
+    assert base not in card and "restorer bundled with diffusers-restore" in card
+    assert "8 layers, hidden 128, patch 2" in card
