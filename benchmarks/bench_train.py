@@ -95,9 +95,14 @@ def save_base_pipeline(path: str, scale: str, device: str, unit_variance_images:
     untrained VAE keeps the real DC-AE's value, which leaves its latents at std ~0.47, far from the unit variance that
     flow matching's noise schedule (and SANA's shift 3) assume.
     """
-    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
+    from diffusers import SanaPipeline, SanaTransformer2DModel
 
-    from diffusers_restore.testing import get_tiny_components, get_tiny_transformer, real_sana_transformer_config
+    from diffusers_restore.testing import (
+        get_tiny_components,
+        get_tiny_transformer,
+        get_tiny_vae,
+        real_sana_transformer_config,
+    )
 
     components = get_tiny_components(seed=0)
     if scale == "tiny":
@@ -114,25 +119,9 @@ def save_base_pipeline(path: str, scale: str, device: str, unit_variance_images:
         gemma.update(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
                      head_dim=256)
         components["text_encoder"] = Gemma2Model(Gemma2Config(**gemma)).eval()
-        torch.manual_seed(0)
-        components["vae"] = AutoencoderDC(  # f4 with SANA's 32 latent channels: a 128 px crop is a 32 x 32 latent
-            in_channels=3,
-            latent_channels=32,
-            encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-            decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-            encoder_block_out_channels=(32, 32, 32),
-            decoder_block_out_channels=(32, 32, 32),
-            encoder_qkv_multiscales=((), (), (5,)),
-            decoder_qkv_multiscales=((), (), (5,)),
-            encoder_layers_per_block=(1, 1, 1),
-            decoder_layers_per_block=(1, 1, 1),
-            attention_head_dim=8,
-            downsample_block_type="pixel_unshuffle",
-            upsample_block_type="pixel_shuffle",
-            decoder_norm_types="rms_norm",
-            decoder_act_fns="silu",
-            scaling_factor=0.41407,
-        ).eval()
+        # f4 with SANA's 32 latent channels: a 128 px crop is a 32 x 32 latent
+        components["vae"] = get_tiny_vae(0, latent_channels=32, encoder_block_out_channels=(32, 32, 32),
+                                         decoder_block_out_channels=(32, 32, 32))
     if unit_variance_images is not None:
         pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
                               for image in unit_variance_images])

@@ -93,15 +93,15 @@ def get_tiny_text_encoder(seed: int = 0, vocab_size: int | None = None):
     return model.eval()
 
 
-def get_tiny_vae(seed: int = 0):
-    """A 3-block ``AutoencoderDC`` (channels 8, 16, 16; latent 4; downsampling x4), random weights.
+def get_tiny_vae(seed: int = 0, **overrides: Any):
+    """A 3-block ``AutoencoderDC`` (channels 8, 16, 16; latent 4; downsampling x4), random weights; `overrides`
+    replace config entries (e.g. ``latent_channels=32``).
 
     ``scaling_factor`` is the real DC-AE f32c32 value (0.41407) so that latent scaling code paths are exercised.
     """
     from diffusers import AutoencoderDC
 
-    torch.manual_seed(seed)
-    vae = AutoencoderDC(
+    config = dict(
         in_channels=3,
         latent_channels=TINY_LATENT_CHANNELS,
         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
@@ -119,7 +119,9 @@ def get_tiny_vae(seed: int = 0):
         decoder_act_fns="silu",
         scaling_factor=0.41407,
     )
-    return vae.eval()
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return AutoencoderDC(**config).eval()
 
 
 def get_tiny_transformer(seed: int = 0, **overrides: Any):
