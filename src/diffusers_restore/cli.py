@@ -288,26 +288,22 @@ def _evaluation_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cases
 
 
-def _vae_round_trip(pipe, image):
-    """decode(encode(image)) with the pipeline's own VAE: the best any restorer in its latent space can reach."""
+def _vae_round_trip(pipe, image, tile_size=None, tile_overlap=None):
+    """decode(encode(image)) exactly as the pipeline encodes and decodes (same padding, tiling and latent scaling):
+    the best any restorer in its latent space can reach."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
     from PIL import Image
 
-    from .metrics import to_tensor01
+    from .pipelines.image_processing_restoration import pad_to_multiple
 
-    pixels = to_tensor01(image).float() * 2 - 1
-    height, width = pixels.shape[-2:]
-    factor = pipe.vae_scale_factor
-    pad_h, pad_w = -height % factor, -width % factor
-    if pad_h or pad_w:
-        pixels = F.pad(pixels, (0, pad_w, 0, pad_h), mode="reflect")
-    vae = pipe.vae
     with torch.no_grad():
-        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-        decoded = vae.decode(vae.encode(pixels).latent).sample[..., :height, :width]
-    array = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+        pixels, _ = pipe.prepare_image(image, upscale=1, device=pipe._execution_device)
+        height, width = pixels.shape[-2:]
+        padded = pad_to_multiple(pixels, pipe.vae_scale_factor)
+        tiling = pipe._tiling_plan(padded.shape[-2], padded.shape[-1], tile_size, tile_overlap)
+        decoded = pipe._vae_decode(pipe._vae_encode(padded * 2.0 - 1.0, tiling), tiling)[..., :height, :width]
+    return Image.fromarray((decoded[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8))
 
 
 def _grid(images):
@@ -366,8 +362,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         restored = pipe(case["degraded"], generator=generator, **kwargs).images[0]
         outputs = {"input": case["degraded"], "restored": restored}
         if args.vae_roundtrip:
-            outputs["vae(clean)"] = _vae_round_trip(pipe, case["clean"])
-            outputs["vae(input)"] = _vae_round_trip(pipe, case["degraded"])
+            outputs["vae(clean)"] = _vae_round_trip(pipe, case["clean"], args.tile_size, args.tile_overlap)
+            outputs["vae(input)"] = _vae_round_trip(pipe, case["degraded"], args.tile_size, args.tile_overlap)
         if args.baselines:
             from .baselines import run_baselines
 
