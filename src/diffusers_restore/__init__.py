@@ -4,8 +4,9 @@ Heavy submodules (torch, diffusers, transformers) are imported lazily on first a
 ``diffusers_restore.data.degradations`` stays usable with PIL and numpy alone.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
@@ -21,17 +22,7 @@ _LAZY_ATTRIBUTES = {
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
 
-def __getattr__(name: str):
-    if name in _LAZY_ATTRIBUTES:
-        module = importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES)
 
 
 if TYPE_CHECKING:  # pragma: no cover

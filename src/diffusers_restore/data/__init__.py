@@ -4,8 +4,9 @@
 ``latents``) are imported on first attribute access, so ``import diffusers_restore.data`` stays light.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 _LAZY_ATTRIBUTES = {
     # degradations (PIL / numpy)
@@ -39,17 +40,7 @@ _LAZY_ATTRIBUTES = {
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
 
-def __getattr__(name: str):
-    if name in _LAZY_ATTRIBUTES:
-        module = importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES)
 
 
 if TYPE_CHECKING:  # pragma: no cover
