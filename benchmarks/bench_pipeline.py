@@ -159,6 +159,12 @@ class ForwardTimer:
 
         return hook
 
+    def remove(self) -> None:
+        """Detach the hooks (the pipeline is reused by the latency run)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
     def reset(self) -> None:
         for name in self.seconds:
             self.seconds[name] = 0.0
@@ -177,13 +183,9 @@ def _timed_call(pipe, image: np.ndarray, steps: int, device: str) -> float:
     return time.perf_counter() - begin
 
 
-def measure_overhead(args) -> list[dict]:
+def measure_overhead(args, pipe) -> list[dict]:
     size = args.size or (128 if args.scale == "tiny" else 512)
     steps = args.steps or (4 if args.scale == "tiny" else 2)
-    start = time.perf_counter()
-    pipe = build_pipeline(args.scale, args.device)
-    build_seconds = time.perf_counter() - start
-    print(f"built the {args.scale} pipeline in {build_seconds:.1f} s", flush=True)
     timer = ForwardTimer(
         {
             "text_encoder": pipe.text_encoder,
@@ -209,6 +211,7 @@ def measure_overhead(args) -> list[dict]:
     wall, model, parts = min(measured, key=lambda r: r[0] / r[1])
     warm_wall = call()  # prompts now cached: no text encoder
     print(f"  cached-prompt run: wall {warm_wall:.3f} s (text encoder {timer.seconds['text_encoder']:.3f} s)")
+    timer.remove()
 
     label = f"{args.scale}, {size} px, {steps} steps, CFG 1->4, {args.device}"
     return [
@@ -296,12 +299,11 @@ def measure_memory(args) -> list[dict]:
     ]
 
 
-def measure_latency(args) -> list[dict]:
+def measure_latency(args, pipe) -> list[dict]:
     """Absolute figures (meaningful on a GPU): one restore at `--latency-size` px (1024 by default), 20 steps, CFG
     1 -> 4 with the negative-quality prompt, warm prompt cache excluded (cold call), after one warm-up call; peak
     `max_memory_allocated` on CUDA. On a CPU the same code runs (use `--scale tiny --latency` to smoke-test it)."""
     size, steps = args.latency_size, 20
-    pipe = build_pipeline(args.scale, args.device)
     image = _image(size)
 
     def call() -> float:
@@ -344,13 +346,20 @@ def main(argv: list[str] | None = None) -> int:
         memory_run(args)
         return 0
 
+    latency = args.latency if args.latency is not None else args.device.startswith("cuda")
+    pipe = None
+    if not args.skip_overhead or latency:  # one pipeline in this process serves both (memory runs get their own)
+        start = time.perf_counter()
+        pipe = build_pipeline(args.scale, args.device)
+        print(f"built the {args.scale} pipeline in {time.perf_counter() - start:.1f} s", flush=True)
     rows = []
     if not args.skip_overhead:
-        rows += measure_overhead(args)
+        rows += measure_overhead(args, pipe)
+    if latency:
+        rows += measure_latency(args, pipe)
+    del pipe  # the memory runs build their own pipelines in subprocesses: do not hold a second copy meanwhile
     if not args.skip_memory:
         rows += measure_memory(args)
-    if args.latency if args.latency is not None else args.device.startswith("cuda"):
-        rows += measure_latency(args)
 
     print("\n| metric | value | unit | target |\n|---|---|---|---|")
     for row in rows:
