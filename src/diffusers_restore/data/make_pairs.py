@@ -91,12 +91,14 @@ def pair_seed(seed: int, relative_path: str, copy: int = 0) -> list[int]:
     return [int(seed), int.from_bytes(hashlib.sha256(key).digest()[:8], "little")]
 
 
-def _find_images(input_dir: str, exclude: str) -> list[str]:
-    """Relative paths of the images under `input_dir`, sorted, leaving out the folder `exclude` (our outputs)."""
+def _find_images(input_dir: str, exclude: Sequence[str]) -> list[str]:
+    """Relative paths of the images under `input_dir`, sorted, leaving out the folders `exclude` (our outputs)."""
     found = []
-    exclude = os.path.abspath(exclude)
+    excluded = {os.path.abspath(folder) for folder in exclude}
     for directory, subdirectories, files in os.walk(input_dir):
-        subdirectories[:] = sorted(d for d in subdirectories if os.path.abspath(os.path.join(directory, d)) != exclude)
+        subdirectories[:] = sorted(
+            d for d in subdirectories if os.path.abspath(os.path.join(directory, d)) not in excluded
+        )
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(_TEMP_PREFIX):
                 found.append(os.path.relpath(os.path.join(directory, name), input_dir))
@@ -258,9 +260,7 @@ def make_pairs(
         parse_degradation_spec(degradation)  # a clear ValueError for a bad spec, before any work
     degraded_root = os.path.join(output_dir, DEGRADED_FOLDER)
     hq_root = os.path.join(output_dir, HQ_FOLDER)
-    relative_paths = [path for path in _find_images(input_dir, exclude=degraded_root)
-                      if sr_crop is None or not os.path.abspath(os.path.join(input_dir, path)).startswith(
-                          os.path.abspath(hq_root) + os.sep)]
+    relative_paths = _find_images(input_dir, exclude=[degraded_root] + ([hq_root] if sr_crop is not None else []))
     if not relative_paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{input_dir}'.")
     os.makedirs(output_dir, exist_ok=True)
