@@ -192,6 +192,10 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--resume_from_checkpoint", "step-3"], "--resume_from_checkpoint"),
         (["--model_card_template", "missing.md"], "--model_card_template"),
         (["--caption_column", "text"], "--caption_column"),
+        (["--pixel_loss_weight", "-1"], "--pixel_loss_weight"),
+        (["--pixel_loss_weight", "1", "--cache_latents"], "--cache_latents"),
+        (["--pixel_loss_weight", "1", "--offload"], "--offload"),
+        (["--training_objective", "one_step", "--validation_inference_steps", "0"], "--validation_inference_steps"),
     ],
 )
 def test_parse_args_rejects_bad_combinations(tiny_base, pair_data, tmp_path, extra, message):
@@ -249,6 +253,96 @@ def test_flow_matching_loss_follows_design():
     )
     per_sample = ((prediction - (noise - latents)) ** 2).reshape(2, -1).mean(1)
     assert torch.allclose(weighted, (per_sample / sigmas**2).mean())
+
+
+def test_one_step_objective_regresses_the_clean_latent():
+    """At sigma = 1, x_t is the noise, x0 = x_t - v_pred, and the loss is exactly mean((x0 - z)^2)."""
+    generator = torch.Generator().manual_seed(1)
+    latents, noise, condition, prediction = (torch.randn(2, 4, 3, 3, generator=generator) for _ in range(4))
+
+    def model(hidden_states, condition_latents, encoder_hidden_states, timestep, encoder_attention_mask, return_dict):
+        assert torch.equal(hidden_states, noise) and torch.equal(timestep, torch.tensor([1000.0, 1000.0]))
+        return (prediction,)
+
+    loss, x0 = train_paired.flow_matching_loss(
+        model, latents, condition, torch.zeros(2, 5, 8), torch.ones(2, 5), torch.ones(2), noise,
+        weighting_scheme="none", timestep_multiplier=1000.0, return_pred_original_sample=True,
+    )
+    torch.testing.assert_close(x0, noise - prediction)
+    torch.testing.assert_close(loss, ((x0 - latents) ** 2).mean())
+    # the defaults follow the objective
+    args = ["--pretrained_model_name_or_path", "x", "--train_data_dir", ".", "--report_to", "none"]
+    assert train_paired.parse_args(args).validation_inference_steps == 20
+    assert train_paired.parse_args(args + ["--training_objective", "one_step"]).validation_inference_steps == 1
+
+
+def test_pixel_loss_decodes_through_the_frozen_vae():
+    from diffusers_restore.data.latents import encode_latents
+    from diffusers_restore.testing import get_tiny_vae
+
+    vae = get_tiny_vae().requires_grad_(False).eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = encode_latents(vae, pixels)
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    x0 = latents.clone().requires_grad_(True)
+    loss = train_paired.pixel_loss(vae, x0, pixels)
+    torch.testing.assert_close(loss, ((decoded - pixels) ** 2).mean())
+    assert train_paired.pixel_loss(vae, latents, decoded).item() < 1e-10  # its own decoding is a perfect target
+    loss.backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in vae.parameters())
+
+
+def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
+    """Stage 2 from a flow-matching restorer: the model only sees sigma = 1, its one-step restorations of the training
+    pairs get closer to the clean images, and the card tells users to sample with one step."""
+    from diffusers_restore import ConcatConditionedTransformer, SanaRestorationPipeline
+    from diffusers_restore.metrics import psnr
+
+    full = full_run["output_dir"]
+    output_dir = tmp_path / "one-step"
+
+    def one_step_psnr(folder) -> float:
+        """PSNR of one-step restorations of the training pairs against the VAE round trip of the clean image (what
+        a latent model can reach; the tiny test VAE is untrained, so the clean photo itself is out of reach)."""
+        from diffusers_restore.data.latents import encode_latents
+
+        pipe = SanaRestorationPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        scores = []
+        for index in range(6):
+            noisy = Image.open(pair_data / f"noisy{index}.png").resize((32, 32), Image.BICUBIC)
+            clean = _to01(Image.open(pair_data / "clean" / f"{index}.png").resize((32, 32), Image.BICUBIC))
+            with torch.no_grad():
+                latents = encode_latents(pipe.vae, clean * 2 - 1) / pipe.vae.config.scaling_factor
+                reachable = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+            restored = pipe(noisy, prompt="", num_inference_steps=1, guidance_scale=1.0, guidance_scale_end=1.0,
+                            color_fix=None, max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+            scores.append(float(psnr(_to01(restored.images[0]), reachable)))
+        return float(np.mean(scores))
+
+    timesteps = []
+    original_forward = ConcatConditionedTransformer.forward
+
+    def recording_forward(self, *args, **kwargs):
+        timesteps.append(kwargs["timestep"].detach().clone())
+        return original_forward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ConcatConditionedTransformer, "forward", recording_forward)
+        _run(_base_args(full, pair_data, output_dir, "--training_objective", "one_step", "--pixel_loss_weight", 1.0,
+                        "--max_train_steps", 30, "--learning_rate", 3e-3, "--checkpointing_steps", 100,
+                        "--center_crop"))
+    assert len(timesteps) == 30 and all(torch.equal(t, torch.full_like(t, 1000.0)) for t in timesteps)
+    assert one_step_psnr(output_dir) > one_step_psnr(full) + 0.5  # measured: 13.2 -> 14.5 dB
+    card_text = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "num_inference_steps=1," in card_text and "one-step restorer" in card_text
+    assert "| pixel loss weight | 1.0 |" in card_text
+
+
+def _to01(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def test_identity_check_detects_a_modified_projection():

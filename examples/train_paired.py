@@ -14,6 +14,11 @@ pretrained SANA). Training is flow matching in diffusers' convention (DESIGN.md 
     u ~ density(weighting_scheme),  sigma = s * u / (1 + (s - 1) * u)      (SANA's shift s, 3.0)
     x_t = (1 - sigma) * z + sigma * noise
     loss = weight(sigma) * || model(x_t, z_c, text, sigma * 1000) - (noise - z) ||^2
+         [+ w_pix * || vae.decode(x_t - sigma * model(...)) - clean ||^2      (--pixel_loss_weight)]
+
+`--training_objective one_step` fixes sigma = 1: one Euler step then gives x0 = noise - v, and the loss is
+|| x0 - z ||^2, so the model learns the expected clean latent given the degraded one (the PSNR-optimal estimate),
+sampled with `num_inference_steps=1`.
 
 At the end, `output_dir` holds a complete `SanaRestorationPipeline` (load it with
 `SanaRestorationPipeline.from_pretrained(output_dir)`), a README.md model card and, with --push_to_hub, a Hub repo.
@@ -253,6 +258,24 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
         help="Timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap); see SD3's paper.",
     )
+    parser.add_argument(
+        "--training_objective",
+        type=str,
+        default="flow_matching",
+        choices=["flow_matching", "one_step"],
+        help="flow_matching: the generative objective at every noise level (sample with 20+ steps; most detail). "
+        "one_step: train at sigma = 1 only, where one Euler step gives the clean-latent estimate x0 = noise - v, so "
+        "the model regresses the expected clean image given the degraded one (the PSNR-optimal estimate; sample it "
+        "with num_inference_steps=1). Usually a second stage after flow matching; the timestep density is unused.",
+    )
+    parser.add_argument(
+        "--pixel_loss_weight",
+        type=float,
+        default=0.0,
+        help="Add this weight times the pixel MSE between the clean image and the VAE decoding of the predicted "
+        "clean latent (x0 = x_t - sigma v), backpropagated through the frozen decoder: aims the model at PSNR in "
+        "pixels rather than in latents. 0 disables it. Needs the clean pixels (not --cache_latents).",
+    )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
     parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal.")
     parser.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' density.")
@@ -371,7 +394,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="Restorations (different seeds) per validation image.",
     )
-    parser.add_argument("--validation_inference_steps", type=int, default=20, help="Sampling steps in validation.")
+    parser.add_argument(
+        "--validation_inference_steps",
+        type=int,
+        default=None,
+        help="Sampling steps in validation (default: 20, or 1 with --training_objective one_step).",
+    )
 
     # Hub and model card
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
@@ -406,6 +434,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
 
+    if args.validation_inference_steps is None:
+        args.validation_inference_steps = 1 if args.training_objective == "one_step" else 20
     _check_args(args)
     return args
 
@@ -462,6 +492,15 @@ def _check_args(args: argparse.Namespace) -> None:
             )
         if args.proportion_empty_prompts > 0:
             raise ValueError("Use either --conditioning_dropout_prob or --proportion_empty_prompts, not both.")
+    if args.pixel_loss_weight < 0:
+        raise ValueError(f"--pixel_loss_weight must be >= 0, got {args.pixel_loss_weight}.")
+    if args.pixel_loss_weight > 0:
+        if args.cache_latents:
+            raise ValueError("--pixel_loss_weight needs the clean pixels of each batch, which --cache_latents does not "
+                             "keep: drop one of them.")
+        if args.offload:
+            raise ValueError("--pixel_loss_weight backpropagates through the VAE decoder, which --offload keeps off "
+                             "the device: drop one of them.")
     if args.condition_noise_max < 0:
         raise ValueError(f"--condition_noise_max must be >= 0, got {args.condition_noise_max}.")
 
@@ -861,6 +900,16 @@ def base_model_license(args) -> dict:
     return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
 
 
+OBJECTIVE_DESCRIPTIONS = {
+    "flow_matching": "It was trained with flow matching (velocity target `noise - latent`).",
+    "one_step": (
+        "It was trained as a one-step restorer: at noise level 1 only, where one Euler step gives the clean latent, "
+        "so it predicts the expected clean image given the degraded one (the PSNR-optimal estimate, smooth rather "
+        "than detailed where the input is ambiguous). Sample it with `num_inference_steps=1`; more steps do not help."
+    ),
+}
+
+
 def save_model_card(
     args,
     repo_id: str,
@@ -906,7 +955,12 @@ def save_model_card(
         "mixed precision": mixed_precision,
         "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full fine-tuning",
         "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
-        "timestep density": f"{args.weighting_scheme} (shift {flow_shift:g})",
+        "objective": (
+            "one-step regression at sigma = 1 (sample with num_inference_steps=1)"
+            if args.training_objective == "one_step"
+            else f"flow matching, timestep density {args.weighting_scheme} (shift {flow_shift:g})"
+        ),
+        "pixel loss weight": args.pixel_loss_weight,
         "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
         "latent condition noise": f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no",
         "max sequence length": args.max_sequence_length,
@@ -928,6 +982,8 @@ def save_model_card(
         "hyperparameters": "\n".join(f"| {key} | {value} |" for key, value in hyperparameters.items()),
         "prompt": (args.validation_prompt or [DEFAULT_VALIDATION_PROMPT])[0],
         "max_sequence_length": args.max_sequence_length,
+        "objective_description": OBJECTIVE_DESCRIPTIONS[args.training_objective],
+        "num_inference_steps": 1 if args.training_objective == "one_step" else 20,
         "license": licence_text,
     }
     with open(args.model_card_template, encoding="utf-8") as handle:
@@ -987,7 +1043,8 @@ def flow_matching_loss(
     weighting_scheme: str,
     timestep_multiplier: float,
     model_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_pred_original_sample: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The rectified-flow loss of DESIGN.md §7 in diffusers' convention.
 
     Args:
@@ -998,10 +1055,14 @@ def flow_matching_loss(
         noise: `(B, C, h, w)` standard normal.
         weighting_scheme: `compute_loss_weighting_for_sd3`'s scheme (`sigma_sqrt`, `cosmap`; others weigh 1).
         timestep_multiplier: the model sees `sigma * timestep_multiplier` (`num_train_timesteps * timestep_scale`).
+        return_pred_original_sample: also return the model's clean-latent estimate `x0 = x_t - sigma v_pred`
+            (float32, `(B, C, h, w)`, differentiable), e.g. for a pixel loss through the VAE decoder.
 
     Returns:
         The scalar loss `mean_b mean(weight(sigma_b) * (v_pred - (noise - z))^2)`, with
-        `v_pred = model(x_t, z_c, text, sigma * timestep_multiplier)` and `x_t = (1 - sigma) z + sigma noise`.
+        `v_pred = model(x_t, z_c, text, sigma * timestep_multiplier)` and `x_t = (1 - sigma) z + sigma noise`;
+        with `return_pred_original_sample`, the tuple `(loss, x0)`. At sigma = 1 (one-step training) the loss is
+        exactly `mean((x0 - z)^2)`.
     """
     batch_size = latents.shape[0]
     sigmas = sigmas.view(batch_size, 1, 1, 1).to(latents.dtype)
@@ -1016,7 +1077,29 @@ def flow_matching_loss(
     )[0]
     target = noise - latents
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-    return (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
+    loss = (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
+    if return_pred_original_sample:
+        return loss, noisy_latents.float() - sigmas.float() * model_pred.float()
+    return loss
+
+
+def pixel_loss(vae: torch.nn.Module, pred_original_sample: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """MSE in pixels between the clean images and the VAE decoding of predicted clean latents.
+
+    The decoder is frozen but differentiable, so the gradient reaches the transformer through it.
+
+    Args:
+        vae: the frozen autoencoder (`config.scaling_factor`, optional `config.shift_factor`).
+        pred_original_sample: scaled latents `x0`, `(B, C, h, w)`, as `encode_latents` makes them.
+        pixel_values: the clean images in [-1, 1], `(B, 3, H, W)` with `H = h * f`, `W = w * f`.
+
+    Returns:
+        The scalar `mean((decode(x0) - pixels)^2)` in float32 (on the [-1, 1] scale: 4x the MSE on [0, 1]).
+    """
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = pred_original_sample / vae.config.scaling_factor + shift
+    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return ((decoded.float() - pixel_values.float()) ** 2).mean()
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -1576,20 +1659,23 @@ def main(args: argparse.Namespace) -> None:
                         pipeline, prompts, args, complex_human_instruction, accelerator
                     )
 
-                # 4. flow matching: sigma from the timestep density with SANA's shift, x_t on the straight path,
-                #    velocity target noise - z
-                u = compute_density_for_timestep_sampling(
-                    weighting_scheme=args.weighting_scheme,
-                    batch_size=bsz,
-                    logit_mean=args.logit_mean,
-                    logit_std=args.logit_std,
-                    mode_scale=args.mode_scale,
-                    device=accelerator.device,
-                    generator=generator,
-                )
-                sigmas = shift_sigmas(u, flow_shift)
+                # 4. flow matching: sigma from the timestep density with SANA's shift (one_step: sigma = 1), x_t on
+                #    the straight path, velocity target noise - z
+                if args.training_objective == "one_step":
+                    sigmas = torch.ones(bsz, device=accelerator.device)
+                else:
+                    u = compute_density_for_timestep_sampling(
+                        weighting_scheme=args.weighting_scheme,
+                        batch_size=bsz,
+                        logit_mean=args.logit_mean,
+                        logit_std=args.logit_std,
+                        mode_scale=args.mode_scale,
+                        device=accelerator.device,
+                        generator=generator,
+                    )
+                    sigmas = shift_sigmas(u, flow_shift)
                 noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
-                loss = flow_matching_loss(
+                loss, pred_original_sample = flow_matching_loss(
                     model,
                     latents,
                     condition_latents,
@@ -1597,10 +1683,16 @@ def main(args: argparse.Namespace) -> None:
                     prompt_attention_mask,
                     sigmas,
                     noise,
-                    weighting_scheme=args.weighting_scheme,
+                    weighting_scheme="none" if args.training_objective == "one_step" else args.weighting_scheme,
                     timestep_multiplier=num_train_timesteps * timestep_scale,
                     model_dtype=model_dtype,
+                    return_pred_original_sample=True,
                 )
+                # 5. optional pixel loss through the frozen decoder (the clean pixels are in the batch)
+                if args.pixel_loss_weight > 0:
+                    loss = loss + args.pixel_loss_weight * pixel_loss(
+                        vae, pred_original_sample, batch["pixel_values"].to(accelerator.device)
+                    )
 
                 accelerator.backward(loss)
                 grad_norm = None
