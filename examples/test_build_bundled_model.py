@@ -13,7 +13,7 @@ pytest.importorskip("skimage", reason="the training photos come from scikit-imag
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import build_bundled_model as build  # noqa: E402
-from diffusers_restore.sample_photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
+from diffusers_restore.sample_photos import GREY_TRAIN_PHOTOS, HELD_OUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 
 
 def _override(args: list[str], **values) -> list[str]:
@@ -54,10 +54,25 @@ def test_base_folder_photos_and_one_training_step(tmp_path):
     for name in build.SHIPPED:
         assert (output / name).exists(), name
 
+    # Stage 4, shortened: the one-step recipe continues from that folder on the widened photo set.
+    widened = build.write_training_photos(str(tmp_path / "widened"), widened=True)
+    names = {os.path.splitext(name)[0] for name in os.listdir(widened)}
+    assert names == set(TRAIN_PHOTOS) | {f"{n}_brg" for n in TRAIN_PHOTOS} | set(GREY_TRAIN_PHOTOS)
+    assert not names & set(HELD_OUT_PHOTOS) and "cat" not in names  # cat is chelsea
+    one_step = tmp_path / "one-step"
+    args = _override(build.ONE_STEP_ARGS, max_train_steps=1, repeats=1, train_batch_size=2, checkpointing_steps=1000)
+    subprocess.run([sys.executable, os.path.join(build.HERE, "train_paired.py"), "--pretrained_model_name_or_path",
+                    str(output), "--train_data_dir", widened, "--output_dir", str(one_step), "--seed", "0", *args],
+                   check=True, env=env, capture_output=True)
+    output = one_step
+    for name in build.SHIPPED:
+        assert (output / name).exists(), name
+
     # The shipped folder names no local path and says what the model is.
-    build.finalise_bundled_folder(str(output), base)
+    build.finalise_bundled_folder(str(output))
     for config in output.rglob("config.json"):
         assert str(tmp_path) not in config.read_text(), config
     card = (output / "README.md").read_text()
-    assert base not in card and "restorer bundled with diffusers-restore" in card
+    assert base not in card and str(tmp_path) not in card and "restorer bundled with diffusers-restore" in card
+    assert "num_inference_steps=1," in card and "then the 2500 steps" in card
     assert "8 layers, hidden 128, patch 2" in card

@@ -19,17 +19,23 @@ TRAIN_PHOTOS = (
     "retina",
 )
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "rocket")
+# Greyscale photos (loaded as RGB with equal channels): smooth skies and backgrounds, fine textures; used to widen the
+# restorer's one-step stage (examples/build_bundled_model.py), not by the autoencoder.
+GREY_TRAIN_PHOTOS = ("camera", "moon", "brick", "grass", "gravel", "coins", "clock")
 
 
 def load_photo(name: str) -> Image.Image:
     """Load one named photo from scikit-image as an RGB PIL image.
 
+    Greyscale photos come back as RGB with three equal channels.
+
     Raises:
         ValueError: unknown name.
         RuntimeError: scikit-image is not installed.
     """
-    if name not in TRAIN_PHOTOS + HELD_OUT_PHOTOS:
-        raise ValueError(f"unknown photo '{name}': choose from {', '.join(TRAIN_PHOTOS + HELD_OUT_PHOTOS)}.")
+    known = TRAIN_PHOTOS + GREY_TRAIN_PHOTOS + HELD_OUT_PHOTOS
+    if name not in known:
+        raise ValueError(f"unknown photo '{name}': choose from {', '.join(known)}.")
     try:
         from skimage import data
     except ImportError as error:
