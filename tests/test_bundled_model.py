@@ -1,5 +1,5 @@
 """The restorer shipped in the package: it loads offline, is small, and clears a quality floor on a held-out photo
-(the full table, with where it falls short, is in the README and BENCHMARKS.md)."""
+(the full table, with where it still falls short, is in the README and BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -53,20 +53,21 @@ def _score(image, clean) -> tuple[float, float]:
 
 def test_bundled_restorer_beats_the_noisy_input_and_the_best_blur(bundled):
     """A quality floor: sigma 25 gaussian noise on a 128 px centre crop of the held-out chelsea photo, sampled with the
-    bundled settings, must come out far above the noisy input (+6 dB) and no more than 0.5 dB below the best gaussian
-    blur (sigma 0.5-1.5, chosen on this very image). The model only ties the blur on PSNR (28.11 vs 28.09 dB here)
-    and trails it on SSIM over the held-out set, so "beats the blur" is not asserted: the README reports that bar as
-    missed, with the numbers from `sana-restore evaluate`."""
+    bundled settings (one step), must come out far above the noisy input (+6 dB) and above the best gaussian blur
+    (sigma 0.5-1.5, chosen on this very image) on PSNR and on SSIM. Measured: noisy 20.34 dB, best blur
+    28.09 dB / 0.680, restored 28.41 dB / 0.734 (the held-out table of `sana-restore evaluate` is in the README)."""
     clean = center_crop(load_photo("chelsea"), CROP)
     rng = np.random.default_rng(zlib.crc32(b"test:chelsea"))
     noisy, _ = apply_degradation_spec(clean, "gaussian_noise:25", rng)
     restored = bundled(noisy, generator=torch.Generator().manual_seed(0), **BUNDLED_CALL_KWARGS).images[0]
     assert restored.size == noisy.size
     noisy_psnr, _ = _score(noisy, clean)
-    restored_psnr, _ = _score(restored, clean)
-    best_blur_psnr = max(_score(gaussian_blur(noisy, sigma), clean)[0] for sigma in BLUR_SIGMAS)
+    restored_psnr, restored_ssim = _score(restored, clean)
+    blurs = [_score(gaussian_blur(noisy, sigma), clean) for sigma in BLUR_SIGMAS]
+    best_blur_psnr, best_blur_ssim = max(psnr for psnr, _ in blurs), max(ssim for _, ssim in blurs)
     assert restored_psnr > noisy_psnr + 6.0, (restored_psnr, noisy_psnr)
-    assert restored_psnr > best_blur_psnr - 0.5, (restored_psnr, best_blur_psnr)
+    assert restored_psnr > best_blur_psnr + 0.1, (restored_psnr, best_blur_psnr)
+    assert restored_ssim > best_blur_ssim, (restored_ssim, best_blur_ssim)
 
 
 def test_demo_writes_the_comparison_png(tmp_path, capsys):

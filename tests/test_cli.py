@@ -189,3 +189,20 @@ def test_noise_estimate_recovers_a_known_sigma_and_nlm_runs_on_unknown_noise():
     image = Image.fromarray((np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1) * 255).astype(np.uint8))
     results = run_baselines(image, image, "nlm", "jpeg:20")  # no known sigma: estimated
     assert results["nlm"].size == image.size
+
+
+def test_sampling_defaults_follow_the_model():
+    """--model bundled is a one-step restorer: without flags it is sampled as BUNDLED_CALL_KWARGS says; flags still
+    win; any other model gets 20 steps and the pipeline's own CFG defaults."""
+    from diffusers_restore.cli import _pipeline_kwargs, build_parser
+    from diffusers_restore.demo import BUNDLED_CALL_KWARGS
+
+    parser = build_parser()
+    bundled = _pipeline_kwargs(parser.parse_args(["restore", "x.png", "-o", "out", "--model", "bundled"]))
+    assert {key: bundled[key] for key in BUNDLED_CALL_KWARGS} == BUNDLED_CALL_KWARGS
+    assert BUNDLED_CALL_KWARGS["num_inference_steps"] == 1
+    chosen = _pipeline_kwargs(parser.parse_args(["restore", "x.png", "-o", "out", "--model", "bundled", "--steps", "3",
+                                                 "--guidance-scale", "2"]))
+    assert chosen["num_inference_steps"] == 3 and chosen["guidance_scale"] == 2.0
+    other = _pipeline_kwargs(parser.parse_args(["restore", "x.png", "-o", "out", "--model", "org/restorer"]))
+    assert other["num_inference_steps"] == 20 and "guidance_scale" not in other

@@ -49,9 +49,12 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     group.add_argument("--prompt", default="", help="Restoration prompt (default: empty).")
     group.add_argument("--negative-prompt", default=None, help="Negative prompt (default: the pipeline's quality one).")
-    group.add_argument("--steps", type=_positive_int, default=20, help="Denoising steps (default 20).")
-    group.add_argument("--guidance-scale", type=float, default=None, help="CFG scale at the noisiest step.")
-    group.add_argument("--guidance-scale-end", type=float, default=None, help="CFG scale at the last step (linear CFG).")
+    group.add_argument("--steps", type=_positive_int, default=None,
+                       help="Denoising steps (default 20; 1 with --model bundled, a one-step restorer).")
+    group.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale at the noisiest step (default: the pipeline's; 1 with --model bundled).")
+    group.add_argument("--guidance-scale-end", type=float, default=None,
+                       help="CFG scale at the last step, linear CFG (default: the pipeline's; 1 with --model bundled).")
     group.add_argument("--tau-r", type=float, default=None, help="Restoration guidance tau_r (0 = off).")
     group.add_argument("--strength", type=float, default=1.0, help="Start noise level in (0, 1]; 1 = pure noise.")
     group.add_argument("--upscale", type=float, default=1.0, help="Super-resolution factor (>= 1).")
@@ -128,6 +131,18 @@ def load_pipeline(model: str, dtype=None, device: str | None = None, revision: s
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's call arguments from the CLI flags. `--model bundled` samples as the bundled model is meant to
+    be (`demo.BUNDLED_CALL_KWARGS`: one step, no CFG) unless a flag says otherwise; other models get 20 steps and the
+    pipeline's own CFG defaults."""
+    if args.model == BUNDLED:
+        from .demo import BUNDLED_CALL_KWARGS
+
+        for flag, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                          ("guidance_scale_end", "guidance_scale_end")):
+            if getattr(args, flag) is None:
+                setattr(args, flag, BUNDLED_CALL_KWARGS[key])
+    if args.steps is None:
+        args.steps = 20
     kwargs: dict[str, Any] = {
         "prompt": args.prompt,
         "num_inference_steps": args.steps,
@@ -460,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--photo", choices=list(HELD_OUT_PHOTOS), default="coffee",
                       help="Held-out scikit-image photo to use (default coffee).")
     demo.add_argument("--steps", type=_positive_int, default=None,
-                      help="Denoising steps (default: 4 for the bundled restorer, else the pipeline's default).")
+                      help="Denoising steps (default: 1 for the bundled restorer, else the pipeline's default).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
     demo.set_defaults(func=None)
     return parser

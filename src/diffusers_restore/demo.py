@@ -16,10 +16,10 @@ import numpy as np
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "sana-restore-tiny")
 DEMO_PHOTO = "coffee"
 DEMO_CROP = 256
-# How the bundled restorer is sampled (measured on the held-out photos, see the README): few steps and no CFG. The
-# model is small and trained briefly, so its velocity is close to the posterior mean and a long sampler or CFG only
-# adds its errors; the pipeline's own defaults (20 steps, CFG 1 -> 4) are meant for SANA 1.6B fine-tunes.
-BUNDLED_CALL_KWARGS = {"num_inference_steps": 4, "guidance_scale": 1.0, "guidance_scale_end": 1.0}
+# How the bundled restorer is sampled: one step, no CFG. Its last training stage (`--training_objective one_step`)
+# makes it a one-step restorer (one Euler step from sigma = 1 gives its clean-image estimate; more steps lose PSNR);
+# the pipeline's own defaults (20 steps, CFG 1 -> 4) are meant for flow-matching SANA 1.6B fine-tunes.
+BUNDLED_CALL_KWARGS = {"num_inference_steps": 1, "guidance_scale": 1.0, "guidance_scale_end": 1.0}
 
 
 def _untrained_tiny_pipeline():
