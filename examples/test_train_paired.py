@@ -337,7 +337,7 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
     assert len(timesteps) == 30 and all(torch.equal(t, torch.full_like(t, 1000.0)) for t in timesteps)
     assert one_step_psnr(output_dir) > one_step_psnr(full) + 0.5  # measured: 13.2 -> 14.5 dB
     card_text = (output_dir / "README.md").read_text(encoding="utf-8")
-    assert "num_inference_steps=1," in card_text and "one-step restorer" in card_text
+    assert "num_inference_steps=1,\n    guidance_scale=1.0,\n" in card_text and "one-step restorer" in card_text
     assert "| pixel loss weight | 1.0 |" in card_text
 
 
@@ -438,6 +438,7 @@ def test_validation_grid_metrics_and_model_card(full_run):
     assert re.search(r"PSNR \d+\.\d\d dB, SSIM \d\.\d{4}", card_text)
     assert "![validation](validation.png)" in card_text
     assert "| training steps | 4 |" in card_text and "| EMA | decay 0.9 |" in card_text
+    assert "    num_inference_steps=20,\n" in card_text and "trained with flow matching" in card_text
     assert not re.search(r"\{[a-z_]+\}", card_text)
 
     event_files = list((full / "logs").rglob("events.out.tfevents.*"))

@@ -905,8 +905,14 @@ OBJECTIVE_DESCRIPTIONS = {
     "one_step": (
         "It was trained as a one-step restorer: at noise level 1 only, where one Euler step gives the clean latent, "
         "so it predicts the expected clean image given the degraded one (the PSNR-optimal estimate, smooth rather "
-        "than detailed where the input is ambiguous). Sample it with `num_inference_steps=1`; more steps do not help."
+        "than detailed where the input is ambiguous). Sample it with `num_inference_steps=1` and no classifier-free "
+        "guidance; more steps or CFG lower its fidelity."
     ),
+}
+# The call arguments of the card's usage snippet (indented as in the template's `pipe(...)` call).
+SAMPLING_ARGUMENTS = {
+    "flow_matching": "num_inference_steps=20,",
+    "one_step": "num_inference_steps=1,\n    guidance_scale=1.0,\n    guidance_scale_end=1.0,",
 }
 
 
@@ -983,7 +989,7 @@ def save_model_card(
         "prompt": (args.validation_prompt or [DEFAULT_VALIDATION_PROMPT])[0],
         "max_sequence_length": args.max_sequence_length,
         "objective_description": OBJECTIVE_DESCRIPTIONS[args.training_objective],
-        "num_inference_steps": 1 if args.training_objective == "one_step" else 20,
+        "sampling_arguments": SAMPLING_ARGUMENTS[args.training_objective],
         "license": licence_text,
     }
     with open(args.model_card_template, encoding="utf-8") as handle:
