@@ -298,7 +298,7 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
     """Stage 2 from a flow-matching restorer: the model only sees sigma = 1, its one-step restorations of the training
     pairs get closer to the clean images, and the card tells users to sample with one step."""
     from diffusers_restore import ConcatConditionedTransformer, SanaRestorationPipeline
-    from diffusers_restore.metrics import psnr
+    from diffusers_restore.metrics import psnr, to_tensor01
 
     full = full_run["output_dir"]
     output_dir = tmp_path / "one-step"
@@ -313,13 +313,13 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
         scores = []
         for index in range(6):
             noisy = Image.open(pair_data / f"noisy{index}.png").resize((32, 32), Image.BICUBIC)
-            clean = _to01(Image.open(pair_data / "clean" / f"{index}.png").resize((32, 32), Image.BICUBIC))
+            clean = to_tensor01(Image.open(pair_data / "clean" / f"{index}.png").resize((32, 32), Image.BICUBIC))
             with torch.no_grad():
                 latents = encode_latents(pipe.vae, clean * 2 - 1) / pipe.vae.config.scaling_factor
                 reachable = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
             restored = pipe(noisy, prompt="", num_inference_steps=1, guidance_scale=1.0, guidance_scale_end=1.0,
                             color_fix=None, max_sequence_length=16, generator=torch.Generator().manual_seed(0))
-            scores.append(float(psnr(_to01(restored.images[0]), reachable)))
+            scores.append(float(psnr(to_tensor01(restored.images[0]), reachable)))
         return float(np.mean(scores))
 
     timesteps = []
@@ -339,10 +339,6 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
     card_text = (output_dir / "README.md").read_text(encoding="utf-8")
     assert "num_inference_steps=1,\n    guidance_scale=1.0,\n" in card_text and "one-step restorer" in card_text
     assert "| pixel loss weight | 1.0 |" in card_text
-
-
-def _to01(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def test_identity_check_detects_a_modified_projection():

@@ -133,7 +133,7 @@ def load_pipeline(model: str, dtype=None, device: str | None = None, revision: s
 def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline's call arguments from the CLI flags. `--model bundled` samples as the bundled model is meant to
     be (`demo.BUNDLED_CALL_KWARGS`: one step, no CFG) unless a flag says otherwise; other models get 20 steps and the
-    pipeline's own CFG defaults."""
+    pipeline's own CFG defaults. The unset flags of `args` are filled in place, so reports show what was used."""
     if args.model == BUNDLED:
         from .demo import BUNDLED_CALL_KWARGS
 
