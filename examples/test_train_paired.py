@@ -359,6 +359,23 @@ def test_render_model_card_template_names_unknown_placeholders():
         train_paired.render_model_card_template("a {y}", {"x": 1}, "card.md")
 
 
+def test_a_template_with_unknown_placeholders_is_refused_before_training(tiny_base, pair_data, tmp_path):
+    """The card is written after training; a template it cannot fill must fail at parse time, not then. Every
+    placeholder parse_args accepts is one save_model_card fills."""
+    template = train_paired.DEFAULT_MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
+    every = tmp_path / "every.md"
+    every.write_text(" ".join("{" + name + "}" for name in sorted(train_paired.MODEL_CARD_PLACEHOLDERS)))
+    args = train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path / "out", "--model_card_template", every))
+    os.makedirs(args.output_dir)
+    card = Path(train_paired.save_model_card(args, "me/restorer", None, 6, 2, 4, 3.0, "no")).read_text()
+    assert "me/restorer" in card and not train_paired.PLACEHOLDER_PATTERN.search(card)
+
+    bad = tmp_path / "card.md"
+    bad.write_text(template + "\n{num_gpus} GPUs, {steps_per_second} steps/s\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"placeholders \{num_gpus\}, \{steps_per_second\}"):
+        train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path / "out", "--model_card_template", bad))
+
+
 # ------------------------------------------------------------------------------------------------ training runs
 
 

@@ -538,6 +538,9 @@ def _check_args(args: argparse.Namespace) -> None:
             f"Model card template {args.model_card_template} not found: pass --model_card_template with the path of "
             "model_card_template.md (it is at the top level of the diffusers-restore repository)."
         )
+    # found now rather than after training (the card is written last)
+    with open(args.model_card_template, encoding="utf-8") as handle:
+        check_model_card_template(handle.read(), MODEL_CARD_PLACEHOLDERS, args.model_card_template)
     if args.resume_from_checkpoint is not None and args.resume_from_checkpoint != "latest":
         name = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
         if not CHECKPOINT_PATTERN.match(name):
@@ -867,19 +870,29 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- model card
 
 
+# The placeholders save_model_card fills; parse_args checks the template against them before any training.
+MODEL_CARD_PLACEHOLDERS = frozenset({
+    "model_name", "repo_id", "base_model", "base_model_link", "data_description", "degradations", "validation",
+    "hyperparameters", "prompt", "max_sequence_length", "objective_description", "sampling_arguments", "license",
+})
+PLACEHOLDER_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def check_model_card_template(template: str, known, template_path: str = "template") -> None:
+    """Raise a ValueError naming the `{name}` placeholders of `template` that are not in `known`."""
+    unknown = sorted(set(PLACEHOLDER_PATTERN.findall(template)) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{template_path} uses the placeholder{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join('{' + name + '}' for name in unknown)}, which the training script does not provide "
+            f"(known: {', '.join(sorted(known))})."
+        )
+
+
 def render_model_card_template(template: str, values: dict[str, str], template_path: str = "template") -> str:
     """Fill the `{name}` placeholders of `template`; any other `{name}` is an error naming it."""
-
-    def substitute(match: re.Match) -> str:
-        key = match.group(1)
-        if key not in values:
-            raise ValueError(
-                f"{template_path} uses the placeholder {{{key}}}, which the training script does not provide "
-                f"(known: {', '.join(sorted(values))})."
-            )
-        return str(values[key])
-
-    return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, template)
+    check_model_card_template(template, values, template_path)
+    return PLACEHOLDER_PATTERN.sub(lambda match: str(values[match.group(1)]), template)
 
 
 def base_model_license(args) -> dict:
