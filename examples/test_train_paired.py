@@ -306,7 +306,7 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
     def one_step_psnr(folder) -> float:
         """PSNR of one-step restorations of the training pairs against the VAE round trip of the clean image (what
         a latent model can reach; the tiny test VAE is untrained, so the clean photo itself is out of reach)."""
-        from diffusers_restore.data.latents import encode_latents
+        from diffusers_restore.data.latents import decode_latents, encode_latents
 
         pipe = SanaRestorationPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
@@ -315,8 +315,8 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
             noisy = Image.open(pair_data / f"noisy{index}.png").resize((32, 32), Image.BICUBIC)
             clean = to_tensor01(Image.open(pair_data / "clean" / f"{index}.png").resize((32, 32), Image.BICUBIC))
             with torch.no_grad():
-                latents = encode_latents(pipe.vae, clean * 2 - 1) / pipe.vae.config.scaling_factor
-                reachable = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+                round_trip = decode_latents(pipe.vae, encode_latents(pipe.vae, clean * 2 - 1))
+                reachable = (round_trip / 2 + 0.5).clamp(0, 1)
             restored = pipe(noisy, prompt="", num_inference_steps=1, guidance_scale=1.0, guidance_scale_end=1.0,
                             color_fix=None, max_sequence_length=16, generator=torch.Generator().manual_seed(0))
             scores.append(float(psnr(to_tensor01(restored.images[0]), reachable)))

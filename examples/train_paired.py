@@ -71,7 +71,13 @@ from diffusers.utils.torch_utils import is_compiled_module
 from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline
 from diffusers_restore.data.degradations import GENERIC_PROMPT as DEFAULT_VALIDATION_PROMPT
 from diffusers_restore.data.degradations import load_rgb, parse_degradation_spec
-from diffusers_restore.data.latents import CachedLatentDataset, build_latent_cache, degrade_latents, encode_latents
+from diffusers_restore.data.latents import (
+    CachedLatentDataset,
+    build_latent_cache,
+    decode_latents,
+    degrade_latents,
+    encode_latents,
+)
 from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
 from diffusers_restore.metrics import psnr, ssim
 
@@ -79,6 +85,8 @@ logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_CARD_TEMPLATE = REPO_ROOT / "model_card_template.md"
+# Sampling steps a model trained with each --training_objective is meant for (validation, the card's snippet).
+INFERENCE_STEPS = {"flow_matching": 20, "one_step": 1}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
 # Never uploaded with --push_to_hub: resumable checkpoints (and their unfinished .tmp twins), the latent cache and
@@ -262,7 +270,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--training_objective",
         type=str,
         default="flow_matching",
-        choices=["flow_matching", "one_step"],
+        choices=sorted(INFERENCE_STEPS),
         help="flow_matching: the generative objective at every noise level (sample with 20+ steps; most detail). "
         "one_step: train at sigma = 1 only, where one Euler step gives the clean-latent estimate x0 = noise - v, so "
         "the model regresses the expected clean image given the degraded one (the PSNR-optimal estimate; sample it "
@@ -435,7 +443,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.local_rank = env_local_rank
 
     if args.validation_inference_steps is None:
-        args.validation_inference_steps = 1 if args.training_objective == "one_step" else 20
+        args.validation_inference_steps = INFERENCE_STEPS[args.training_objective]
     _check_args(args)
     return args
 
@@ -924,8 +932,9 @@ OBJECTIVE_DESCRIPTIONS = {
 }
 # The call arguments of the card's usage snippet (indented as in the template's `pipe(...)` call).
 SAMPLING_ARGUMENTS = {
-    "flow_matching": "num_inference_steps=20,",
-    "one_step": "num_inference_steps=1,\n    guidance_scale=1.0,\n    guidance_scale_end=1.0,",
+    "flow_matching": f"num_inference_steps={INFERENCE_STEPS['flow_matching']},",
+    "one_step": f"num_inference_steps={INFERENCE_STEPS['one_step']},\n    guidance_scale=1.0,\n"
+    "    guidance_scale_end=1.0,",
 }
 
 
@@ -975,7 +984,7 @@ def save_model_card(
         "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full fine-tuning",
         "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
         "objective": (
-            "one-step regression at sigma = 1 (sample with num_inference_steps=1)"
+            "one-step regression at sigma = 1"
             if args.training_objective == "one_step"
             else f"flow matching, timestep density {args.weighting_scheme} (shift {flow_shift:g})"
         ),
@@ -1115,10 +1124,7 @@ def pixel_loss(vae: torch.nn.Module, pred_original_sample: torch.Tensor, pixel_v
     Returns:
         The scalar `mean((decode(x0) - pixels)^2)` in float32 (on the [-1, 1] scale: 4x the MSE on [0, 1]).
     """
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = pred_original_sample / vae.config.scaling_factor + shift
-    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return ((decoded.float() - pixel_values.float()) ** 2).mean()
+    return ((decode_latents(vae, pred_original_sample) - pixel_values.float()) ** 2).mean()
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

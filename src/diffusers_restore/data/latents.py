@@ -52,6 +52,7 @@ __all__ = [
     "LatentCacheError",
     "build_latent_cache",
     "degrade_latents",
+    "decode_latents",
     "encode_latents",
     "vae_fingerprint",
 ]
@@ -130,6 +131,22 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     if shift is not None:
         latents = latents - shift
     return latents * scaling
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`encode_latents`: images in [-1, 1] (not clamped) from scaled latents, decoding
+    ``latents / scaling_factor + shift_factor`` in the VAE's dtype. Differentiable with respect to ``latents``.
+
+    Args:
+        vae: a diffusers autoencoder with ``config.scaling_factor``.
+        latents: [B, C, h, w] scaled latents on the VAE's device.
+
+    Returns:
+        [B, 3, h * f, w * f] float32 images.
+    """
+    shift = vae.config.get("shift_factor", None) or 0.0
+    unscaled = latents / vae.config.scaling_factor + shift
+    return vae.decode(unscaled.to(vae.dtype), return_dict=False)[0].float()
 
 
 def _config_dict(vae: torch.nn.Module) -> dict[str, Any]:

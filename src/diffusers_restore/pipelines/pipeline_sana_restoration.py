@@ -47,6 +47,7 @@ from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..data.latents import decode_latents
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
@@ -692,21 +693,14 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     def _vae_decode(self, latents: torch.Tensor, tiling) -> torch.Tensor:
         """Scaled latents -> images `(batch, 3, H, W)` in [0, 1] float32."""
-        vae = self.vae
-        shift = vae.config.get("shift_factor", None) or 0.0
-
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            z = z / vae.config.scaling_factor + shift
-            return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
-
         try:
             if tiling is None:
-                decoded = decode(latents)
+                decoded = decode_latents(self.vae, latents)
             else:
                 tile, overlap = tiling
 
                 def decode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
-                    return decode(latents[:, :, top : top + height, left : left + width])
+                    return decode_latents(self.vae, latents[:, :, top : top + height, left : left + width])
 
                 decoded = blend_tiles(decode_tile, latents.shape[-2:], tile, overlap, self.vae_scale_factor)
         except torch.OutOfMemoryError:
