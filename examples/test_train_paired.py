@@ -581,7 +581,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_base, pair_data
 
 
 def test_push_to_hub_uploads_exactly_the_output_folder(tiny_base, pair_data, tmp_path):
-    from diffusers_restore.testing_hub import LocalHubServer, hub_endpoint
+    from hub_server import LocalHubServer, hub_endpoint
 
     output_dir = tmp_path / "restorer"
     with LocalHubServer(require_token=True) as server, hub_endpoint(server.url):

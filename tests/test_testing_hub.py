@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file, save_file
 
-from diffusers_restore.testing_hub import LocalHubServer, hub_endpoint
+from hub_server import LocalHubServer, hub_endpoint
 
 TOKEN = "hf_local_test_token"
 # Bounds every client request of these tests (the server is local: real answers take milliseconds).

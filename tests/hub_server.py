@@ -38,6 +38,9 @@ restores them::
     with LocalHubServer() as server, hub_endpoint(server.url):
         model.push_to_hub("org/tiny", token="hf_test")
         again = type(model).from_pretrained("org/tiny", cache_dir=tmp_path)
+
+It is test-only code: it lives in ``tests/`` (not in the package) and is imported as ``hub_server``, which
+``tests/conftest.py`` makes importable for the tests in ``tests/`` and ``examples/``.
 """
 
 from __future__ import annotations
