@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from ..models.vae_latents import decode_latents, encode_latents
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -100,53 +102,8 @@ def degrade_latents(
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-
-
-def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Scaled latents of images in [-1, 1]: ``(z - shift_factor) * scaling_factor`` where ``z`` is
-    ``vae.encode(pixels).latent`` (AutoencoderDC) or ``.latent_dist.mode()`` (KL autoencoders); ``shift_factor`` is
-    0 unless the VAE config defines one (SD3/Flux VAEs).
-
-    Args:
-        vae: a diffusers autoencoder with ``config.scaling_factor``.
-        pixels: [B, 3, H, W] in the VAE's dtype and device.
-
-    Returns:
-        [B, C, H / f, W / f] latents.
-    """
-    output = vae.encode(pixels)
-    if hasattr(output, "latent"):
-        latents = output.latent
-    elif hasattr(output, "latent_dist"):
-        latents = output.latent_dist.mode()
-    elif isinstance(output, (tuple, list)):
-        latents = output[0].mode() if hasattr(output[0], "mode") else output[0]
-    else:
-        raise TypeError(f"cannot find latents in the output of {type(vae).__name__}.encode ({type(output).__name__}).")
-    config = vae.config
-    scaling, shift = (config.get(k) if isinstance(config, dict) else getattr(config, k, None)
-                      for k in ("scaling_factor", "shift_factor"))
-    if scaling is None:
-        raise ValueError(f"{type(vae).__name__}.config has no scaling_factor.")
-    if shift is not None:
-        latents = latents - shift
-    return latents * scaling
-
-
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`encode_latents`: images in [-1, 1] (not clamped) from scaled latents, decoding
-    ``latents / scaling_factor + shift_factor`` in the VAE's dtype. Differentiable with respect to ``latents``.
-
-    Args:
-        vae: a diffusers autoencoder with ``config.scaling_factor``.
-        latents: [B, C, h, w] scaled latents on the VAE's device.
-
-    Returns:
-        [B, 3, h * f, w * f] float32 images.
-    """
-    shift = vae.config.get("shift_factor", None) or 0.0
-    unscaled = latents / vae.config.scaling_factor + shift
-    return vae.decode(unscaled.to(vae.dtype), return_dict=False)[0].float()
+# `encode_latents` / `decode_latents` (re-exported here) live in `diffusers_restore.models.vae_latents`, shared with
+# the pipeline.
 
 
 def _config_dict(vae: torch.nn.Module) -> dict[str, Any]:
