@@ -370,33 +370,9 @@ def test_severity():
     assert small["mu"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_to_rgb_conversions():
-    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    assert to_list(D.to_rgb(rgba)) == [(255, 255, 255)]  # transparent -> white background
-    opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
-    assert to_list(D.to_rgb(opaque)) == [(10, 20, 30)]
-    deep = Image.fromarray(np.full((4, 4), 65535, np.uint16))
-    assert to_list(D.to_rgb(deep)) == [(255, 255, 255)]
-    assert to_list(D.to_rgb(Image.fromarray(np.full((4, 4), 0.5, np.float32)))) == [(128, 128, 128)]
-    assert D.to_rgb(Image.new("L", (4, 4), 7)).mode == "RGB"
+def test_rgb_helpers_are_the_image_io_ones():
+    """to_rgb / load_rgb live in diffusers_restore.image_io (tested there); the data package re-exports them."""
+    import diffusers_restore.data as data
+    from diffusers_restore import image_io
 
-
-def to_list(image):
-    return sorted(set(image.getdata()))
-
-
-def test_load_rgb_applies_exif_orientation_and_converts(tmp_path):
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
-    exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    image.save(tmp_path / "rotated.jpg", exif=exif)
-    loaded = D.load_rgb(str(tmp_path / "rotated.jpg"))
-    assert loaded.size == (20, 40) and loaded.mode == "RGB"
-    assert D.load_rgb(str(tmp_path / "rotated.jpg"), exif_transpose=False).size == (40, 20)
-    Image.new("LA", (8, 8), (10, 0)).save(tmp_path / "transparent.png")
-    assert set(D.load_rgb(str(tmp_path / "transparent.png")).getdata()) == {(255, 255, 255)}
-    truncated = tmp_path / "truncated.png"
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
-    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:60])
-    with pytest.raises(OSError):
-        D.load_rgb(str(truncated))
+    assert D.to_rgb is data.to_rgb is image_io.to_rgb and D.load_rgb is image_io.load_rgb

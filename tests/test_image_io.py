@@ -118,6 +118,11 @@ def test_load_image_applies_and_drops_exif_orientation(tmp_path):
     assert load_image(path, exif_transpose=False).size == (40, 20)
     assert image_size(path) == (20, 40) and image_size(path, exif_transpose=False) == (40, 20)
     assert image_size(_rotated_jpeg(tmp_path / "upright.jpg", orientation=3)) == (40, 20)  # 180 degrees
+    png = Image.new("RGB", (40, 20))
+    exif = png.getexif()
+    exif[0x0112] = 8
+    png.save(tmp_path / "rotated.png", exif=exif)
+    assert image_size(tmp_path / "rotated.png") == load_image(tmp_path / "rotated.png").size == (20, 40)
 
 
 def test_load_image_keeps_mode_and_icc_profile(tmp_path):

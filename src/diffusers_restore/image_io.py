@@ -241,7 +241,8 @@ def _read_error(path: str, error: BaseException) -> ImageReadError:
     if isinstance(error, UnidentifiedImageError):
         return ImageReadError(path, "cannot identify image file: not an image, or a format PIL cannot read.")
     if "truncated" in message.lower() or isinstance(error, EOFError):
-        return ImageReadError(path, f"image file is truncated ({message}): the file was cut short; copy it again.")
+        detail = "" if message == "image file is truncated" else f" ({message})"
+        return ImageReadError(path, f"image file is truncated{detail}: the file was cut short; copy it again.")
     return ImageReadError(path, f"cannot decode the image, the file is damaged ({type(error).__name__}: {message}).")
 
 
@@ -286,7 +287,8 @@ _ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # transpose, rotate 270, transverse
 
 def image_size(path: str | os.PathLike, exif_transpose: bool = True) -> tuple[int, int]:
     """``(width, height)`` of an image file as :func:`load_image` would return it, from the file's header only
-    (no decoding): with `exif_transpose`, width and height are swapped for the EXIF orientations 5 to 8.
+    (no decoding): with `exif_transpose`, width and height are swapped for the EXIF orientations 5 to 8. (A PNG
+    whose EXIF chunk comes after the pixel data, which is rare, is measured without its orientation.)
 
     Raises:
         FileNotFoundError, PermissionError, IsADirectoryError: the path cannot be opened.
@@ -296,7 +298,10 @@ def image_size(path: str | os.PathLike, exif_transpose: bool = True) -> tuple[in
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_ORIENTATION_TAG, 1) if exif_transpose else 1
+            # PIL's PNG reader decodes the whole file to look for an eXIf chunk after the pixel data; one before it
+            # (where writers normally put it) is in image.info already.
+            header_only = image.format != "PNG" or "exif" in image.info
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1) if exif_transpose and header_only else 1
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as error:

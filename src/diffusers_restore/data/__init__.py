@@ -22,11 +22,13 @@ _LAZY_ATTRIBUTES = {
     "random_degradation": "degradations",
     "realesrgan_degradation": "degradations",
     "severity": "degradations",
-    "to_rgb": "degradations",
+    "load_rgb": "degradations",  # defined in diffusers_restore.image_io
+    "to_rgb": "degradations",  # defined in diffusers_restore.image_io
     # paired dataset (torch)
     "PairedDataset": "paired_dataset",
     "PairedDataError": "paired_dataset",
     "collate_fn": "paired_dataset",
+    "read_paired_csv": "paired_dataset",
     "validate_paired_csv": "paired_dataset",
     # latent cache (torch, safetensors)
     "CachedLatentDataset": "latents",
@@ -56,9 +58,10 @@ if TYPE_CHECKING:  # pragma: no cover
         parse_degradation_spec,
         random_degradation,
         realesrgan_degradation,
+        load_rgb,
         severity,
         to_rgb,
     )
     from .latents import CachedLatentDataset, LatentCacheError, build_latent_cache, degrade_latents
     from .make_pairs import make_pairs
-    from .paired_dataset import PairedDataError, PairedDataset, collate_fn, validate_paired_csv
+    from .paired_dataset import PairedDataError, PairedDataset, collate_fn, read_paired_csv, validate_paired_csv

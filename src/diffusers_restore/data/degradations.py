@@ -5,10 +5,10 @@ mode, and the record says what was applied, as JSON-serialisable data::
 
     {"name": "gaussian_noise", "params": {"sigma": 25.0, "gray": False}}
 
-Parameters left as ``None`` are drawn from the published training ranges (DESIGN.md §6) with the given
-``numpy.random.Generator`` (or integer seed); the same generator state always gives the same output. Compositions
-(:func:`random_degradation`, the Real-ESRGAN presets, :func:`apply_degradation_spec`) return a *list* of such
-records, which :func:`degradation_prompt` turns into a training prompt.
+Parameters left as ``None`` are drawn from the ranges in the table below (from barely visible to severe versions
+of each artefact) with the given ``numpy.random.Generator`` (or integer seed); the same generator state always gives
+the same output. Compositions (:func:`random_degradation`, the Real-ESRGAN presets, :func:`apply_degradation_spec`)
+return a *list* of such records, which :func:`degradation_prompt` turns into a training prompt.
 
 | name            | drawn parameter(s)                      | models        |
 |-----------------|-----------------------------------------|---------------|
@@ -21,7 +21,8 @@ records, which :func:`degradation_prompt` turns into a training prompt.
 
 Work happens in 8-bit RGB or L. Other modes keep their mode: an alpha channel is carried over untouched, palette
 images are re-quantised to their own palette, 16-bit and float greyscale images are degraded at 8-bit precision
-and scaled back to their range.
+and scaled back to their range. :func:`to_rgb` and :func:`load_rgb` (defined in :mod:`diffusers_restore.image_io`,
+the package's one image loader, and importable from here too) give the 8-bit RGB images the training data uses.
 
 Speed (the hot paths of on-the-fly training data): the noises are drawn by inverse-CDF lookup on a uniform integer
 grid instead of per-pixel transcendental sampling. Gaussian noise uses a 16-bit grid (the 65536 quantiles of N(0, 1),
@@ -42,7 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
+
+from ..image_io import high_bit_to_uint8, load_rgb, to_rgb
 
 __all__ = [
     "DEGRADATIONS",
@@ -78,7 +81,7 @@ RngLike = np.random.Generator | int | None
 
 GENERIC_PROMPT = "Restore this image to high quality"
 
-# Ranges from which unspecified parameters are drawn (DESIGN.md §6).
+# Ranges from which unspecified parameters are drawn (the table in the module docstring).
 GAUSSIAN_SIGMA_RANGE = (5.0, 50.0)
 POISSON_SCALE_RANGE = (1.0, 5.0)
 JPEG_QUALITY_RANGE = (10, 40)
@@ -127,20 +130,6 @@ def _record(name: str, **params: Any) -> Record:
     return {"name": name, "params": clean}
 
 
-def _high_bit_to_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit view of a 16-bit / 32-bit integer / float greyscale image (see :func:`to_rgb` for the conventions)."""
-    array = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        return np.clip(np.rint(array.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
-    if image.mode == "I":
-        if array.size and array.min() >= 0 and array.max() <= 255:
-            return array.astype(np.uint8)
-        return np.clip(np.rint(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-    # "F": [0, 1] floats if they fit, else the 0-255 scale
-    scale = 255.0 if array.size and np.nanmax(array) <= 1.0 else 1.0
-    return np.clip(np.rint(np.nan_to_num(array.astype(np.float64)) * scale), 0, 255).astype(np.uint8)
-
-
 @dataclass
 class _ModeContext:
     """How to turn a working (RGB or L) image back into the caller's mode."""
@@ -172,7 +161,7 @@ def _to_working(image: Image.Image) -> tuple[Image.Image, _ModeContext]:
             scale = 1.0
         else:
             scale = 257.0
-        return Image.fromarray(_high_bit_to_uint8(image)), _ModeContext(mode, high_bit_scale=scale)
+        return Image.fromarray(high_bit_to_uint8(image)), _ModeContext(mode, high_bit_scale=scale)
     if mode == "1":
         return image.convert("L"), _ModeContext(mode)
     # CMYK, YCbCr, LAB, HSV, RGBX, ...: PIL converts these to and from RGB
@@ -212,42 +201,6 @@ def _keep_mode(function: Callable[..., tuple[Image.Image, Record]]):
         return _from_working(degraded, context), record
 
     return wrapper
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, deliberately.
-
-    * ``RGB``: unchanged. ``L``/``1``/``CMYK``/``YCbCr``/...: PIL's conversion.
-    * Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index): composited over `background`
-      (white by default), so that what hides under transparent pixels never leaks into training data.
-    * 16-bit greyscale (``I;16*``): divided by 257 (0-65535 -> 0-255). ``I`` (32-bit int): as is when it fits in
-      0-255, else treated as 16-bit. ``F``: [0, 1] floats are scaled by 255 when the maximum is <= 1, else clipped
-      to 0-255.
-    """
-    _check_image(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P" and "transparency" in image.info:
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, background)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_bit_to_uint8(image)).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_rgb(path: str, exif_transpose: bool = True) -> Image.Image:
-    """Open an image file fully (a truncated file raises ``OSError`` here, not later), apply its EXIF orientation
-    (so that clean and degraded files written by ``make_pairs`` agree), and convert it with :func:`to_rgb`."""
-    with Image.open(path) as image:
-        image.load()
-        if exif_transpose:
-            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to rotate
-        return to_rgb(image)
 
 
 # ------------------------------------------------------------------------------------------- noise sampling
