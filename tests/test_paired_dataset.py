@@ -16,6 +16,7 @@ from diffusers_restore.data.paired_dataset import (
     PairedDataError,
     PairedDataset,
     collate_fn,
+    read_paired_csv,
     validate_paired_csv,
 )
 
@@ -242,6 +243,66 @@ def test_validate_paired_csv_lists_every_problem(bad_csv):
     assert [location.rsplit(" ", 1)[1] for location, _ in quick.problems] == ["3", "4", "5", "7"]
 
 
+def test_unclosed_quote_in_a_caption_is_reported_not_swallowed(tmp_path):
+    names = _photos(tmp_path, count=2, size=(64, 64))
+    rows = [f'{names[0]},,"12 inch print, denoise'] + [f"{names[1]},,caption {i}" for i in range(1000)]
+    csv_path = _write_csv(tmp_path / "pairs.csv", rows)
+    # read as one row (lines 2-1002) with a 25,000-character caption: refused, naming file and line, in both modes
+    for on_error in ("raise", "skip"):
+        with pytest.raises(PairedDataError, match=r"pairs\.csv, line 2: broken quoting: lines 2-1002 .*caption "
+                           r"'12 inch print, denoise\.\.\.' starts with a quote"):
+            PairedDataset(csv_path, resolution=64, on_error=on_error)
+    with pytest.raises(PairedDataError, match="line 2: broken quoting"):  # a caption this long is no caption
+        PairedDataset(csv_path, resolution=64, allow_multiline_captions=True)
+    report = validate_paired_csv(csv_path)
+    assert not report.ok and report.problems[0][0].endswith("pairs.csv, line 2")
+    assert "broken quoting" in report.problems[0][1] and "no problems" not in str(report)
+
+    # a quote opened in a path column: never a valid row
+    path_quote = _write_csv(tmp_path / "path_quote.csv", [f'"{names[0]},,a', f'{names[1]},,b"'])
+    with pytest.raises(PairedDataError, match=r"line 2: broken quoting: .*image_path"):
+        PairedDataset(path_quote, resolution=64, allow_multiline_captions=True)
+    # a long caption on one line is reported as such
+    long_caption = _write_csv(tmp_path / "long.csv", [f"{names[0]},,{'word ' * 600}"])
+    assert "caption has 3000 characters" in validate_paired_csv(long_caption).problems[0][1]
+
+
+def test_multiline_captions_only_with_the_flag(tmp_path):
+    names = _photos(tmp_path, count=2, size=(64, 64))
+    csv_path = _write_csv(tmp_path / "pairs.csv", [f'{names[0]},,"first line\nsecond line"', f"{names[1]},,next"])
+    with pytest.raises(PairedDataError, match="line 2: broken quoting: lines 2-3 .*allow_multiline_captions=True"):
+        PairedDataset(csv_path, resolution=64)
+    dataset = PairedDataset(csv_path, resolution=64, allow_multiline_captions=True)
+    assert [row.caption for row in dataset.rows] == ["first line\nsecond line", "next"]
+    assert dataset.rows[1].location.endswith("line 4")  # physical line numbers
+    assert validate_paired_csv(csv_path, allow_multiline_captions=True).ok
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_csv_encodings_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    names = _photos(tmp_path, count=1, size=(64, 64))
+    text = f"image_path,condition_image_path,caption\n{names[0]},,caf\u00e9 \u65e5\u672c\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data  # big-endian with its mark
+    (tmp_path / "pairs.csv").write_bytes(data)
+    rows, problems = read_paired_csv(tmp_path / "pairs.csv")
+    assert not problems and [row.caption for row in rows] == ["caf\u00e9 \u65e5\u672c"]
+    assert rows[0].image_path == os.path.join(str(tmp_path), names[0])
+
+
+def test_csv_in_another_encoding_is_refused_naming_the_line(tmp_path):
+    names = _photos(tmp_path, count=1, size=(64, 64))
+    text = f"image_path,condition_image_path,caption\n{names[0]},,plain\n{names[0]},,caf\u00e9\n"
+    (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+    for load in (lambda path: PairedDataset(path, resolution=64, on_error="skip"), validate_paired_csv):
+        with pytest.raises(PairedDataError, match=r"latin1\.csv, line 3: byte 0xe9 is not valid UTF-8 .*as UTF-8"):
+            load(tmp_path / "latin1.csv")
+    (tmp_path / "utf16.csv").write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(PairedDataError, match=r"utf16\.csv, line 1: .*UTF-16 or UTF-32 text without a byte-order mark"):
+        read_paired_csv(tmp_path / "utf16.csv")
+
+
 # --------------------------------------------------------------------------------------------- make_pairs
 
 
@@ -303,6 +364,51 @@ def test_make_pairs_is_reproducible_parallel_and_resumable(tmp_path, capsys):
     assert make_pairs_main(["--input-dir", str(photos), "--output-dir", str(tmp_path / "c"), "--degradation",
                             "nope"]) == 2
     assert "known" in capsys.readouterr().err
+
+
+def test_make_pairs_redoes_pairs_whose_photo_changed(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos, count=3, size=(64, 64))
+    arguments = ["--input-dir", str(photos), "--output-dir", str(tmp_path / "out"), "--degradation",
+                 "gaussian_noise:20", "--workers", "1", "--quiet"]
+    assert make_pairs_main(arguments) == 0
+    before = _digests(tmp_path / "out" / "degraded")
+    kept_stats = {name: os.stat(tmp_path / "out" / "degraded" / name).st_mtime_ns for name in before}
+
+    # photo1 replaced under the same name (and its modification time set back: only the content tells)
+    old_stat = os.stat(photos / "photo1.png")
+    replacement = np.asarray(Image.open(photos / "photo1.png"))[::-1].copy()  # upside down
+    Image.fromarray(replacement).save(photos / "photo1.png")
+    os.utime(photos / "photo1.png", ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+    os.utime(photos / "photo2.png")  # touched, content unchanged: kept
+    capsys.readouterr()
+    assert make_pairs_main(arguments) == 0
+    assert "1 written (1 redone: their photo changed), 2 already done" in capsys.readouterr().out
+    after = _digests(tmp_path / "out" / "degraded")
+    assert after["photo1.png"] != before["photo1.png"]
+    for name in ("photo0.png", "photo2.png"):  # byte-identical, not even rewritten
+        assert after[name] == before[name]
+        assert os.stat(tmp_path / "out" / "degraded" / name).st_mtime_ns == kept_stats[name]
+    # the redone pair is what a fresh run on the new photo makes
+    fresh = tmp_path / "fresh"
+    os.makedirs(fresh)
+    Image.fromarray(replacement).save(fresh / "photo1.png")
+    make_pairs(fresh, tmp_path / "fresh_out", degradation="gaussian_noise:20", num_workers=1, verbose=False)
+    assert _digests(tmp_path / "fresh_out" / "degraded")["photo1.png"] == after["photo1.png"]
+
+
+def test_make_pairs_names_a_damaged_settings_file(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos, count=1, size=(64, 64))
+    arguments = ["--input-dir", str(photos), "--output-dir", str(tmp_path / "out"), "--workers", "1", "--quiet"]
+    assert make_pairs_main(arguments) == 0
+    (tmp_path / "out" / "make_pairs.json").write_text("")
+    assert make_pairs_main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "make_pairs.json is not valid JSON (it is empty)" in error and "Delete it and run again" in error
+    os.remove(tmp_path / "out" / "make_pairs.json")
+    assert make_pairs_main(arguments) == 0
+    assert "0 written, 1 already done" in capsys.readouterr().out
 
 
 def test_make_pairs_super_resolution_mode(tmp_path, capsys):

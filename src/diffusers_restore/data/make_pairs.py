@@ -11,9 +11,13 @@ relative to the CSV; the caption is built from the degradations applied).
   never from the processing order, so any number of workers gives byte-identical outputs.
 * Parallel: a process pool over ``--workers`` cores (default: all).
 * Resumable: every output is written to a temporary file and renamed into place, and carries its degradation
-  record and caption in a PNG text chunk; a rerun keeps the outputs already made with the same settings and only
-  computes the missing ones. The settings are recorded in ``<output-dir>/make_pairs.json``; a run with other
-  settings into the same folder stops before doing anything, unless ``--overwrite``.
+  record, its caption and the sha256 of the photo it was made from in a PNG text chunk; a rerun keeps the outputs
+  already made with the same settings from the same photo contents, redoes those whose photo was replaced since (same
+  name, other content: the old degraded file would no longer match it), and computes the missing ones. The sources
+  are hashed on every run (a few milliseconds per photo, in the worker processes) rather than trusted by size and
+  modification time, which copies and backup restores preserve. The settings are recorded in
+  ``<output-dir>/make_pairs.json``; a run with other settings into the same folder stops before doing anything,
+  unless ``--overwrite``.
 * The CSV is written once, at the end, atomically.
 Degraded images are lossless PNG (RGB), so that what the degradation produced (e.g. JPEG artifacts) is kept exactly.
 
@@ -33,7 +37,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -41,19 +44,22 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .degradations import (
-    apply_degradation_spec,
-    area_downsample_pair,
-    degradation_prompt,
+from ..image_io import (
+    IMAGE_EXTENSIONS,
+    atomic_write,
+    atomic_write_json,
+    find_images,
     load_rgb,
-    parse_degradation_spec,
+    read_json,
+    remove_stray_temp_files,
+    save_image,
+    sha256_file,
 )
+from .degradations import apply_degradation_spec, area_downsample_pair, degradation_prompt, parse_degradation_spec
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PNG_TEXT_KEY = "sana_restore_pair"
 DEGRADED_FOLDER = "degraded"
 HQ_FOLDER = "hq"
-_TEMP_PREFIX = ".tmp-"
 NO_DEGRADATION = "none"
 """With `sr_crop`: the LQ image is the area-downsampled HQ with nothing more applied."""
 
@@ -64,7 +70,11 @@ __all__ = ["MakePairsResult", "make_pairs", "main", "pair_seed"]
 class MakePairsResult:
     csv_path: str
     num_written: int = 0
+    """Outputs computed by this run, including the redone ones."""
     num_resumed: int = 0
+    """Outputs kept from an earlier run (same settings, same photo content)."""
+    num_redone: int = 0
+    """Outputs computed again because their photo's content changed since they were made."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     """``(input path, error)`` for every photo that could not be processed (left out of the CSV)."""
     seconds: float = 0.0
@@ -91,20 +101,6 @@ def pair_seed(seed: int, relative_path: str, copy: int = 0) -> list[int]:
     return [int(seed), int.from_bytes(hashlib.sha256(key).digest()[:8], "little")]
 
 
-def _find_images(input_dir: str, exclude: Sequence[str]) -> list[str]:
-    """Relative paths of the images under `input_dir`, sorted, leaving out the folders `exclude` (our outputs)."""
-    found = []
-    excluded = {os.path.abspath(folder) for folder in exclude}
-    for directory, subdirectories, files in os.walk(input_dir):
-        subdirectories[:] = sorted(
-            d for d in subdirectories if os.path.abspath(os.path.join(directory, d)) not in excluded
-        )
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(_TEMP_PREFIX):
-                found.append(os.path.relpath(os.path.join(directory, name), input_dir))
-    return sorted(found)
-
-
 def _settings(job: _Job) -> dict:
     settings = {"source": job.relative_path.replace(os.sep, "/"), "copy": job.copy, "seed": job.seed,
                 "degradation": job.degradation}
@@ -124,29 +120,34 @@ def _read_existing(path: str) -> dict | None:
 
 
 def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
-    """Degrade one photo. Returns (job, caption, status, error) with status "written", "resumed" or "failed"."""
+    """Degrade one photo. Returns (job, caption, status, error) with status "written", "redone" (written again
+    because the photo changed), "resumed" or "failed"."""
     try:
+        source_path = os.path.join(job.input_root, job.relative_path)
+        source_sha256 = sha256_file(source_path)
+        status = "written"
         if os.path.exists(job.output_path):
             existing = _read_existing(job.output_path)
             complete = job.hq_path is None or os.path.exists(job.hq_path)  # the HQ file is written first
             if complete and existing is not None and all(existing.get(k) == v for k, v in _settings(job).items()):
-                return job, existing["caption"], "resumed", None
-            if not job.overwrite:
+                if existing.get("source_sha256") == source_sha256:
+                    return job, existing["caption"], "resumed", None
+                status = "redone"  # made by this command with these settings, from another version of the photo
+            elif not job.overwrite:
                 return job, "", "failed", (
                     f"{job.output_path} exists but was not made by this command with these settings "
                     f"(found {None if existing is None else {k: existing.get(k) for k in _settings(job)}}); "
                     "use another --output-dir or --overwrite."
                 )
         rng = np.random.default_rng(pair_seed(job.seed, job.relative_path, job.copy))
-        clean = load_rgb(os.path.join(job.input_root, job.relative_path))
+        clean = load_rgb(source_path)
+        profile = clean.info.get("icc_profile")  # outputs keep the photo's colour space, so they keep its label
         if job.sr_crop is not None:
             clean, degraded, records = area_downsample_pair(clean, crop=job.sr_crop, rng=rng)
             if job.degradation != NO_DEGRADATION:
                 degraded, more = apply_degradation_spec(degraded, job.degradation, rng)
                 records = records + more
-            buffer = io.BytesIO()
-            clean.save(buffer, format="PNG", compress_level=1)
-            _atomic_write(job.hq_path, buffer.getvalue())
+            save_image(clean, job.hq_path, icc_profile=profile, compress_level=1)
             degraded = degraded.convert("RGB")  # LQ keeps its half size
         else:
             degraded, records = apply_degradation_spec(clean, job.degradation, rng)
@@ -154,35 +155,13 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
             if degraded.size != clean.size:
                 degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
         caption = degradation_prompt(records, rng, job.generic_prompt_probability)
+        record = {**_settings(job), "source_sha256": source_sha256, "records": records, "caption": caption}
         info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_TEXT_KEY, json.dumps({**_settings(job), "records": records, "caption": caption}))
-        buffer = io.BytesIO()
-        degraded.save(buffer, format="PNG", pnginfo=info, compress_level=1)
-        _atomic_write(job.output_path, buffer.getvalue())
-        return job, caption, "written", None
+        info.add_text(PNG_TEXT_KEY, json.dumps(record))
+        save_image(degraded, job.output_path, icc_profile=profile, pnginfo=info, compress_level=1)
+        return job, caption, status, None
     except Exception as error:  # reported per file; one bad photo must not stop a long run
         return job, "", "failed", f"{type(error).__name__}: {error}"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX + name + ".", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-
-def _remove_stray_temp_files(folder: str) -> None:
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            if name.startswith(_TEMP_PREFIX):
-                os.remove(os.path.join(directory, name))
 
 
 MANIFEST_FILE = "make_pairs.json"
@@ -192,14 +171,18 @@ def _check_manifest(output_dir: str, settings: dict, overwrite: bool) -> None:
     """Refuse to mix outputs of different settings in one folder (unless `overwrite`); record the settings."""
     path = os.path.join(output_dir, MANIFEST_FILE)
     if os.path.isfile(path) and not overwrite:
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
+        previous = read_json(
+            path,
+            f"It records the settings the pairs in {output_dir} were made with. Delete it and run again (the pairs "
+            "whose own records match this run's settings are kept, the others are reported), or use another "
+            "--output-dir.",
+        )
         if previous != settings:
             raise ValueError(
                 f"{output_dir} holds pairs made with other settings ({previous}, now {settings}); use another "
                 "--output-dir or --overwrite."
             )
-    _atomic_write(path, (json.dumps(settings, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, settings, indent=None)
 
 
 def _csv_path_field(path: str, csv_folder: str) -> str:
@@ -260,7 +243,8 @@ def make_pairs(
         parse_degradation_spec(degradation)  # a clear ValueError for a bad spec, before any work
     degraded_root = os.path.join(output_dir, DEGRADED_FOLDER)
     hq_root = os.path.join(output_dir, HQ_FOLDER)
-    relative_paths = _find_images(input_dir, exclude=[degraded_root] + ([hq_root] if sr_crop is not None else []))
+    excluded = [degraded_root] + ([hq_root] if sr_crop is not None else [])
+    relative_paths = [os.path.relpath(path, input_dir) for path in find_images(input_dir, exclude=excluded)]
     if not relative_paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{input_dir}'.")
     os.makedirs(output_dir, exist_ok=True)
@@ -268,8 +252,9 @@ def make_pairs(
     if sr_crop is not None:
         manifest["sr_crop"] = int(sr_crop)
     _check_manifest(output_dir, manifest, overwrite)
-    if os.path.isdir(degraded_root):
-        _remove_stray_temp_files(degraded_root)
+    for folder in (degraded_root, hq_root):
+        if os.path.isdir(folder):
+            remove_stray_temp_files(folder, recursive=True)
     input_abs = os.path.abspath(input_dir)
     if os.path.commonpath([input_abs, os.path.abspath(degraded_root)]) == os.path.abspath(degraded_root):
         raise ValueError("input_dir must not lie inside output_dir/degraded.")
@@ -304,7 +289,8 @@ def make_pairs(
         if status == "failed":
             result.failures.append((os.path.join(input_dir, job.relative_path), error or "unknown error"))
             continue
-        result.num_written += status == "written"
+        result.num_written += status in ("written", "redone")
+        result.num_redone += status == "redone"
         result.num_resumed += status == "resumed"
         clean_path = job.hq_path if job.hq_path is not None else os.path.join(input_abs, job.relative_path)
         rows.append((
@@ -319,7 +305,7 @@ def make_pairs(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image_path", "condition_image_path", "caption"])
     writer.writerows(rows)
-    _atomic_write(result.csv_path, buffer.getvalue().encode("utf-8"))
+    atomic_write(result.csv_path, buffer.getvalue().encode("utf-8"))
     result.seconds = time.perf_counter() - start_time
     return result
 
@@ -376,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for path, error in result.failures:
         print(f"sana-restore make-pairs: failed: {path}: {error}", file=sys.stderr)
-    print(f"{result.csv_path}: {result.num_written + result.num_resumed} pairs ({result.num_written} written, "
+    redone = f" ({result.num_redone} redone: their photo changed)" if result.num_redone else ""
+    print(f"{result.csv_path}: {result.num_written + result.num_resumed} pairs ({result.num_written} written{redone}, "
           f"{result.num_resumed} already done, {len(result.failures)} failed) in {result.seconds:.1f} s")
     return 1 if result.failures else 0
 

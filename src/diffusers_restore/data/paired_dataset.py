@@ -11,8 +11,8 @@ Per sample, both images get the same spatial augmentation: one crop position and
 degraded image is first resized to the clean image's size when they differ (super-resolution pairs); images whose
 short side is below `resolution` are resized up (bicubic, both images alike) so that the short side equals
 `resolution` before cropping. Larger images are cropped, never resized, so that pre-generated degradations keep
-their pixel statistics. All image modes are converted to RGB with :func:`~.degradations.to_rgb` (transparency over
-white, 16-bit scaled to 8-bit) after applying the EXIF orientation.
+their pixel statistics. Files are read with :func:`diffusers_restore.image_io.load_rgb`: EXIF orientation applied,
+every mode converted to 8-bit RGB (transparency over white, 16-bit scaled to 8-bit).
 
 Randomness: the augmentation and the on-the-fly degradation of sample ``i`` in epoch ``e`` come from generators
 seeded with ``(seed, e, i)``, so a run is reproducible, independent of how samples are spread over DataLoader
@@ -22,7 +22,9 @@ each epoch (before iterating the DataLoader); the epoch lives in shared memory, 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 import os
@@ -31,25 +33,26 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .degradations import (
-    GENERIC_PROMPT,
-    DegradationSpec,
-    degradation_prompt,
-    get_degradation_fn,
-    load_rgb,
-    records_to_json,
-)
+from ..image_io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_size, load_rgb
+from .degradations import GENERIC_PROMPT, DegradationSpec, degradation_prompt, get_degradation_fn, records_to_json
 
 logger = logging.getLogger(__name__)
 
 CSV_HEADER = ("image_path", "condition_image_path", "caption")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_CAPTION_CHARS = 2000
+"""Longer captions are reported: SANA's text encoder reads 300 tokens (roughly 1200 characters), so a longer caption
+is almost always the rows after an unclosed quote, read as one field."""
+MAX_PATH_CHARS = 4096
+"""Longer path fields are reported (PATH_MAX on Linux is 4096 bytes)."""
+BROKEN_QUOTING = "broken quoting"
+"""Start of the message of a row that runs over several lines because of a quote (see :func:`read_paired_csv`)."""
 
 __all__ = [
     "CSV_HEADER",
     "IMAGE_EXTENSIONS",
+    "MAX_CAPTION_CHARS",
     "PairRow",
     "PairedCSVReport",
     "PairedDataError",
@@ -118,19 +121,101 @@ class PairedCSVReport:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+_BYTE_ORDER_MARKS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
+def _read_csv_text(csv_path: str) -> str:
+    """The CSV's text. UTF-8 (with or without a byte-order mark) and UTF-16/UTF-32 with a byte-order mark (what
+    spreadsheet programs write) are read; anything else raises :class:`PairedDataError` naming the line of the first
+    byte that does not decode, instead of guessing an encoding and turning paths into other paths."""
+    with open(csv_path, "rb") as handle:
+        data = handle.read()
+    codec, name = "utf-8", "UTF-8"
+    for mark, mark_codec, mark_name in _BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            codec, name = mark_codec, mark_name
+            break
+    if codec == "utf-8" and b"\x00" in data[:4096]:
+        raise PairedDataError(
+            "the file holds NUL bytes: it looks like UTF-16 or UTF-32 text without a byte-order mark. Save it as "
+            "UTF-8 (in Excel: 'CSV UTF-8').", f"{csv_path}, line 1"
+        )
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].decode(codec, errors="replace").count("\n") + 1
+        raise PairedDataError(
+            f"byte {data[error.start]:#04x} is not valid {name} ({error.reason}): the file is in another encoding, "
+            f"probably Latin-1/Windows-1252. Save it as UTF-8 (in Excel: 'CSV UTF-8').",
+            f"{csv_path}, line {line}",
+        ) from None
+
+
+def _field_preview(value: str, length: int = 40) -> str:
+    first_line = value.splitlines()[0] if value else ""
+    return repr(first_line[:length] + ("..." if len(first_line) > length or "\n" in value else ""))
+
+
+def _row_problem(
+    fields: list[str], first_line: int, last_line: int, allow_multiline_captions: bool
+) -> str | None:
+    """What is wrong with one parsed row, or None. Rows running over several lines are checked first: a quote
+    that is not closed at the end of its field makes the csv module read every following line, up to the next
+    quote or the end of the file, into that field."""
+    names = CSV_HEADER[: len(fields)] if len(fields) <= len(CSV_HEADER) else CSV_HEADER
+    if last_line > first_line:
+        spanning = [name for name, value in zip(names, fields) if "\n" in value or "\r" in value]
+        where = ", ".join(f"{name} {_field_preview(fields[names.index(name)])}" for name in spanning) or "a field"
+        lines = f"lines {first_line}-{last_line} ({last_line - first_line + 1} lines) were read as one row"
+        path_spans = any(name != "caption" for name in spanning)
+        too_long = len(fields) >= 3 and len(fields[2]) > MAX_CAPTION_CHARS
+        if not allow_multiline_captions or path_spans or too_long:
+            return (
+                f"{BROKEN_QUOTING}: {lines}, because {where} starts with a quote that is not closed on its line. "
+                "Close or remove the quote (a quote inside a field is written as two quotes \"\"). "
+                + ("" if path_spans or too_long else "If captions really hold line breaks, pass "
+                   "allow_multiline_captions=True.")
+            ).rstrip()
+    if len(fields) != len(CSV_HEADER):
+        return f"expected {len(CSV_HEADER)} columns ({','.join(CSV_HEADER)}), found {len(fields)}."
+    if not fields[0].strip():
+        return "image_path is empty."
+    for name, value in zip(CSV_HEADER[:2], fields[:2]):
+        if len(value) > MAX_PATH_CHARS or any(character in value for character in "\n\r\x00"):
+            return f"{name} is not a file path ({len(value)} characters: {_field_preview(value)})."
+    if len(fields[2]) > MAX_CAPTION_CHARS:
+        return (f"the caption has {len(fields[2])} characters, more than {MAX_CAPTION_CHARS} (a text encoder reads a "
+                f"few hundred tokens); an unclosed quote may have joined rows: {_field_preview(fields[2])}.")
+    return None
+
 
 def read_paired_csv(
-    csv_path: str | os.PathLike, on_error: str = "raise"
+    csv_path: str | os.PathLike, on_error: str = "raise", allow_multiline_captions: bool = False
 ) -> tuple[list[PairRow], list[tuple[str, str]]]:
-    """Parse a pairs CSV (structure only: header, column count, non-empty clean path; files are not opened).
+    """Parse a pairs CSV: the one reader of the format (structure only; image files are not opened).
+
+    Checked: the encoding (UTF-8, or UTF-8/16/32 with a byte-order mark; other bytes raise naming the line), the
+    header ``image_path,condition_image_path,caption``, every row's column count, a non-empty ``image_path``, path
+    fields that look like paths, captions of at most :data:`MAX_CAPTION_CHARS` characters, and rows that run over
+    several lines. The last catch an unclosed quote: ``a.png,,"12 inch print, denoise`` makes the csv module read
+    all the following lines, up to the next quote, as one caption; such a row is reported (location: the line where
+    it starts) with a message starting with :data:`BROKEN_QUOTING`.
 
     Args:
         csv_path: the CSV file; relative image paths resolve against its folder.
-        on_error: "raise" (first bad row raises :class:`PairedDataError`) or "skip" (bad rows are returned as
-            problems).
+        on_error: "raise" (the first problem raises :class:`PairedDataError`) or "skip" (bad rows are returned as
+            problems; encoding and header problems raise in any case).
+        allow_multiline_captions: accept captions that hold line breaks (valid CSV: a quoted field may span lines),
+            unless they are longer than :data:`MAX_CAPTION_CHARS`. Path fields never may.
 
     Returns:
-        ``(rows, problems)`` with problems as ``(location, message)``.
+        ``(rows, problems)`` with problems as ``(location, message)``, locations like ``"pairs.csv, line 7"``.
     """
     _check_on_error(on_error)
     csv_path = os.fspath(csv_path)
@@ -139,56 +224,51 @@ def read_paired_csv(
     root = os.path.dirname(os.path.abspath(csv_path))
     rows: list[PairRow] = []
     problems: list[tuple[str, str]] = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != CSV_HEADER:
-            raise PairedDataError(
-                f"the header must be {','.join(CSV_HEADER)}, got {','.join(header or [])!r}.", f"{csv_path}, line 1"
-            )
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as error:
-                fields, message = None, f"malformed CSV ({error})."
-            else:
-                message = None
-            location = f"{csv_path}, line {reader.line_num}"
-            if fields is not None and not fields:  # blank line
+    reader = csv.reader(io.StringIO(_read_csv_text(csv_path), newline=""))
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != CSV_HEADER:
+        raise PairedDataError(
+            f"the header must be {','.join(CSV_HEADER)}, got {','.join(header or [])!r}.", f"{csv_path}, line 1"
+        )
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            fields, message = None, f"malformed CSV ({error})."
+            if "field limit" in str(error):  # a quote left open in a long file
+                message = f"{BROKEN_QUOTING}: {message[:-1]}: a field starts with a quote that is not closed."
+        else:
+            message = None
+        location = f"{csv_path}, line {first_line}"
+        if fields is not None:
+            if not fields:  # blank line
                 continue
-            if fields is not None and len(fields) != len(CSV_HEADER):
-                message = f"expected {len(CSV_HEADER)} columns ({','.join(CSV_HEADER)}), found {len(fields)}."
-            elif fields is not None and not fields[0].strip():
-                message = "image_path is empty."
-            if message is not None:
-                if on_error == "raise":
-                    raise PairedDataError(message, location)
-                problems.append((location, message))
-                continue
-            image_path, condition_path, caption = (value.strip() for value in fields)
-            rows.append(
-                PairRow(
-                    image_path=os.path.join(root, image_path),
-                    condition_image_path=os.path.join(root, condition_path) if condition_path else None,
-                    caption=caption,
-                    location=location,
-                )
+            message = _row_problem(fields, first_line, reader.line_num, allow_multiline_captions)
+        if message is not None:
+            if on_error == "raise":
+                raise PairedDataError(message, location)
+            problems.append((location, message))
+            continue
+        image_path, condition_path, caption = (value.strip() for value in fields)
+        rows.append(
+            PairRow(
+                image_path=os.path.join(root, image_path),
+                condition_image_path=os.path.join(root, condition_path) if condition_path else None,
+                caption=caption,
+                location=location,
             )
+        )
     return rows, problems
 
 
 def _folder_rows(folder: str) -> list[PairRow]:
-    paths = []
-    for directory, subdirectories, files in os.walk(folder):
-        subdirectories.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(os.path.abspath(directory), name))
+    paths = find_images(os.path.abspath(folder))
     if not paths:
         raise PairedDataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found.", folder)
-    return [PairRow(path, None, "", path) for path in sorted(paths)]
+    return [PairRow(path, None, "", path) for path in paths]
 
 
 def _check_on_error(on_error: str) -> None:
@@ -205,14 +285,18 @@ def _aspect_ratios_agree(clean_size: tuple[int, int], degraded_size: tuple[int, 
 
 
 def _header_size(path: str, role: str) -> tuple[int, int]:
-    """The size from the image header (cheap); raises PairedDataError for missing or unidentifiable files."""
+    """The upright size from the image header (cheap); raises PairedDataError for missing or unidentifiable files."""
     if not os.path.isfile(path):
         raise PairedDataError(f"{role} '{path}' does not exist.")
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise PairedDataError(f"{role} '{path}' cannot be read as an image ({error}).") from None
+        return image_size(path)
+    except OSError as error:
+        raise PairedDataError(f"{role} '{path}' cannot be read as an image ({_problem(error)})") from None
+
+
+def _problem(error: OSError) -> str:
+    """The message of a loading error without the path (which our messages give already)."""
+    return error.problem if isinstance(error, ImageReadError) else str(error)
 
 
 def _check_row(row: PairRow, decode: bool) -> list[str]:
@@ -227,8 +311,8 @@ def _check_row(row: PairRow, decode: bool) -> list[str]:
                 load_rgb(path)
         except PairedDataError as error:
             problems.append(error.problem)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            problems.append(f"{role} '{path}' cannot be decoded ({error}).")
+        except (OSError, ValueError) as error:
+            problems.append(f"{role} '{path}' cannot be decoded ({_problem(error)})")
     if len(sizes) == 2 and not _aspect_ratios_agree(sizes["image"], sizes["condition image"]):
         problems.append(
             f"aspect ratios disagree: image {sizes['image'][0]}x{sizes['image'][1]}, condition image "
@@ -238,19 +322,21 @@ def _check_row(row: PairRow, decode: bool) -> list[str]:
 
 
 def validate_paired_csv(
-    csv_path: str | os.PathLike, decode: bool = True, raise_on_error: bool = False
+    csv_path: str | os.PathLike, decode: bool = True, raise_on_error: bool = False,
+    allow_multiline_captions: bool = False,
 ) -> PairedCSVReport:
-    """Check a whole pairs CSV up front: every row's structure, every file present and openable (fully decoded
-    when `decode`, which also catches truncated files), and the aspect ratios of each pair.
+    """Check a whole pairs CSV up front: every row's structure (see :func:`read_paired_csv`, whose
+    `allow_multiline_captions` this passes on), every file present and openable (fully decoded when `decode`, which
+    also catches truncated files), and the aspect ratios of each pair (EXIF orientation applied).
 
     Returns:
         A :class:`PairedCSVReport` listing every problem (``report.ok`` when there are none).
 
     Raises:
-        PairedDataError: with all problems listed, if `raise_on_error` and there are any (a missing file or a bad
-            header raises in any case).
+        PairedDataError: with all problems listed, if `raise_on_error` and there are any (a missing file, an
+            undecodable encoding or a bad header raises in any case).
     """
-    rows, problems = read_paired_csv(csv_path, on_error="skip")
+    rows, problems = read_paired_csv(csv_path, on_error="skip", allow_multiline_captions=allow_multiline_captions)
     report = PairedCSVReport(os.fspath(csv_path), num_rows=len(rows) + len(problems), problems=list(problems))
     for row in rows:
         report.problems.extend((row.location, message) for message in _check_row(row, decode))
@@ -287,8 +373,11 @@ class PairedDataset(torch.utils.data.Dataset):
             once and left out; files are checked (headers and aspect ratios) when the dataset is built, so
             :attr:`num_skipped` and :attr:`skipped` are complete except for images that are truncated (detected when
             decoded: the sample is then replaced by the next valid one and recorded in the process that found it).
+            A CSV whose quoting is broken (a row running over several lines, see :func:`read_paired_csv`) is
+            refused in both modes: the rows after an unclosed quote were read into one field and would be lost.
         generic_prompt_probability: chance that an on-the-fly sample gets :data:`GENERIC_PROMPT` instead of a
             description of its degradations.
+        allow_multiline_captions: accept quoted captions that hold line breaks (see :func:`read_paired_csv`).
 
     Items are dicts: ``pixel_values`` (clean) and ``conditioning_pixel_values`` (degraded), float32 tensors of shape
     [3, resolution, resolution] in [-1, 1]; ``prompt`` (str); ``index`` (int); ``degradation`` (JSON list of the
@@ -305,6 +394,7 @@ class PairedDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         on_error: str = "raise",
         generic_prompt_probability: float = 0.1,
+        allow_multiline_captions: bool = False,
     ) -> None:
         _check_on_error(on_error)
         if not isinstance(resolution, int) or resolution <= 0 or resolution % 32:
@@ -331,8 +421,12 @@ class PairedDataset(torch.utils.data.Dataset):
         if os.path.isdir(data):
             rows = _folder_rows(data)
         elif os.path.isfile(data):
-            rows, problems = read_paired_csv(data, on_error=on_error)
+            rows, problems = read_paired_csv(
+                data, on_error=on_error, allow_multiline_captions=allow_multiline_captions
+            )
             for location, message in problems:
+                if message.startswith(BROKEN_QUOTING):
+                    raise PairedDataError(message, location)
                 self._skip(location, message)
         else:
             raise PairedDataError("neither a pairs CSV file nor a folder of images.", data)
@@ -388,8 +482,8 @@ class PairedDataset(torch.utils.data.Dataset):
             raise PairedDataError(f"{role} '{path}' does not exist.", row.location)
         try:
             return load_rgb(path)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            raise PairedDataError(f"{role} '{path}' cannot be read ({error}).", row.location) from None
+        except (OSError, ValueError) as error:
+            raise PairedDataError(f"{role} '{path}' cannot be read ({_problem(error)})", row.location) from None
 
     def _load_pair(self, row: PairRow) -> tuple[Image.Image, Image.Image | None]:
         clean = self._load(row.image_path, row, "image")
