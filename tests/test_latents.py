@@ -197,6 +197,28 @@ def test_damaged_or_unfinished_caches_are_detected_and_rebuilt(photo_folder, tmp
     assert all(torch.equal(resumed[i]["latents"], expected[i]) for i in range(len(resumed)))
 
 
+def test_items_are_private_copies_and_damaged_json_is_named(photo_folder, tmp_path):
+    dataset = PairedDataset(photo_folder, resolution=32, seed=0)
+    vae = get_tiny_vae()
+    cache = tmp_path / "cache"
+    build_latent_cache(dataset, vae, cache, shard_size=8)
+    reader = CachedLatentDataset(cache, load_prompt_embeds=False)
+    first = reader[1]["latents"]
+    expected = first.clone()
+    first.mul_(0).add_(7)  # a training step changing its batch in place
+    assert torch.equal(reader[1]["latents"], expected)
+
+    index_text = (cache / "index.json").read_text()
+    (cache / "index.json").write_text(index_text[: len(index_text) // 2])  # cut short
+    with pytest.raises(LatentCacheError, match=r"index\.json is not valid JSON \(.*line .*overwrite=True"):
+        CachedLatentDataset(cache, load_prompt_embeds=False)
+    with pytest.raises(LatentCacheError, match=r"index\.json is not valid JSON"):
+        build_latent_cache(dataset, vae, cache, shard_size=8)
+    build_latent_cache(dataset, vae, cache, shard_size=8, overwrite=True)  # rebuilt from scratch
+    rebuilt = CachedLatentDataset(cache, load_prompt_embeds=False)
+    assert torch.equal(rebuilt[1]["latents"], expected)
+
+
 def test_caches_from_other_settings_are_refused(photo_folder, tmp_path):
     dataset = PairedDataset(photo_folder, resolution=32, seed=0)
     vae = get_tiny_vae(seed=0)

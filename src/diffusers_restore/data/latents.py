@@ -32,13 +32,13 @@ import hashlib
 import json
 import logging
 import os
-import struct
-import tempfile
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
+
+from ..image_io import TEMP_PREFIX, atomic_write, atomic_write_json, read_json, remove_stray_temp_files, sha256_file
 
 from ..models.vae_latents import decode_latents, encode_latents
 
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 PROGRESS_FILE = "progress.json"
-_TEMP_PREFIX = ".tmp-"
 
 __all__ = [
     "CachedLatentDataset",
@@ -135,36 +134,10 @@ def vae_fingerprint(vae: torch.nn.Module, hash_weights: bool = True) -> dict[str
 # ------------------------------------------------------------------------------------------ file helpers
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync, then os.replace."""
-    folder, name = os.path.split(path)
-    handle, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX + name + ".", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-
-def _atomic_write_json(path: str, payload: dict[str, Any]) -> None:
-    _atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _check_safetensors(path: str, expected_size: int | None = None) -> dict[str, Any]:
-    """Check that `path` is a complete safetensors file (size, header, data extent); return its header."""
+def _open_shard(path: str, expected_size: int | None = None):
+    """Open a cache file with ``safetensors.safe_open``, which checks that the header is complete and that the tensor
+    data cover the rest of the file exactly; a missing, resized, truncated or otherwise invalid file raises
+    :class:`LatentCacheError` naming it. Returns the open handle (a context manager)."""
     if not os.path.isfile(path):
         raise LatentCacheError(f"{path}: cache file is missing.")
     size = os.path.getsize(path)
@@ -172,23 +145,33 @@ def _check_safetensors(path: str, expected_size: int | None = None) -> dict[str,
         raise LatentCacheError(f"{path}: {size} bytes, the index records {expected_size}: the file is truncated or "
                                f"was replaced. Rebuild the cache with build_latent_cache.")
     try:
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            if header_size > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(handle.read(header_size))
-        ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
-        if 8 + header_size + max(ends, default=0) != size:
-            raise ValueError("tensor data does not end at the end of the file")
-    except (struct.error, ValueError, KeyError, TypeError) as error:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as error:
         raise LatentCacheError(f"{path}: not a valid safetensors file ({error}); rebuild the cache.") from None
-    return header
+
+
+def _read_cache_json(path: str) -> dict[str, Any]:
+    try:
+        return read_json(path, "Delete it, or build the cache again with build_latent_cache(..., overwrite=True).")
+    except ValueError as error:
+        raise LatentCacheError(str(error)) from None
 
 
 def _verify_file(path: str, entry: dict[str, Any], checksum: bool) -> None:
-    _check_safetensors(path, entry["size"])
-    if checksum and _sha256_file(path) != entry["sha256"]:
+    with _open_shard(path, entry["size"]):
+        pass
+    if checksum and sha256_file(path) != entry["sha256"]:
         raise LatentCacheError(f"{path}: sha256 mismatch with the index (corrupt or replaced); rebuild the cache.")
+
+
+def _still_intact(path: str, entry: dict[str, Any]) -> bool:
+    """Whether a shard that progress.json records as done is still intact (size, header, sha256); logs why not."""
+    try:
+        _verify_file(path, entry, checksum=True)
+        return True
+    except LatentCacheError as error:
+        logger.warning("re-encoding %s: %s", os.path.basename(path), error)
+        return False
 
 
 def _differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
@@ -236,13 +219,6 @@ def _cache_metadata(dataset: Any, vae: torch.nn.Module, dtype: torch.dtype, shar
         "shard_size": shard_size,
         "prompt_embeds": with_prompts,
     }
-
-
-def _remove_stray_temp_files(output_dir: str) -> None:
-    for name in os.listdir(output_dir):
-        if name.startswith(_TEMP_PREFIX):
-            logger.warning("removing %s left by an interrupted cache build", os.path.join(output_dir, name))
-            os.remove(os.path.join(output_dir, name))
 
 
 @torch.no_grad()
@@ -307,8 +283,12 @@ def build_latent_cache(
     for path in (index_path, progress_path):
         if not os.path.isfile(path):
             continue
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
+        try:
+            previous = _read_cache_json(path)
+        except LatentCacheError:
+            if not overwrite:
+                raise
+            previous = {}  # unreadable: cleared below like a cache of other settings
         differences = _differences(metadata, previous.get("metadata", {}))
         if differences and not overwrite:
             raise LatentCacheError(
@@ -318,8 +298,7 @@ def build_latent_cache(
         if differences:
             _clear_cache_files(output_dir)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
+        index = _read_cache_json(index_path)
         try:
             for entry in index["shards"] + index["prompt_shards"]:
                 _verify_file(os.path.join(output_dir, entry["file"]), entry, checksum=True)
@@ -329,13 +308,12 @@ def build_latent_cache(
             os.remove(index_path)
             progress = {"metadata": metadata, "shards": {e["file"]: e for e in index["shards"]},
                         "prompt_shards": {}}
-            _atomic_write_json(progress_path, progress)
+            atomic_write_json(progress_path, progress)
 
-    _remove_stray_temp_files(output_dir)
+    remove_stray_temp_files(output_dir)
     progress = {"metadata": metadata, "shards": {}, "prompt_shards": {}}
     if os.path.isfile(progress_path):
-        with open(progress_path, encoding="utf-8") as handle:
-            progress = json.load(handle)
+        progress = _read_cache_json(progress_path)
 
     # ---- latent shards
     num_samples = len(dataset)
@@ -346,13 +324,9 @@ def build_latent_cache(
         path = os.path.join(output_dir, name)
         start, stop = number * shard_size, min(num_samples, (number + 1) * shard_size)
         entry = progress["shards"].get(name)
-        if entry is not None:
-            try:
-                _verify_file(path, entry, checksum=True)
-                shard_entries.append(entry)
-                continue
-            except LatentCacheError as error:
-                logger.warning("re-encoding shard %s: %s", name, error)
+        if entry is not None and _still_intact(path, entry):
+            shard_entries.append(entry)
+            continue
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(start, stop)),
             batch_size=batch_size,
@@ -378,18 +352,18 @@ def build_latent_cache(
         blob = safetensors_save(
             tensors, metadata={"prompts": json.dumps(prompts), "degradations": json.dumps(degradations)}
         )
-        _atomic_write(path, blob)
+        atomic_write(path, blob)
         entry = {"file": name, "start": start, "num_samples": stop - start, "size": len(blob),
                  "sha256": hashlib.sha256(blob).hexdigest()}
         progress["shards"][name] = entry
-        _atomic_write_json(progress_path, progress)
+        atomic_write_json(progress_path, progress)
         shard_entries.append(entry)
 
     # ---- the prompt table and its embeddings (one row per unique prompt)
     unique_prompts: list[str] = []
     seen: set[str] = set()
     for entry in shard_entries:
-        with safe_open(os.path.join(output_dir, entry["file"]), framework="pt") as handle:
+        with _open_shard(os.path.join(output_dir, entry["file"])) as handle:
             for prompt in json.loads(handle.metadata()["prompts"]):
                 if prompt not in seen:
                     seen.add(prompt)
@@ -409,7 +383,7 @@ def build_latent_cache(
         "prompt_shards": prompt_entries,
         "prompts": unique_prompts,
     }
-    _atomic_write_json(index_path, index)
+    atomic_write_json(index_path, index)
     os.remove(progress_path)
     return index
 
@@ -431,13 +405,9 @@ def _build_prompt_shards(
         path = os.path.join(output_dir, name)
         chunk = prompts[number * prompt_shard_size : (number + 1) * prompt_shard_size]
         entry = progress["prompt_shards"].get(name)
-        if entry is not None and entry.get("prompts_sha256") == _prompts_hash(chunk):
-            try:
-                _verify_file(path, entry, checksum=True)
-                entries.append(entry)
-                continue
-            except LatentCacheError as error:
-                logger.warning("re-encoding prompt shard %s: %s", name, error)
+        if entry is not None and entry.get("prompts_sha256") == _prompts_hash(chunk) and _still_intact(path, entry):
+            entries.append(entry)
+            continue
         embeds, masks = [], []
         for begin in range(0, len(chunk), prompt_batch_size):
             batch = chunk[begin : begin + prompt_batch_size]
@@ -462,11 +432,11 @@ def _build_prompt_shards(
             {"prompt_embeds": torch.cat(embeds).contiguous(), "prompt_attention_mask": torch.cat(masks).contiguous()},
             metadata={"prompts": json.dumps(chunk)},
         )
-        _atomic_write(path, blob)
+        atomic_write(path, blob)
         entry = {"file": name, "start": number * prompt_shard_size, "num_prompts": len(chunk), "size": len(blob),
                  "sha256": hashlib.sha256(blob).hexdigest(), "prompts_sha256": _prompts_hash(chunk)}
         progress["prompt_shards"][name] = entry
-        _atomic_write_json(progress_path, progress)
+        atomic_write_json(progress_path, progress)
         entries.append(entry)
     return entries
 
@@ -478,62 +448,41 @@ def _prompts_hash(prompts: list[str]) -> str:
 def _clear_cache_files(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         is_cache_file = name.endswith(".safetensors") and name.startswith(("latents-", "prompt_embeds-"))
-        if is_cache_file or name in (INDEX_FILE, PROGRESS_FILE) or name.startswith(_TEMP_PREFIX):
+        if is_cache_file or name in (INDEX_FILE, PROGRESS_FILE) or name.startswith(TEMP_PREFIX):
             os.remove(os.path.join(output_dir, name))
 
 
 # ------------------------------------------------------------------------------------------------- read
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 class _ShardReader:
-    """Reads single rows of the tensors of one safetensors file with positioned reads (one ``os.pread`` per tensor
-    and row), so that items are private copies and random access costs neither a full load nor page-fault storms
-    on a memory map. The file descriptor is opened lazily, once per process (DataLoader workers open their own)."""
+    """Single rows of the tensors of one cache file, read with safetensors' ``safe_open(...).get_slice(name)[row]``:
+    the file is memory-mapped, so a row costs a read of that row, not a load of the shard.
 
-    def __init__(self, path: str, header: dict[str, Any]) -> None:
+    Rows are returned as private copies (``clone``): safe_open hands out views of one mapping per tensor, shared by
+    every read in the process, so an in-place change of one item would otherwise show up in the next read of that
+    row. The handle is opened lazily, once per process (it cannot be pickled into DataLoader workers). Files are
+    only ever replaced by a rename, never rewritten in place, so an open mapping keeps seeing the file it verified.
+    """
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-        self.data_start = 8 + header_size
-        self.tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
-            self.tensors[name] = (dtype, shape[1:], begin, row_bytes)
-        self._fd: int | None = None
+        self._handle = None
         self._pid: int | None = None
+        self.metadata: dict[str, str] = self._file().metadata() or {}
+
+    def _file(self):
+        if self._pid != os.getpid():
+            self._handle, self._pid = _open_shard(self.path), os.getpid()
+        return self._handle
 
     def row(self, name: str, index: int) -> torch.Tensor:
-        if self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        dtype, shape, begin, row_bytes = self.tensors[name]
-        data = os.pread(self._fd, row_bytes, self.data_start + begin + index * row_bytes)
-        if len(data) != row_bytes:
-            raise LatentCacheError(f"{self.path}: short read (the file changed after it was verified).")
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        return self._file().get_slice(name)[index].clone()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fd"], state["_pid"] = None, None  # descriptors are per process
+        state["_handle"], state["_pid"] = None, None  # handles are per process
         return state
-
-    def __del__(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
@@ -572,11 +521,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
                 else ""
             )
             raise LatentCacheError(f"{index_path}: no cache index; the cache is missing or unfinished.{hint}")
-        try:
-            with open(index_path, encoding="utf-8") as handle:
-                self.index = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise LatentCacheError(f"{index_path}: unreadable cache index ({error}).") from None
+        self.index = _read_cache_json(index_path)
         if self.index.get("format_version") != FORMAT_VERSION:
             raise LatentCacheError(
                 f"{index_path}: cache format {self.index.get('format_version')}, this reader needs {FORMAT_VERSION}."
@@ -612,13 +557,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
                 _verify_file(self._path(entry), entry, checksum=verify == "sha256")
         self._readers: dict[str, _ShardReader] = {}
         for entry in self._prompt_shards:
-            self._readers[entry["file"]] = _ShardReader(self._path(entry), _check_safetensors(self._path(entry)))
+            self._readers[entry["file"]] = _ShardReader(self._path(entry))
         for entry in self._shards:
-            header = _check_safetensors(self._path(entry))
-            self._readers[entry["file"]] = _ShardReader(self._path(entry), header)
-            metadata = header.get("__metadata__", {})
-            self._sample_prompts += json.loads(metadata["prompts"])
-            self._sample_degradations += json.loads(metadata["degradations"])
+            reader = self._readers[entry["file"]] = _ShardReader(self._path(entry))
+            self._sample_prompts += json.loads(reader.metadata["prompts"])
+            self._sample_degradations += json.loads(reader.metadata["degradations"])
         self._sample_prompt_ids = [prompt_ids[prompt] for prompt in self._sample_prompts]
         if len(self._sample_prompts) != self.index["num_samples"]:
             raise LatentCacheError(
