@@ -7,8 +7,10 @@ therefore not used at all.
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy and PIL are imported when a photo is loaded: `sana-restore --help` reads the names only
+    from PIL import Image
 
 TRAIN_PHOTOS = (
     "astronaut",
@@ -33,6 +35,9 @@ def load_photo(name: str) -> Image.Image:
         ValueError: unknown name.
         RuntimeError: scikit-image is not installed.
     """
+    import numpy as np
+    from PIL import Image
+
     known = TRAIN_PHOTOS + GREY_TRAIN_PHOTOS + HELD_OUT_PHOTOS
     if name not in known:
         raise ValueError(f"unknown photo '{name}': choose from {', '.join(known)}.")
