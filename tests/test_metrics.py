@@ -244,7 +244,7 @@ def test_to_tensor01_conversions():
         (lambda a: psnr((a * 255).byte(), (a * 255).byte(), data_range=255), "data_range must be 1.0"),
         (lambda a: psnr(a.to(torch.int64), a.to(torch.int64)), "dtype"),
         (lambda a: psnr(np.zeros((3, 8, 9)), np.zeros((3, 8, 9))), "channels-last"),
-        (lambda a: psnr("image.png", "image.png"), "expected a torch.Tensor"),
+        (lambda a: psnr("image.png", "image.png"), "expected a PIL image, a numpy array or a torch tensor"),
         (lambda a: compute_metrics(a, a, metrics=("psnr", "niqe")), "unknown metric 'niqe'"),
         (lambda a: compute_metrics(a, a, metrics=("fid",)), r"fid\(images_a, images_b\)"),
     ],

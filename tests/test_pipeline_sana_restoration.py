@@ -29,7 +29,7 @@ from diffusers_restore.pipelines.pipeline_sana_restoration import (
 from diffusers_restore.testing import get_tiny_components, save_tiny_sana_pipeline
 
 STEPS = 2
-NO_CFG = dict(guidance_scale=1.0, guidance_scale_end=None)
+NO_CFG = dict(guidance_scale=1.0)
 
 
 def _build(seed: int = 0) -> SanaRestorationPipeline:
@@ -177,7 +177,13 @@ def test_bad_images_raise_naming_image(pipe, image, match):
         (dict(strength=1.5), "strength"),
         (dict(upscale=0.5), "upscale"),
         (dict(guidance_scale=0.5), "guidance_scale"),
-        (dict(guidance_scale_end=0.0), "guidance_scale_end"),
+        (dict(guidance_scale_start=0.0), "guidance_scale_start"),
+        (dict(sigmas=[float("nan")] * 3), "sigmas"),
+        (dict(sigmas=[]), "sigmas"),
+        (dict(sigmas=[0.5, 0.9]), "sigmas"),
+        (dict(sigmas=[1.5, 0.5]), "sigmas"),
+        (dict(timesteps=[2000.0, 10.0]), "timesteps"),
+        (dict(timesteps=[900.0], sigmas=[0.9]), "timesteps"),
         (dict(restoration_guidance=-1.0), "restoration_guidance"),
         (dict(tile_size=30), "tile_size"),
         (dict(tile_size=-4), "tile_size"),
@@ -192,7 +198,6 @@ def test_bad_images_raise_naming_image(pipe, image, match):
         (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback_on_step_end_tensor_inputs"),
         (dict(latents=torch.zeros(1, 4, 3, 3)), "latents"),
         (dict(generator=[_gen(0), _gen(1)]), "generator"),
-        (dict(strength=1e-4), "strength"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(pipe, kwargs, name):
@@ -275,17 +280,20 @@ def test_classifier_free_guidance_batches_and_skips(pipe):
         _run(pipe, _photo(16, 16), num_inference_steps=3, **NO_CFG)
         no_guidance = [shape[0] for shape in calls.shapes]
         calls.shapes.clear()
-        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale=3.0, guidance_scale_end=None)
+        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale=3.0)
         constant = [shape[0] for shape in calls.shapes]
         calls.shapes.clear()
-        _run(pipe, _photo(16, 16), num_inference_steps=3)  # default: linear 1 -> 4 in sigma
+        _run(pipe, _photo(16, 16), num_inference_steps=3)  # the flow-matching default: constant 4.5
+        default = [shape[0] for shape in calls.shapes]
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale_start=1.0, guidance_scale=4.0)
         linear = [shape[0] for shape in calls.shapes]
     finally:
         calls.remove()
-    assert no_guidance == [1, 1, 1]
-    assert constant == [2, 2, 2]
+    assert no_guidance == [1, 1, 1]  # guidance_scale=1.0 means no guidance at every step, as in diffusers
+    assert constant == [2, 2, 2] and default == [2, 2, 2]
     assert linear == [1, 2, 2]  # sigma_max step has scale 1: its unconditional pass is skipped
-    assert pipe.do_classifier_free_guidance
+    assert pipe.do_classifier_free_guidance and 3.5 < pipe.guidance_scale < 4.0  # last step: sigma just above 0
 
 
 def test_linear_guidance_moves_with_sigma(pipe):
@@ -295,7 +303,7 @@ def test_linear_guidance_moves_with_sigma(pipe):
         scales.append(pipeline.guidance_scale)
         return {}
 
-    _run(pipe, _photo(16, 16), num_inference_steps=4, guidance_scale=2.0, guidance_scale_end=6.0,
+    _run(pipe, _photo(16, 16), num_inference_steps=4, guidance_scale_start=2.0, guidance_scale=6.0,
          callback_on_step_end=record)
     sigmas = pipe.scheduler.sigmas[:-1].tolist()
     expected = [6.0 + (2.0 - 6.0) * s / sigmas[0] for s in sigmas]
@@ -305,7 +313,7 @@ def test_linear_guidance_moves_with_sigma(pipe):
 
 def test_default_negative_prompt_and_precomputed_embeddings(pipe):
     image = _photo(16, 16)
-    kwargs = dict(guidance_scale=3.0, guidance_scale_end=None, output_type="np")
+    kwargs = dict(guidance_scale=3.0, output_type="np")
     default = _run(pipe, image, **kwargs)
     embeds, mask, negative, negative_mask = pipe.encode_prompt(
         "", do_classifier_free_guidance=True, negative_prompt=DEFAULT_NEGATIVE_PROMPT, complex_human_instruction=None
@@ -321,12 +329,14 @@ def test_strength_runs_only_the_tail_of_the_schedule(pipe):
     calls = _TransformerCalls(pipe.transformer)
     try:
         _run(pipe, _photo(16, 16), num_inference_steps=6, strength=0.5, **NO_CFG)
+        half = len(calls.shapes)
+        calls.shapes.clear()
+        _run(pipe, _photo(16, 16), num_inference_steps=10, strength=0.25, **NO_CFG)
+        quarter = len(calls.shapes)
     finally:
         calls.remove()
-    pipe.scheduler.set_timesteps(6)
-    expected = int((pipe.scheduler.sigmas[:-1] <= 0.5).sum())
-    assert 0 < len(calls.shapes) == expected < 6
-    assert pipe.num_timesteps == expected
+    # diffusers' img2img meaning: strength is the fraction of the schedule that runs, int(n - n * strength) skipped
+    assert half == 3 and quarter == 3 and pipe.num_timesteps == 3
 
 
 def test_strength_start_stays_closer_to_the_degraded_latent(pipe):
@@ -723,3 +733,218 @@ def test_optional_text_encoder_and_vae_tiling_passthrough(pipe, tmp_path):
     assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 64
     pipe.disable_vae_tiling()
     assert not pipe.vae.use_tiling
+
+
+# --------------------------------------------------------------------------------- guidance callbacks (diffusers)
+
+
+def test_callback_change_to_guidance_scale_holds_from_that_step_on(pipe):
+    """diffusers' `test_callback_cfg`: a callback raising `_guidance_scale` every step accumulates."""
+
+    def increase(pipeline, step, timestep, callback_kwargs):
+        pipeline._guidance_scale += 1.0
+        return callback_kwargs
+
+    _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale=2.0, callback_on_step_end=increase)
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
+
+    # it also replaces a linear schedule, and can switch guidance on in a call that started without it
+    calls, scales = _TransformerCalls(pipe.transformer), []
+
+    def set_three_after_first(pipeline, step, timestep, callback_kwargs):
+        scales.append(pipeline.guidance_scale)
+        if step == 0:
+            pipeline._guidance_scale = 3.0
+        return {}
+
+    try:
+        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale_start=1.0, guidance_scale=1.0,
+             callback_on_step_end=set_three_after_first)
+    finally:
+        calls.remove()
+    assert scales == [1.0, 3.0, 3.0]
+    assert [shape[0] for shape in calls.shapes] == [1, 2, 2]
+
+
+# ---------------------------------------------------------------------------------------- sampling defaults
+
+
+def test_a_pipeline_carries_its_sampling_defaults(pipe, tmp_path):
+    assert pipe.config.sampling_defaults == {"num_inference_steps": 20, "guidance_scale": 4.5}
+    one_step = _build()
+    one_step.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
+    assert one_step.sampling_defaults == {"num_inference_steps": 1, "guidance_scale": 1.0,
+                                          "guidance_scale_start": None, "restoration_guidance": None, "strength": 1.0}
+    one_step.save_pretrained(tmp_path)
+    with open(tmp_path / "model_index.json") as handle:
+        assert json.load(handle)["sampling_defaults"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
+    loaded = SanaRestorationPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    calls = _TransformerCalls(loaded.transformer)
+    try:
+        loaded(_photo(16, 16))  # the plain call: one step, no guidance
+        plain = [shape[0] for shape in calls.shapes]
+        calls.shapes.clear()
+        loaded(_photo(16, 16), num_inference_steps=3, guidance_scale=2.0)  # explicit arguments win
+        explicit = [shape[0] for shape in calls.shapes]
+    finally:
+        calls.remove()
+    assert plain == [1] and explicit == [2, 2, 2]
+    # None removes a recorded value; other recorded values stay
+    loaded.set_sampling_defaults(guidance_scale=None, strength=0.5)
+    assert loaded.config.sampling_defaults == {"num_inference_steps": 1, "strength": 0.5}
+
+
+def test_recorded_linear_guidance_applies_only_with_the_recorded_scale(pipe):
+    linear = _build()
+    linear.set_sampling_defaults(guidance_scale=4.0, guidance_scale_start=1.0, num_inference_steps=3)
+    calls = _TransformerCalls(linear.transformer)
+    try:
+        linear(_photo(16, 16))
+        recorded = [shape[0] for shape in calls.shapes]
+        calls.shapes.clear()
+        linear(_photo(16, 16), guidance_scale=1.0)  # an explicit scale alone is constant: no guidance at all
+        explicit = [shape[0] for shape in calls.shapes]
+    finally:
+        calls.remove()
+    assert recorded == [1, 2, 2] and explicit == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "defaults, match",
+    [
+        (dict(steps=4), "unknown entries"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(strength=2.0), "strength"),
+        (dict(restoration_guidance=float("nan")), "restoration_guidance"),
+    ],
+)
+def test_invalid_sampling_defaults_are_refused(defaults, match):
+    with pytest.raises(ValueError, match=match):
+        _build().set_sampling_defaults(**defaults)
+
+
+def test_check_call_arguments_validates_without_running(pipe):
+    calls = _TransformerCalls(pipe.transformer)
+    try:
+        pipe.check_call_arguments(num_inference_steps=2, strength=0.5, tile_size=16, prompt="denoise")
+        pipe.check_call_arguments()  # the defaults themselves are valid
+        for kwargs, name in ((dict(strength=1.5), "strength"), (dict(upscale=0), "upscale"),
+                             (dict(tile_size=3), "tile_size"), (dict(sigmas=[]), "sigmas")):
+            with pytest.raises(ValueError, match=f"`{name}`"):
+                pipe.check_call_arguments(**kwargs)
+        with pytest.raises(ValueError, match="no argument"):
+            pipe.check_call_arguments(steps=3)
+    finally:
+        calls.remove()
+    assert calls.shapes == []
+
+
+# ---------------------------------------------------------------------------------------- silent garbage
+
+
+def test_non_finite_outputs_raise_instead_of_returning_black_images():
+    broken = _build()
+    with torch.no_grad():
+        broken.transformer.projection.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        _run(broken, _photo(16, 16), **NO_CFG)
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        _run(broken, _photo(16, 16), output_type="latent", **NO_CFG)
+
+
+def test_autoencode_is_the_calls_own_encode_and_decode(pipe):
+    image = _photo(21, 30)
+    round_trip = pipe.autoencode(image, output_type="np")
+    # by hand: [0, 1] -> reflect-pad to whole tokens (24 x 32) -> [-1, 1] -> scaled latents -> decode -> crop
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    padded = F.pad(pixels, (0, 2, 0, 3), mode="reflect") * 2 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(padded).latent * pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    expected = (decoded / 2 + 0.5).clamp(0, 1)[:, :, :21, :30].permute(0, 2, 3, 1).numpy()
+    assert round_trip.shape == (1, 21, 30, 3)
+    np.testing.assert_allclose(round_trip, expected, atol=1e-5)
+    assert isinstance(pipe.autoencode(PIL.Image.fromarray(image))[0], PIL.Image.Image)
+
+
+def test_truncated_image_object_is_named_truncated(tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(_photo(64, 64)).save(buffer, format="JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with PIL.Image.open(path) as opened:
+        with pytest.raises(ValueError, match="truncated"):
+            images_to_tensor(opened)
+
+
+# ---------------------------------------------------------------------------------- damaged or unsafe folders
+
+
+def test_damaged_folders_are_diagnosed_before_loading(pipe, saved, tmp_path):
+    import shutil
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(saved, target)
+        return target
+
+    garbage = copy("garbage")
+    (garbage / "model_index.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=r"model_index\.json is not valid JSON"):
+        SanaRestorationPipeline.from_pretrained(garbage)
+
+    missing = copy("missing")
+    shutil.rmtree(missing / "transformer")
+    with pytest.raises(ValueError, match="no transformer/ subfolder"):
+        SanaRestorationPipeline.from_pretrained(missing)
+
+    truncated = copy("truncated")
+    weights = truncated / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is damaged"):
+        SanaRestorationPipeline.from_pretrained(truncated)
+
+
+def test_pickle_only_weights_are_refused_with_a_conversion_hint(pipe, saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(saved, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    torch.save(pipe.transformer.state_dict(), folder / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickled weights only.*safe_serialization=True"):
+        SanaRestorationPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        SanaRestorationPipeline.from_pretrained(saved, use_safetensors=False)
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        pipe.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
+    assert not (tmp_path / "unsafe").exists()
+
+
+# ---------------------------------------------------------------------------------------- partial pipelines
+
+
+def test_encode_prompt_on_a_pipeline_with_only_the_text_components(pipe, saved):
+    text_only = SanaRestorationPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=None,
+                                        transformer=None, scheduler=None)
+    embeds, mask, negative, negative_mask = text_only.encode_prompt("denoise", True, negative_prompt=None)
+    expected = pipe.encode_prompt("denoise", True, negative_prompt="")
+    for got, want in zip((embeds, mask, negative, negative_mask), expected):
+        assert torch.equal(got, want)
+    loaded = SanaRestorationPipeline.from_pretrained(saved, vae=None, transformer=None, scheduler=None)
+    assert torch.equal(loaded.encode_prompt("denoise", False)[0], embeds)
+    with pytest.raises(ValueError, match="no `vae`"):
+        loaded(_photo(16, 16))
+
+
+def test_a_pipeline_without_text_components_says_what_to_pass(pipe):
+    textless = SanaRestorationPipeline(**{**pipe.components, "tokenizer": None, "text_encoder": None})
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        textless(_photo(16, 16), prompt="denoise", **NO_CFG)
+    with pytest.raises(ValueError, match="tokenizer"):
+        textless.encode_prompt("denoise", False)

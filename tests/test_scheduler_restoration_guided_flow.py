@@ -383,67 +383,28 @@ def test_sample_on_cuda_with_sigmas_on_cpu():
     assert out.prev_sample.device.type == "cuda"
 
 
-# ------------------------------------------------------------------------------------------------ strength and CFG
+# ------------------------------------------------------------------------------------------------ img2img start
 
 
-def test_strength_start_index_and_the_pipeline_sequence():
-    scheduler = RestorationGuidedFlowScheduler(shift=3.0)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        scheduler.strength_start_index(0.5)
+def test_starting_part_way_down_the_schedule_as_img2img_pipelines_do():
+    """diffusers' img2img sequence (`strength` = fraction of the schedule): skip the first steps with
+    `set_begin_index`, start from `scale_noise` of the degraded latent; guidance and Euler still land on x0."""
+    scheduler = RestorationGuidedFlowScheduler(shift=3.0, restoration_guidance_tau=4.0)
     scheduler.set_timesteps(20)
-    assert scheduler.strength_start_index(1.0) == 0
     sigmas = scheduler.sigmas
-    for strength in (0.9, 0.5, 0.3, 0.05):
-        idx = scheduler.strength_start_index(strength)
-        assert sigmas[idx] <= strength + 1e-6 and (idx == 0 or sigmas[idx - 1] > strength)
-    # a schedule sigma given as strength selects that very step despite float32 rounding
-    assert scheduler.strength_start_index(float(sigmas[7]) - 1e-7) == 7
-
-    # the exact sequence the pipeline runs
-    strength = 0.5
+    t_start = int(20 - 20 * 0.5)
+    timesteps = scheduler.timesteps[t_start:]
+    scheduler.set_begin_index(t_start)
     z_lq, x0, noise = _randn(*SHAPE, seed=5), _randn(*SHAPE, seed=3), _randn(*SHAPE, seed=4)
-    idx = scheduler.strength_start_index(strength)
-    timesteps = scheduler.timesteps[idx:]
-    scheduler.set_begin_index(idx)
     latents = scheduler.scale_noise(z_lq, timesteps[:1], noise)
-    sigma_start = sigmas[idx]
+    sigma_start = sigmas[t_start]
     torch.testing.assert_close(latents, (1 - sigma_start) * z_lq + sigma_start * noise, rtol=0, atol=1e-6)
-    assert 0 < len(timesteps) < 20
-    steps = 0
     for i, t in enumerate(timesteps):
-        sigma = float(sigmas[idx + i])
+        sigma = float(sigmas[t_start + i])
         latents = scheduler.step(_exact_velocity(latents, sigma, x0), t, latents, condition_latents=z_lq).prev_sample
-        steps += 1
-    assert steps == 20 - idx and scheduler.step_index == 20
+    assert scheduler.step_index == 20
+    # guidance pulls toward z_lq while the noise is high, then the exact velocity brings the sample back onto x0
     torch.testing.assert_close(latents, x0, rtol=0, atol=2e-5)
-
-
-@pytest.mark.parametrize("strength", [0.0, -0.1, 1.5, float("nan"), "high"])
-def test_strength_out_of_range_raises(strength):
-    scheduler = RestorationGuidedFlowScheduler(shift=3.0)
-    scheduler.set_timesteps(20)
-    with pytest.raises(ValueError, match="strength"):
-        scheduler.strength_start_index(strength)
-
-
-def test_strength_leaving_no_step_raises():
-    scheduler = RestorationGuidedFlowScheduler(shift=3.0)
-    scheduler.set_timesteps(20)  # smallest step sigma ~0.003
-    with pytest.raises(ValueError, match="no denoising step"):
-        scheduler.strength_start_index(1e-3)
-
-
-def test_guidance_scale_at_is_linear_in_sigma():
-    scheduler = RestorationGuidedFlowScheduler()
-    assert scheduler.guidance_scale_at(0.5, 4.5) == 4.5  # constant without an end value
-    assert scheduler.guidance_scale_at(1.0, 1.0, 4.0) == 1.0  # sigma_max = 1 before set_timesteps
-    assert scheduler.guidance_scale_at(0.0, 1.0, 4.0) == 4.0
-    assert scheduler.guidance_scale_at(0.25, 1.0, 4.0) == pytest.approx(3.25)
-    scheduler.set_timesteps(sigmas=[0.8, 0.4])  # shift 1: first sigma 0.8
-    s0 = float(scheduler.sigmas[0])
-    assert scheduler.guidance_scale_at(scheduler.sigmas[0], 3.0, 6.0) == pytest.approx(3.0)
-    assert scheduler.guidance_scale_at(s0 / 2, 3.0, 6.0) == pytest.approx(4.5)
-    assert scheduler.guidance_scale_at(1.0, 3.0, 6.0) == pytest.approx(3.0)  # clipped above sigma_max
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -598,7 +559,3 @@ def test_inverted_sigmas_are_rejected_by_restoration_features():
     scheduler.set_timesteps(4)
     with pytest.raises(ValueError, match="invert_sigmas"):
         scheduler.restoration_guidance_strength(0.5)
-    with pytest.raises(ValueError, match="invert_sigmas"):
-        scheduler.strength_start_index(0.5)
-    with pytest.raises(ValueError, match="invert_sigmas"):
-        scheduler.guidance_scale_at(0.5, 1.0, 4.0)

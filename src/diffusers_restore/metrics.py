@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .image_io import IMAGE_EXTENSIONS, load_rgb
+from .pipelines.image_processing_restoration import image_items
+
 __all__ = [
     "FID_FEATURE_DIM",
     "FID_RECOMMENDED_MIN_IMAGES",
@@ -60,7 +63,6 @@ PAIRED_METRICS = ("psnr", "ssim", "lpips")
 _Y_OFFSET = 16.0
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class MetricUnavailable(RuntimeError):
@@ -82,91 +84,23 @@ class MetricUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _integer_scale(dtype: np.dtype, name: str) -> float | None:
-    """Divisor that maps an integer image dtype to [0, 1]; None for floating dtypes."""
-    if dtype == np.uint8:
-        return 255.0
-    if dtype == np.uint16:
-        return 65535.0
-    if dtype == np.bool_:
-        return 1.0
-    if np.issubdtype(dtype, np.floating):
-        return None
-    raise ValueError(
-        f"{name}: unsupported image dtype {dtype}; use uint8, uint16, bool or a floating dtype in [0, data_range]."
-    )
-
-
 def _convert(image: Any, name: str) -> tuple[torch.Tensor, bool]:
-    """Convert one input to ``[B, C, H, W]``; the flag says whether an integer image was scaled to [0, 1]."""
-    if isinstance(image, Image.Image):
-        if image.mode in ("1", "L", "LA", "La"):
-            array = np.asarray(image.convert("L"))
-        elif image.mode.startswith("I;16"):
-            array = np.asarray(image).astype(np.uint16)
-        elif image.mode == "F":
-            array = np.asarray(image, dtype=np.float32)
-        elif image.mode == "I":
-            raise ValueError(f"{name}: PIL mode 'I' (32-bit integers) has no known value range; convert it first.")
-        else:
-            array = np.asarray(image.convert("RGB"))
-        return _convert(array, name)
-
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[None, :, :, None]
-        elif image.ndim == 3:
-            image = image[None]
-        elif image.ndim != 4:
-            raise ValueError(f"{name}: numpy images must be HW, HWC or NHWC, got an array of shape {image.shape}.")
-        if image.shape[-1] not in (1, 3):
-            raise ValueError(
-                f"{name}: numpy images are read as channels-last (HWC / NHWC) with 1 or 3 channels, got shape "
-                f"{image.shape}."
-            )
-        scale = _integer_scale(image.dtype, name)
-        # torch.from_numpy shares memory and warns on read-only arrays (e.g. scikit-image's sample photos): copy those.
-        image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
-        tensor = torch.from_numpy(image).permute(0, 3, 1, 2)
-        if scale is not None:
-            return tensor.to(torch.float32) / scale, True
-        return (tensor.float() if tensor.dtype == torch.float16 else tensor), False
-
-    if isinstance(image, torch.Tensor):
-        if image.ndim == 3:
-            image = image.unsqueeze(0)
-        elif image.ndim != 4:
-            raise ValueError(f"{name}: tensors must be [C, H, W] or [B, C, H, W], got shape {tuple(image.shape)}.")
-        if image.dtype == torch.uint8:
-            return image.to(torch.float32) / 255.0, True
-        if image.dtype == torch.bool:
-            return image.to(torch.float32), True
-        if not image.is_floating_point():
-            raise ValueError(f"{name}: unsupported tensor dtype {image.dtype}; use uint8 or a floating dtype.")
-        return image, False
-
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise ValueError(f"{name}: got an empty {type(image).__name__} of images.")
-        parts = [_convert(item, f"{name}[{index}]") for index, item in enumerate(image)]
-        first = parts[0][0]
-        for index, (part, _) in enumerate(parts):
-            if part.shape[1:] != first.shape[1:]:
-                raise ValueError(
-                    f"{name}: image {index} has shape [C, H, W] = {list(part.shape[1:])} but image 0 has "
-                    f"{list(first.shape[1:])}; every image in a batch must have the same size."
-                )
-        scaled = {flag for _, flag in parts}
-        if len(scaled) > 1:
-            raise ValueError(f"{name}: mixes integer images (scaled to [0, 1]) with float images; use one kind.")
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        for part, _ in parts:
-            dtype = torch.promote_types(dtype, part.dtype)
-        return torch.cat([part.to(device=first.device, dtype=dtype) for part, _ in parts]), scaled.pop()
-
-    raise ValueError(
-        f"{name}: expected a torch.Tensor, numpy array, PIL image or a list of them, got {type(image).__name__}."
-    )
+    """Convert images to ``[B, C, H, W]`` with the pipeline's one image conversion (`image_items`); the flag says
+    whether integer images were scaled to [0, 1]."""
+    if isinstance(image, torch.Tensor) and image.ndim not in (3, 4):
+        raise ValueError(f"{name}: tensors must be [C, H, W] or [B, C, H, W], got shape {tuple(image.shape)}.")
+    items = image_items(image, argument=name)
+    scaled = {item.scaled for item in items}
+    if len(scaled) > 1:
+        raise ValueError(f"{name}: mixes integer images (scaled to [0, 1]) with float images; use one kind.")
+    channels = {item.pixels.shape[0] for item in items}
+    if len(channels) > 1:
+        raise ValueError(f"{name}: images with {sorted(channels)} channels in one batch; use one kind.")
+    dtype = torch.float32
+    for item in items:
+        dtype = torch.promote_types(dtype, item.pixels.dtype)
+    device = items[0].pixels.device
+    return torch.stack([item.pixels.to(device=device, dtype=dtype) for item in items]), scaled.pop()
 
 
 def to_tensor01(image: ImageInput) -> torch.Tensor:
@@ -670,9 +604,9 @@ def _fid_items(images: Any, name: str) -> Sequence[Any]:
         folder = os.fspath(images)
         if not os.path.isdir(folder):
             raise ValueError(f"{name}: folder '{folder}' does not exist.")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"{name}: folder '{folder}' holds no images ({', '.join(_IMAGE_EXTENSIONS)}).")
+            raise ValueError(f"{name}: folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
         items: Sequence[Any] = [os.path.join(folder, f) for f in files]
     elif isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         items = list(images)  # [C, H, W] tensors or [H, W, C] arrays
@@ -695,8 +629,7 @@ def _iter_fid_batches(items: Sequence[Any], name: str, data_range: float, batch_
         label = f"{name}[{index}]"
         if isinstance(item, (str, os.PathLike)):
             label = os.fspath(item)
-            with Image.open(label) as opened:
-                item = opened.convert("RGB")
+            item = load_rgb(label)
         tensor, scaled = _convert(item, label)
         if tensor.shape[0] != 1:
             raise ValueError(f"{label}: expected one image, got a batch of shape {tuple(tensor.shape)}.")

@@ -16,6 +16,7 @@ otherwise, so each helper can be used (and tested) on its own.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ __all__ = [
     "apply_color_fix",
     "blend_tiles",
     "blend_weights",
+    "ImageItem",
+    "image_items",
     "images_to_tensor",
     "pad_to_multiple",
     "tile_starts",
@@ -47,8 +50,14 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def _pil_to_array(image: PIL.Image.Image, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """One PIL image -> (`float32` HWC RGB array in `[0, 1]`, `float32` HW alpha in `[0, 1]` or `None`)."""
+def _pil_to_array(image: PIL.Image.Image, index: int, argument: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One PIL image -> (`float32` HWC array in `[0, 1]` with 1 (grey) or 3 (RGB) channels, `float32` HW alpha in
+    `[0, 1]` or `None`). Float mode "F" is returned unscaled (its range is checked by the caller)."""
+    try:
+        image.load()  # PIL reads lazily: a damaged file fails here, not in a conversion below
+    except OSError as error:
+        problem = "is truncated (the file ends early)" if "truncated" in str(error) else "cannot be read"
+        raise ValueError(f"`{argument}` (item {index}) {problem}: {error}") from None
     mode = image.mode
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         if mode == "La":  # PIL cannot go from La to RGBA directly
@@ -57,16 +66,17 @@ def _pil_to_array(image: PIL.Image.Image, index: int) -> tuple[np.ndarray, np.nd
         return rgba[..., :3], rgba[..., 3]
     if mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(image).astype(np.float32) / 65535.0
-        grey = np.clip(grey, 0.0, 1.0)  # mode "I" is 32-bit signed: values outside 16 bits cannot be shown
-        return np.repeat(grey[..., None], 3, axis=2), None
+        return np.clip(grey, 0.0, 1.0)[..., None], None  # mode "I" is 32-bit signed: beyond 16 bits cannot be shown
     if mode == "F":
-        grey = np.asarray(image, dtype=np.float32)
-        _check_float_range(grey, f"`image` (item {index}, PIL mode 'F')")
-        return np.repeat(grey[..., None], 3, axis=2), None
+        return np.asarray(image, dtype=np.float32)[..., None], None
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0, None
     try:
         rgb = image.convert("RGB")
     except (ValueError, OSError) as error:
-        raise ValueError(f"`image` (item {index}) has PIL mode {mode!r}, which cannot be converted to RGB: {error}")
+        raise ValueError(
+            f"`{argument}` (item {index}) has PIL mode {mode!r}, which cannot be converted to RGB: {error}"
+        ) from None
     return np.asarray(rgb, dtype=np.float32) / 255.0, None
 
 
@@ -89,102 +99,131 @@ def _integer_scale(dtype, name: str) -> float:
         return 65535.0
     if dtype in (np.bool_, torch.bool):
         return 1.0
-    raise ValueError(f"{name} has dtype {dtype}; use uint8, uint16 or float values in [0, 1].")
+    raise ValueError(f"{name} has dtype {dtype}; use uint8, uint16, bool or float values.")
 
 
-def _numpy_to_tensors(array: np.ndarray, index: int) -> list[torch.Tensor]:
-    """HW, HWC or NHWC numpy image(s) -> list of CHW float tensors in [0, 1]."""
-    name = f"`image` (item {index}, numpy array of shape {array.shape})"
+@dataclass
+class ImageItem:
+    """One image of an `image` argument, converted by `image_items`."""
+
+    pixels: torch.Tensor
+    """`(channels, height, width)`: integer data scaled to [0, 1] (float32); float data as given (float16 -> 32)."""
+    alpha: torch.Tensor | None
+    """`(1, height, width)` alpha in [0, 1] of a PIL image that had one, else `None`."""
+    scaled: bool
+    """Whether the data was integer (scaled by its dtype's maximum) rather than float."""
+    name: str
+    """How to name it in errors: "`image` (item 2, numpy array of shape ...)"."""
+
+
+def _numpy_items(array: np.ndarray, index: int, argument: str) -> list[ImageItem]:
+    name = f"`{argument}` (item {index}, numpy array of shape {array.shape})"
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise ValueError(
-            f"{name}: numpy images must be HW, HWC or NHWC with 1 or 3 channels last. RGBA arrays are not accepted: "
+            f"{name}: numpy images must be channels-last (HW, HWC or NHWC) with 1 or 3 channels. RGBA arrays are not "
+            "accepted: "
             "pass `array[..., :3]`, or the PIL image to keep its alpha channel."
         )
-    if np.issubdtype(array.dtype, np.floating):
-        values = array.astype(np.float32)
-        _check_float_range(values, name)
-    else:
+    scaled = not np.issubdtype(array.dtype, np.floating)
+    if scaled:
         values = array.astype(np.float32) / _integer_scale(array.dtype.type, name)
-    tensor = torch.from_numpy(np.ascontiguousarray(values)).permute(0, 3, 1, 2)
-    return list(tensor)
+    else:
+        values = array.astype(np.float32) if array.dtype == np.float16 else array
+    # copy: torch.from_numpy would share (and warn about) read-only memory such as scikit-image's sample photos
+    tensor = torch.from_numpy(np.array(values, copy=True)).permute(0, 3, 1, 2)
+    return [ImageItem(item, None, scaled, name) for item in tensor]
 
 
-def _torch_to_tensors(tensor: torch.Tensor, index: int) -> list[torch.Tensor]:
-    """HW, CHW or NCHW tensor image(s) -> list of CHW float tensors in [0, 1]."""
-    name = f"`image` (item {index}, tensor of shape {tuple(tensor.shape)})"
+def _torch_items(tensor: torch.Tensor, index: int, argument: str) -> list[ImageItem]:
+    name = f"`{argument}` (item {index}, tensor of shape {tuple(tensor.shape)})"
     if tensor.ndim == 2:
         tensor = tensor[None]
     if tensor.ndim == 3:
         tensor = tensor[None]
-    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{name}: torch images must be HW, CHW or NCHW with 1 or 3 channels first (channels-last tensors are "
-            "not accepted: use `tensor.permute(2, 0, 1)`)."
-        )
-    if tensor.is_floating_point():
-        values = tensor.detach().float()
-        _check_float_range(values, name)
-    else:
+    if tensor.ndim != 4:
+        raise ValueError(f"{name}: torch images must be HW, CHW or NCHW (channels first).")
+    scaled = not tensor.is_floating_point()
+    if scaled:
         values = tensor.detach().float() / _integer_scale(tensor.dtype, name)
-    return list(values)
+    else:
+        values = tensor.detach().float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.detach()
+    return [ImageItem(item, None, scaled, name) for item in values]
+
+
+def image_items(image, argument: str = "image") -> list[ImageItem]:
+    """Split an image argument into single images, each as a `(channels, height, width)` tensor: the one conversion
+    behind the pipeline's inputs (`images_to_tensor`) and the metrics (`metrics.to_tensor01`).
+
+    Accepted, alone or in a list or tuple (which may mix kinds):
+
+    * `PIL.Image.Image` of any mode. Alpha modes (RGBA, LA, PA, RGBa, La, P with transparency) give their RGB (after
+      un-premultiplying) and keep their alpha aside; grey modes (1, L) give one channel in [0, 1]; 16-bit and 32-bit
+      integer grey (I;16*, I) are read as `value / 65535`; float grey (F) is taken as it is; every other mode (P,
+      CMYK, YCbCr, LAB, HSV, ...) goes through PIL's RGB conversion. A truncated file raises a `ValueError` saying so.
+    * `np.ndarray`: HW, HWC or NHWC with 1 or 3 channels last.
+    * `torch.Tensor`: HW, CHW or NCHW, channels first.
+
+    Integer data (uint8, uint16, bool) is divided by its dtype's maximum; float data is returned as given (float16
+    and bfloat16 become float32), so callers decide what range floats must have. `argument` names the images in
+    errors.
+    """
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(items) == 0:
+        raise ValueError(f"`{argument}` is an empty list: pass at least one image.")
+    converted: list[ImageItem] = []
+    for index, item in enumerate(items):
+        if isinstance(item, PIL.Image.Image):
+            array, alpha = _pil_to_array(item, index, argument)
+            pixels = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)  # a writable copy
+            alpha = None if alpha is None else torch.from_numpy(np.array(alpha, dtype=np.float32))[None]
+            name = f"`{argument}` (item {index}, PIL mode {item.mode!r})"
+            converted.append(ImageItem(pixels, alpha, item.mode != "F", name))
+        elif isinstance(item, np.ndarray):
+            converted += _numpy_items(item, index, argument)
+        elif isinstance(item, torch.Tensor):
+            converted += _torch_items(item, index, argument)
+        else:
+            raise ValueError(
+                f"`{argument}` (item {index}) has type {type(item).__name__}; expected a PIL image, a numpy array or "
+                "a torch tensor (or a list of them)."
+            )
+    sizes = {tuple(item.pixels.shape[-2:]) for item in converted}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"`{argument}` holds images of different sizes {sorted(sizes)}; a batch must share one size. Call once "
+            "per size (each call handles any size)."
+        )
+    return converted
 
 
 def images_to_tensor(image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Convert the pipeline's `image` argument to one RGB batch.
+    """Convert the pipeline's `image` argument to one RGB batch (see `image_items` for what is accepted).
 
-    Accepted, alone or in a list (lists may mix kinds; every image must have the same size):
-
-    * `PIL.Image.Image` of any mode. Alpha modes (RGBA, LA, PA, RGBa, La, P with transparency) give their RGB (after
-      un-premultiplying) and keep their alpha aside; 16-bit and 32-bit integer grey (I;16*, I) are read as
-      `value / 65535`; float grey (F) must lie in [0, 1]; everything else (L, 1, P, CMYK, YCbCr, LAB, HSV, ...) goes
-      through PIL's RGB conversion. Grey images are repeated to 3 channels.
-    * `np.ndarray`: HW, HWC or NHWC with 1 or 3 channels; uint8 (/255), uint16 (/65535), bool, or float in [0, 1].
-    * `torch.Tensor`: HW, CHW or NCHW with 1 or 3 channels; uint8, uint16, bool, or float in [0, 1]. Float values
-      below 0 raise: the [-1, 1] convention of diffusers' internal tensors is deliberately not accepted.
+    Float data must lie in [0, 1]: the [-1, 1] convention of diffusers' internal tensors is deliberately refused, as
+    are NaN and infinite values. Tensors need 1 or 3 channels; grey images are repeated to 3 channels.
 
     Returns:
         `(pixels, alphas)`: `pixels` of shape `(batch, 3, height, width)`, float32 in `[0, 1]`, on the device of the
         first tensor input (CPU otherwise); `alphas`, one entry per image, an alpha tensor of shape `(1, height,
         width)` in `[0, 1]` for PIL images with alpha, else `None`.
     """
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if len(items) == 0:
-        raise ValueError("`image` is an empty list: pass at least one image.")
-    tensors: list[torch.Tensor] = []
-    alphas: list[torch.Tensor | None] = []
-    for index, item in enumerate(items):
-        if isinstance(item, PIL.Image.Image):
-            rgb, alpha = _pil_to_array(item, index)
-            tensors.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
-            alphas.append(None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None])
-        elif isinstance(item, np.ndarray):
-            converted = _numpy_to_tensors(item, index)
-            tensors += converted
-            alphas += [None] * len(converted)
-        elif isinstance(item, torch.Tensor):
-            converted = _torch_to_tensors(item, index)
-            tensors += converted
-            alphas += [None] * len(converted)
-        else:
+    items = image_items(image)
+    device = items[0].pixels.device
+    pixels = []
+    for item in items:
+        if item.pixels.shape[0] not in (1, 3):
             raise ValueError(
-                f"`image` (item {index}) has type {type(item).__name__}; expected a PIL image, a numpy array or a "
-                "torch tensor (or a list of them)."
+                f"{item.name}: images must have 1 or 3 channels (channels-last tensors are not accepted: use "
+                "`tensor.permute(2, 0, 1)`)."
             )
-    sizes = {tuple(t.shape[-2:]) for t in tensors}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"`image` holds images of different sizes {sorted(sizes)}; a batch must share one size. Call the "
-            "pipeline once per size (each call handles any size)."
-        )
-    device = tensors[0].device
-    pixels = torch.stack([t.to(device) for t in tensors])
-    if pixels.shape[1] == 1:
-        pixels = pixels.repeat(1, 3, 1, 1)
-    return pixels.contiguous(), alphas
+        if not item.scaled:
+            _check_float_range(item.pixels, item.name)
+        pixels.append(item.pixels.to(device=device, dtype=torch.float32).expand(3, -1, -1))
+    return torch.stack(pixels).contiguous(), [item.alpha for item in items]
 
 
 def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:

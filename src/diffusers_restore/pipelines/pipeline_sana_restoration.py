@@ -1,22 +1,31 @@
 # Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
 """`SanaRestorationPipeline`: restore a degraded image with SANA conditioned on the image's latent.
 
-One call, in order (DESIGN.md §5)::
+One call, in order::
 
-    image -> RGB in [0, 1] -> [upscale resize] -> reflect-pad to the VAE multiple -> VAE encode -> z_lq
+    image -> RGB in [0, 1] -> [upscale resize] -> pad to a multiple of (VAE factor x patch size) -> VAE encode -> z_lq
     prompt, negative-quality prompt -> Gemma-2 -> embeddings          (cached across calls)
-    latents = noise, or z_lq noised to sigma = strength
-    for each sigma: v = transformer(latents, z_lq, text, t), CFG (linear in sigma), scheduler.step(v, ..., z_lq)
+    latents = noise, or (strength < 1) z_lq noised to the first sigma of the remaining schedule
+    for each sigma: v = transformer(latents, z_lq, text, t), classifier-free guidance, scheduler.step(v, ..., z_lq)
     -> VAE decode -> crop the padding -> [colour fix toward the input] -> output
+
+The flow-matching conventions are diffusers': sigma in [0, 1] with sigma = 1 pure noise,
+`x_t = (1 - sigma) * x0 + sigma * noise`, the transformer predicts the velocity `v = noise - x0`, and one Euler step
+is `x_next = x_t + (sigma_next - sigma) * v`.
 
 Images larger than a tile (by default the transformer's native resolution) are processed in overlapping tiles:
 the velocity is predicted per latent tile and blended with smooth weights before the single scheduler step of
 each denoising step, and the VAE encodes and decodes tile by tile, so peak memory depends on the tile size only.
+
+A pipeline carries its recommended sampling settings in its config (`sampling_defaults`, saved in
+model_index.json): a one-step restorer records one step without guidance, a flow-matching fine-tune its steps and
+guidance. Call arguments left at `None` take those values; explicit arguments win.
 """
 
 from __future__ import annotations
 
 import collections
+import glob
 import importlib
 import inspect
 import json
@@ -41,14 +50,14 @@ from diffusers import (
     SanaPipeline,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..data.latents import decode_latents
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
+from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
     COLOR_FIX_METHODS,
@@ -76,8 +85,21 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
-# Files never downloaded by `from_pretrained`: pickled weights are never loaded by this package.
+# The call arguments a pipeline may record in its config (`sampling_defaults`), and the values used when neither the
+# call nor the config sets them: SanaPipeline's 20 steps and constant guidance 4.5, the scheduler's own restoration
+# guidance, and a start from pure noise.
+SAMPLING_ARGUMENTS = ("num_inference_steps", "guidance_scale", "guidance_scale_start", "restoration_guidance", "strength")
+FLOW_MATCHING_SAMPLING_DEFAULTS: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 4.5}
+BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
+    **FLOW_MATCHING_SAMPLING_DEFAULTS,
+    "guidance_scale_start": None,
+    "restoration_guidance": None,
+    "strength": 1.0,
+}
+
+# Weight files that are never downloaded nor loaded: this package never unpickles.
 _UNSAFE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot"]
+_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -91,12 +113,8 @@ EXAMPLE_DOC_STRING = """
         >>> pipe.to("cuda")
 
         >>> degraded = Image.open("degraded.png")
-        >>> restored = pipe(
-        ...     degraded,
-        ...     prompt="Restore this image to high quality",
-        ...     num_inference_steps=20,
-        ...     generator=torch.Generator("cuda").manual_seed(0),
-        ... ).images[0]
+        >>> # steps and guidance come from the model's own `sampling_defaults` unless given
+        >>> restored = pipe(degraded, generator=torch.Generator("cuda").manual_seed(0)).images[0]
         >>> restored.save("restored.png")
 
         >>> # 2x super-resolution: images above the model's native resolution are tiled automatically
@@ -136,6 +154,14 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         transformer ([`ConcatConditionedTransformer`]): predicts the flow-matching velocity.
         scheduler ([`RestorationGuidedFlowScheduler`] or any flow-matching scheduler): the sampler. A plain
             [`FlowMatchEulerDiscreteScheduler`] works too, without restoration guidance.
+        sampling_defaults (`dict`, *optional*):
+            The recommended call of this model: values for `num_inference_steps`, `guidance_scale`,
+            `guidance_scale_start`, `restoration_guidance` and `strength`, used when a call leaves them at `None`.
+            Stored in the pipeline's config (model_index.json); set it with
+            [`~SanaRestorationPipeline.set_sampling_defaults`]. Unset entries fall back to `BUILTIN_SAMPLING_DEFAULTS`.
+
+    A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts,
+    or without them when prompt embeddings are passed in); each method says which components it needs.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -157,24 +183,17 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         vae: AutoencoderDC,
         transformer: ConcatConditionedTransformer,
         scheduler: RestorationGuidedFlowScheduler | FlowMatchEulerDiscreteScheduler,
+        sampling_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
-        self.vae_scale_factor = self._vae_spatial_factor(vae) if vae is not None else 32
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(sampling_defaults=self._checked_sampling_defaults(sampling_defaults or {}))
+        self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
         self._prompt_cache: collections.OrderedDict = collections.OrderedDict()
         self._prompt_cache_owner: tuple | None = None
         self._prompt_cache_bypass = False
-
-    @staticmethod
-    def _vae_spatial_factor(vae) -> int:
-        factor = getattr(vae, "spatial_compression_ratio", None)
-        if factor is None:
-            blocks = vae.config.get("encoder_block_out_channels") or vae.config.get("block_out_channels")
-            factor = 2 ** (len(blocks) - 1)
-        return int(factor)
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -190,7 +209,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         The transformer is wrapped with [`ConcatConditionedTransformer.from_transformer`] (identity on the noisy
         latent, zero on the condition: it reproduces SANA exactly until fine-tuned), and the scheduler becomes a
         [`RestorationGuidedFlowScheduler`] with SANA's flow shift (`flow_shift` of SANA's DPM-Solver, 3.0 for the
-        512/1024 px checkpoints), unless `scheduler` is given. No weight is copied.
+        512/1024 px checkpoints), unless `scheduler` is given. No weight is copied. The pipeline records
+        flow-matching sampling defaults (`FLOW_MATCHING_SAMPLING_DEFAULTS`: 20 steps, constant guidance 4.5, as
+        SanaPipeline); a fine-tune records its own (see `set_sampling_defaults`).
 
         Args:
             sana_pipeline ([`SanaPipeline`]): the base pipeline (`tokenizer`, `text_encoder`, `vae`, `transformer`,
@@ -214,17 +235,13 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             vae=sana_pipeline.vae,
             transformer=transformer,
             scheduler=scheduler,
+            sampling_defaults=dict(FLOW_MATCHING_SAMPLING_DEFAULTS),
         )
 
     @staticmethod
     def _convert_scheduler(sana_scheduler) -> RestorationGuidedFlowScheduler:
         """SANA's scheduler (DPM-Solver with `flow_shift`, or flow-matching Euler with `shift`) -> restoration one."""
-        config = dict(sana_scheduler.config)
-        if hasattr(RestorationGuidedFlowScheduler, "from_sana_config"):
-            return RestorationGuidedFlowScheduler.from_sana_config(config)
-        # diffusers drops `flow_shift` when converting (conventions §0.5): carry it over explicitly
-        shift = config.get("flow_shift", config.get("shift", 1.0))
-        return RestorationGuidedFlowScheduler.from_config(config, shift=shift)
+        return RestorationGuidedFlowScheduler.from_sana_config(dict(sana_scheduler.config))
 
     @classmethod
     def from_pretrained_sana(
@@ -243,6 +260,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "Efficient-Large-Model/Sana_1600M_1024px_diffusers", torch_dtype=torch.bfloat16
             )
         """
+        if kwargs.get("use_safetensors", True) is False:
+            raise ValueError("`use_safetensors=False` is not supported: weights load from safetensors only.")
+        kwargs["use_safetensors"] = True
         sana_pipeline = SanaPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_sana_pipeline(sana_pipeline, condition_channels=condition_channels, scheduler=scheduler)
 
@@ -259,7 +279,19 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         A plain SANA checkpoint is refused with a pointer to [`~SanaRestorationPipeline.from_pretrained_sana`],
         unless a `transformer` is passed explicitly.
+
+        Weights load from safetensors only (`use_safetensors=False` is refused). Before anything is loaded, the folder
+        is checked and a `ValueError` names what is broken: an unreadable `model_index.json`, a component subfolder
+        that is missing, a truncated or corrupt `.safetensors` file, or a component with pickled weights only
+        (`*.bin`, `*.pt`, ...: convert them with `save_pretrained(..., safe_serialization=True)` in a trusted
+        environment; this package never unpickles).
         """
+        if kwargs.get("use_safetensors", True) is False:
+            raise ValueError(
+                "`use_safetensors=False` is not supported: SanaRestorationPipeline loads weights from safetensors only "
+                "(pickled weights can run arbitrary code)."
+            )
+        kwargs["use_safetensors"] = True
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             proxies = kwargs.pop("proxies", None)
@@ -286,21 +318,82 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "Build an untrained restorer from it with `SanaRestorationPipeline.from_pretrained_sana(...)`, or "
                 "pass `transformer=ConcatConditionedTransformer.from_pretrained(...)`."
             )
+        cls._check_pipeline_folder(path, model_index, passed=set(kwargs))
         pipeline = super().from_pretrained(path, **kwargs)
-        if not isinstance(pipeline.transformer, ConcatConditionedTransformer):
+        if pipeline.transformer is not None and not isinstance(pipeline.transformer, ConcatConditionedTransformer):
             raise ValueError(
                 f"The transformer loaded from {pretrained_model_name_or_path} is a "
                 f"{type(pipeline.transformer).__name__}, not a ConcatConditionedTransformer."
             )
         return pipeline
 
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):
+        """[`DiffusionPipeline.save_pretrained`] (same arguments: `variant`, `max_shard_size`, `push_to_hub`, ...),
+        in safetensors only: `safe_serialization=False` is refused."""
+        if not safe_serialization:
+            raise ValueError(
+                "`safe_serialization=False` is not supported: SanaRestorationPipeline saves weights as safetensors "
+                "only, the only format it loads."
+            )
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+
     @staticmethod
     def _read_model_index(path: str) -> dict[str, Any]:
         index_file = os.path.join(path, "model_index.json")
         if not os.path.isfile(index_file):
             raise ValueError(f"{path} has no model_index.json: it is not a saved pipeline.")
-        with open(index_file, encoding="utf-8") as handle:
-            return json.load(handle)
+        try:
+            with open(index_file, encoding="utf-8") as handle:
+                model_index = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{index_file} is not valid JSON ({error}): the pipeline folder is damaged. Save the pipeline again "
+                "or download a fresh copy."
+            ) from None
+        if not isinstance(model_index, dict):
+            raise ValueError(f"{index_file} does not hold a JSON object: the pipeline folder is damaged.")
+        return model_index
+
+    @staticmethod
+    def _check_pipeline_folder(path: str, model_index: dict[str, Any], passed: set[str]) -> None:
+        """Raise a `ValueError` naming the first broken part of a pipeline folder (components passed as arguments
+        are not checked): a missing component subfolder, a model component without safetensors weights (pickled
+        ones only, or none), or a `.safetensors` file whose header or length is damaged (e.g. a truncated copy)."""
+        from safetensors import safe_open
+
+        for name, value in model_index.items():
+            if name.startswith("_") or name in passed or not isinstance(value, (list, tuple)) or len(value) != 2:
+                continue
+            if value[0] is None:  # saved as None (an optional component that was not set)
+                continue
+            folder = os.path.join(path, name)
+            if not os.path.isdir(folder):
+                raise ValueError(
+                    f"{path}: model_index.json lists the component '{name}' ({value[1]}) but the folder has no "
+                    f"{name}/ subfolder: the pipeline folder is incomplete."
+                )
+            safetensors_files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            for file in safetensors_files:
+                try:
+                    with safe_open(file, framework="pt"):
+                        pass
+                except Exception as error:  # SafetensorError, OSError: unreadable, truncated or not safetensors
+                    raise ValueError(
+                        f"{file} is damaged ({error}); it may be a truncated copy. Save or download the pipeline "
+                        "again."
+                    ) from None
+            if name in _MODEL_COMPONENTS and not safetensors_files:
+                pickled = sorted(
+                    os.path.basename(f) for pattern in _UNSAFE_WEIGHT_PATTERNS for f in glob.glob(os.path.join(folder, pattern))
+                )
+                if pickled:
+                    raise ValueError(
+                        f"{folder} holds pickled weights only ({', '.join(pickled)}), and this package never unpickles "
+                        "(a pickle can run arbitrary code). Convert them once in an environment you trust: load the "
+                        "component with its class's `from_pretrained(..., use_safetensors=False)` and "
+                        "`save_pretrained(folder, safe_serialization=True)`."
+                    )
+                raise ValueError(f"{folder} has no weights (*.safetensors): the pipeline folder is incomplete.")
 
     @staticmethod
     def _import_component_modules(model_index: dict[str, Any]) -> None:
@@ -442,10 +535,22 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         Returns `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`,
         embeddings of shape `(batch * num_images_per_prompt, max_sequence_length, hidden)`; the negative ones are
-        `None` without classifier-free guidance. The cache is skipped while a LoRA scale is applied to the text
+        `None` without classifier-free guidance. `negative_prompt=None` is the empty negative prompt. Needs only the
+        `tokenizer` and `text_encoder` components (a pipeline built with the others set to `None` works). The cache is skipped while a LoRA scale is applied to the text
         encoder, when gradients are enabled, and when the text encoder carries adapters; it is reset whenever the
         text encoder or tokenizer object changes or its weights are modified in place (see `clear_prompt_cache`).
         """
+        if negative_prompt is None:
+            negative_prompt = ""
+        needs_text_encoder = prompt_embeds is None or (do_classifier_free_guidance and negative_prompt_embeds is None)
+        if needs_text_encoder and (getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None):
+            raise ValueError(
+                "Encoding a prompt needs the pipeline's `tokenizer` and `text_encoder`, and this pipeline has "
+                f"{'no tokenizer' if getattr(self, 'tokenizer', None) is None else 'no text_encoder'}. Pass "
+                "`prompt_embeds` / `prompt_attention_mask` (and `negative_prompt_embeds` / "
+                "`negative_prompt_attention_mask` for classifier-free guidance) instead, computed with a pipeline "
+                "that has them (`encode_prompt`)."
+            )
         self._prompt_cache_bypass = lora_scale is not None
         try:
             return SanaPipeline.encode_prompt(
@@ -471,7 +576,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     @property
     def guidance_scale(self) -> float:
-        """The classifier-free guidance scale of the current step (of the first step before the loop)."""
+        """The classifier-free guidance scale of the current step. A `callback_on_step_end` may change
+        `pipe._guidance_scale`; the new value holds from the next step on (it also replaces a linear schedule)."""
         return self._guidance_scale
 
     @property
@@ -480,8 +586,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """Whether any step of the current call uses classifier-free guidance (a scale above 1)."""
-        return self._do_classifier_free_guidance
+        """Whether the current step uses classifier-free guidance: `guidance_scale > 1`."""
+        return self._guidance_scale > 1
 
     @property
     def num_timesteps(self) -> int:
@@ -497,7 +603,79 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         for SANA 1024 px checkpoints)."""
         return int(self.transformer.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Images are padded to a multiple of this many pixels per side: the VAE's factor times the transformer's
+        patch size, i.e. one transformer token (32 for SANA with DC-AE f32 and patch size 1)."""
+        patch_size = self.transformer.config.patch_size if self.transformer is not None else 1
+        return self.vae_scale_factor * int(patch_size or 1)
+
+    # ------------------------------------------------------------------------------------- sampling defaults
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The values that call arguments left at `None` take: the recorded `sampling_defaults` of this pipeline's
+        config over `BUILTIN_SAMPLING_DEFAULTS`."""
+        return {**BUILTIN_SAMPLING_DEFAULTS, **(self.config.get("sampling_defaults") or {})}
+
+    def set_sampling_defaults(self, **sampling_defaults: Any) -> None:
+        """Record this model's recommended call in the pipeline's config (saved in model_index.json).
+
+        Keyword arguments among `SAMPLING_ARGUMENTS` (`num_inference_steps`, `guidance_scale`,
+        `guidance_scale_start`, `restoration_guidance`, `strength`), validated as a call validates them; `None`
+        removes a recorded value (the built-in default applies again). Other recorded values are kept. Example, a
+        one-step restorer::
+
+            pipe.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
+            pipe.save_pretrained("my-restorer")   # SanaRestorationPipeline.from_pretrained("my-restorer")(image)
+        """
+        recorded = {**(self.config.get("sampling_defaults") or {}), **sampling_defaults}
+        recorded = {name: value for name, value in recorded.items() if value is not None}
+        self.register_to_config(sampling_defaults=self._checked_sampling_defaults(recorded))
+
+    @staticmethod
+    def _checked_sampling_defaults(values: Any) -> dict[str, Any]:
+        if not isinstance(values, dict):
+            raise ValueError(f"`sampling_defaults` must be a dict, got {type(values).__name__}.")
+        unknown = sorted(set(values) - set(SAMPLING_ARGUMENTS))
+        if unknown:
+            raise ValueError(
+                f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_ARGUMENTS)}."
+            )
+        _check_sampling_values(values, "sampling_defaults")
+        return {name: values[name] for name in SAMPLING_ARGUMENTS if values.get(name) is not None}
+
+    def _resolve_sampling_arguments(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The sampling arguments of a call: each value of `given` that is `None` comes from `sampling_defaults`.
+
+        One coupling: `guidance_scale_start` is taken from the defaults only when `guidance_scale` is too, so an
+        explicit `guidance_scale` alone always means a constant scale (`guidance_scale=1.0`: no guidance at all).
+        """
+        defaults = self.sampling_defaults
+        resolved = {name: defaults[name] if given.get(name) is None else given[name] for name in SAMPLING_ARGUMENTS}
+        if given.get("guidance_scale") is not None and given.get("guidance_scale_start") is None:
+            resolved["guidance_scale_start"] = None
+        return resolved
+
+    def check_call_arguments(self, **call_kwargs: Any) -> None:
+        """Validate keyword arguments of `__call__` (any but `image`) exactly as a call would, without running a model.
+
+        Arguments left out take their `__call__` defaults, and the sampling arguments resolve from
+        `sampling_defaults`. Raises a `ValueError` naming the first invalid argument; useful to refuse bad settings
+        before a batch of images (the `sana-restore` CLI does).
+        """
+        parameters = inspect.signature(self.__call__).parameters
+        unknown = sorted(set(call_kwargs) - set(parameters))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.__call__ has no argument(s) {unknown}.")
+        arguments = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+        arguments.update(call_kwargs)
+        arguments.update(self._resolve_sampling_arguments(arguments))
+        check_parameters = inspect.signature(self.check_inputs).parameters
+        self.check_inputs(**{name: arguments.get(name) for name in check_parameters})
+
     # ----------------------------------------------------------------------------------------------- checks
+
 
     def check_inputs(
         self,
@@ -507,7 +685,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         timesteps,
         sigmas,
         guidance_scale,
-        guidance_scale_end,
+        guidance_scale_start,
         restoration_guidance,
         strength,
         upscale,
@@ -523,28 +701,45 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         tile_size,
         tile_overlap,
     ) -> None:
-        """Raise a `ValueError` naming the first invalid argument (image checks happen while converting)."""
+        """Raise a `ValueError` naming the first invalid argument (image checks happen while converting).
 
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if timesteps is None and sigmas is None:
-            if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
-                raise ValueError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
-            if num_inference_steps < 1:
-                raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        for name, value in (("guidance_scale", guidance_scale), ("guidance_scale_end", guidance_scale_end)):
-            if value is None and name == "guidance_scale_end":
-                continue
-            if not number(value) or value < 1.0:
+        The sampling arguments are the resolved ones (see `sampling_defaults`)."""
+        for name in ("vae", "transformer", "scheduler"):
+            if getattr(self, name, None) is None:
                 raise ValueError(
-                    f"`{name}` must be a number >= 1 (1 disables classifier-free guidance), got {value!r}."
+                    f"This pipeline has no `{name}`, which restoring an image needs (it was built or loaded with "
+                    f"{name}=None, e.g. to encode prompts only)."
                 )
-        if restoration_guidance is not None and (not number(restoration_guidance) or restoration_guidance < 0):
-            raise ValueError(f"`restoration_guidance` must be >= 0 (0 = off) or None, got {restoration_guidance!r}.")
-        if not number(strength) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"`strength` must be in (0, 1] (1 = start from pure noise), got {strength!r}.")
-        if not number(upscale) or upscale < 1.0:
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
+        if timesteps is None and sigmas is None:
+            _check_sampling_values({"num_inference_steps": num_inference_steps}, "argument")
+        else:
+            name, values = ("sigmas", sigmas) if sigmas is not None else ("timesteps", timesteps)
+            upper = 1.0 if name == "sigmas" else float(self.scheduler.config.get("num_train_timesteps", 1000))
+            _check_schedule(name, values, upper)
+            schedule_parameters = set(inspect.signature(self.scheduler.set_timesteps).parameters)
+            if name not in schedule_parameters:
+                raise ValueError(
+                    f"`{name}` needs a scheduler whose `set_timesteps` accepts them; {type(self.scheduler).__name__} "
+                    "does not."
+                )
+        _check_sampling_values(
+            {
+                "guidance_scale": guidance_scale,
+                "guidance_scale_start": guidance_scale_start,
+                "restoration_guidance": restoration_guidance,
+                "strength": strength,
+            },
+            "argument",
+        )
+        if restoration_guidance and "restoration_guidance_tau" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"`restoration_guidance` needs a RestorationGuidedFlowScheduler; this pipeline's scheduler is a "
+                f"{type(self.scheduler).__name__}. Leave it None (or 0), or swap the scheduler with "
+                "`RestorationGuidedFlowScheduler.from_config(pipe.scheduler.config)`."
+            )
+        if not _is_number(upscale) or upscale < 1.0:
             raise ValueError(f"`upscale` must be a number >= 1 (1 = same size), got {upscale!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
@@ -554,18 +749,18 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise ValueError(f"`color_fix` must be one of {COLOR_FIX_METHODS} or None, got {color_fix!r}.")
         if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
-        factor = self.vae_scale_factor
+        multiple, factor = self.size_multiple, self.vae_scale_factor
         if tile_size is not None:
-            if not isinstance(tile_size, int) or tile_size < 0 or tile_size % factor:
+            if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 0 or tile_size % multiple:
                 raise ValueError(
-                    f"`tile_size` must be None (automatic), 0 (never tile) or a positive multiple of {factor} "
-                    f"(the VAE's downsampling factor) in pixels, got {tile_size!r}."
+                    f"`tile_size` must be None (automatic), 0 (never tile) or a positive multiple of {multiple} px "
+                    f"(the VAE's factor {factor} x the transformer's patch size: one token), got {tile_size!r}."
                 )
         if tile_overlap is not None:
-            if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % factor:
+            if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or tile_overlap % factor:
                 raise ValueError(
-                    f"`tile_overlap` must be None (a quarter of the tile) or a multiple of {factor} pixels, "
-                    f"got {tile_overlap!r}."
+                    f"`tile_overlap` must be None (a quarter of the tile) or a multiple of {factor} pixels (the VAE's "
+                    f"factor), got {tile_overlap!r}."
                 )
             effective_tile = self.default_tile_size if tile_size is None else tile_size
             if effective_tile and tile_overlap >= effective_tile:
@@ -581,8 +776,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Pass `prompt` (may be the empty string) or `prompt_embeds`.")
         if prompt is not None and not (isinstance(prompt, str) or _is_list_of_str(prompt)):
             raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
         if negative_prompt is not None and not (isinstance(negative_prompt, str) or _is_list_of_str(negative_prompt)):
@@ -601,13 +794,31 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
                 )
-        uses_guidance = guidance_scale > 1 or (guidance_scale_end is not None and guidance_scale_end > 1)
-        if uses_guidance and prompt_embeds is not None and negative_prompt_embeds is None:
-            if getattr(self, "text_encoder", None) is None:
+        has_text_encoder = getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
+        if not has_text_encoder:
+            if prompt_embeds is None:
                 raise ValueError(
-                    "`negative_prompt_embeds` is required for classifier-free guidance when the pipeline has no "
-                    "text encoder (or set `guidance_scale=1.0, guidance_scale_end=None`)."
+                    "This pipeline has no tokenizer/text encoder: pass `prompt_embeds` and `prompt_attention_mask` "
+                    "(from `encode_prompt` of a pipeline that has them)."
                 )
+            uses_guidance = guidance_scale > 1 or (guidance_scale_start is not None and guidance_scale_start > 1)
+            if uses_guidance and negative_prompt_embeds is None:
+                raise ValueError(
+                    "`negative_prompt_embeds` is required for classifier-free guidance when the pipeline has no text "
+                    "encoder (or set `guidance_scale=1.0`)."
+                )
+
+    @staticmethod
+    def _prompt_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """`(prompt, negative_prompt)` as the call uses them: the defaults (`""` and `DEFAULT_NEGATIVE_PROMPT`) step
+        aside when embeddings are passed instead, and no prompt at all is the empty prompt."""
+        if prompt_embeds is not None and prompt == "":
+            prompt = None
+        if prompt is None and prompt_embeds is None:
+            prompt = ""
+        if negative_prompt_embeds is not None and negative_prompt == DEFAULT_NEGATIVE_PROMPT:
+            negative_prompt = None
+        return prompt, negative_prompt
 
     def _check_batch(self, batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
         for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -651,7 +862,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return pixels, alphas
 
     def _tiling_plan(self, height: int, width: int, tile_size: int | None, tile_overlap: int | None):
-        """`(tile, overlap)` in latent pixels for an image of `height` x `width` padded pixels, or `None` (untiled)."""
+        """`(tile, overlap)` in latent pixels for an image of `height` x `width` padded pixels, or `None` (untiled).
+
+        Tiles are multiples of the transformer's patch size (`check_inputs` checks `tile_size`), and so is the padded
+        image, so every tile the transformer sees has whole patches."""
         tile_px = self.default_tile_size if tile_size is None else tile_size
         if tile_px == 0 or max(height, width) <= tile_px:
             return None
@@ -660,23 +874,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return tile_px // self.vae_scale_factor, tile_overlap // self.vae_scale_factor
 
     def _vae_encode(self, pixels: torch.Tensor, tiling) -> torch.Tensor:
-        """`(batch, 3, H, W)` in [-1, 1] -> scaled latents `(batch, C, H / f, W / f)` float32."""
-        vae = self.vae
-        shift = vae.config.get("shift_factor", None) or 0.0
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            output = vae.encode(x.to(vae.dtype))
-            if hasattr(output, "latent"):
-                latent = output.latent
-            elif hasattr(output, "latent_dist"):
-                latent = output.latent_dist.mode()
-            else:
-                latent = output[0]
-            return (latent.float() - shift) * vae.config.scaling_factor
-
+        """`(batch, 3, H, W)` in [-1, 1] -> scaled latents `(batch, C, H / f, W / f)` float32, tile by tile when
+        `tiling` says so."""
         try:
             if tiling is None:
-                return encode(pixels)
+                return encode_latents(self.vae, pixels)
             tile, overlap = tiling
             factor = self.vae_scale_factor
             grid = (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
@@ -684,7 +886,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             def encode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
                 rows = slice(top * factor, (top + height) * factor)
                 cols = slice(left * factor, (left + width) * factor)
-                return encode(pixels[:, :, rows, cols])
+                return encode_latents(self.vae, pixels[:, :, rows, cols])
 
             return blend_tiles(encode_tile, grid, tile, overlap)
         except torch.OutOfMemoryError:
@@ -708,17 +910,53 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise
         return (decoded / 2 + 0.5).clamp(0.0, 1.0)
 
+    def _encode_condition(self, pixels: torch.Tensor, tile_size: int | None, tile_overlap: int | None):
+        """Pad RGB `pixels` in [0, 1] to `size_multiple` and encode them: `(latents, tiling)`."""
+        padded = pad_to_multiple(pixels, self.size_multiple)
+        tiling = self._tiling_plan(padded.shape[-2], padded.shape[-1], tile_size, tile_overlap)
+        latents = self._vae_encode(padded * 2.0 - 1.0, tiling)
+        _check_finite(latents, "the VAE's encoding of the image", "the VAE weights are broken, or fp16 overflowed")
+        return latents, tiling
+
+    @torch.no_grad()
+    def autoencode(
+        self,
+        image: PipelineImageInput,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        output_type: str = "pil",
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """`decode(encode(image))`, padded, tiled, encoded and decoded exactly as a restoration call does it.
+
+        This is the best any restorer working in this VAE's latent space can reach on `image` (scored against the
+        clean image, it is the VAE's ceiling). Needs only the `vae` (and `transformer` for its patch size and tile
+        size, when present). Returns `output_type` ("pil", "np" or "pt") images of the input's size; alpha channels
+        are carried as in `__call__`.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 0 or tile_size % self.size_multiple):
+            raise ValueError(f"`tile_size` must be None, 0 or a positive multiple of {self.size_multiple}, got {tile_size!r}.")
+        if tile_size is None and self.transformer is None:
+            tile_size = 0  # the automatic tile size is the transformer's native resolution
+        pixels, alphas = self.prepare_image(image, 1.0, self._execution_device)
+        height, width = pixels.shape[-2:]
+        latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
+        decoded = self._vae_decode(latents, tiling)[:, :, :height, :width]
+        return self._postprocess(decoded, alphas, 1, output_type)
+
     def prepare_latents(
         self,
         condition_latents: torch.Tensor,
-        start_sigma: float,
+        start_sigma: float | None,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Starting latents, float32 shaped like `condition_latents` `(batch, C, h, w)`.
 
-        Given `latents` are used as they are. Otherwise the start is pure noise when `start_sigma == 1`, else the
-        condition noised along the flow path: `(1 - sigma) * condition_latents + sigma * noise`.
+        Given `latents` are used as they are. Otherwise the start is pure noise when `start_sigma` is `None` (the
+        whole schedule runs), else the condition noised along the flow path to the first remaining step:
+        `(1 - sigma) * condition_latents + sigma * noise` (the scheduler's `scale_noise`).
         """
         shape = tuple(condition_latents.shape)
         if latents is not None:
@@ -734,31 +972,35 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "(images x num_images_per_prompt)."
             )
         noise = randn_tensor(shape, generator=generator, device=condition_latents.device, dtype=torch.float32)
-        if start_sigma >= 1.0:
+        if start_sigma is None:
             return noise
         return (1.0 - start_sigma) * condition_latents + start_sigma * noise
 
     # ---------------------------------------------------------------------------------------- scheduler side
 
-    def _strength_start_index(self, strength: float) -> int:
-        """Index of the first step whose sigma is `<= strength` (0 for `strength == 1`)."""
-        if hasattr(self.scheduler, "strength_start_index"):
-            return int(self.scheduler.strength_start_index(strength))
-        sigmas = self.scheduler.sigmas[:-1].float().cpu()  # the last entry is the terminal sigma (0)
-        candidates = torch.nonzero(sigmas <= strength + 1e-6).flatten()
-        if len(candidates) == 0:
-            raise ValueError(
-                f"`strength` {strength} is below every sigma of the schedule (smallest {float(sigmas.min()):.4f}): "
-                "raise `strength` or `num_inference_steps`."
-            )
-        return int(candidates[0])
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+        """The tail of the schedule that `strength` runs, as in diffusers' img2img pipelines.
+
+        `strength` is the fraction of the `num_inference_steps`-step schedule to run: the first
+        `int(num_inference_steps - num_inference_steps * strength)` steps are skipped (and the scheduler told with
+        `set_begin_index`). Returns `(timesteps, number of steps that run)`.
+        """
+        init_timestep = min(num_inference_steps * strength, num_inference_steps)
+        t_start = int(max(num_inference_steps - init_timestep, 0))
+        order = getattr(self.scheduler, "order", 1)
+        timesteps = self.scheduler.timesteps[t_start * order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * order)
+        return timesteps, num_inference_steps - t_start
 
     @staticmethod
-    def _linear_guidance(sigma: float, sigma_max: float, start: float, end: float | None) -> float:
-        """SUPIR's linear CFG moved to flow sigmas: `start` at `sigma_max`, `end` as sigma -> 0."""
-        if end is None:
-            return start
-        return end + (start - end) * sigma / sigma_max
+    def _scheduled_guidance(sigma: float, sigma_max: float, guidance_scale: float, start: float | None) -> float:
+        """Classifier-free guidance scale at `sigma`: constant `guidance_scale`, or with `start` given, SUPIR's linear
+        schedule in sigma: `start` at `sigma_max` (the noisiest step) moving to `guidance_scale` as sigma -> 0."""
+        if start is None:
+            return guidance_scale
+        ratio = min(max(sigma / sigma_max, 0.0), 1.0) if sigma_max > 0 else 0.0
+        return guidance_scale + (start - guidance_scale) * ratio
 
     def _velocity(
         self,
@@ -803,15 +1045,15 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     def __call__(
         self,
         image: PipelineImageInput = None,
-        prompt: str | list[str] | None = "",
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_scale_end: float | None = 4.0,
+        guidance_scale: float | None = None,
+        guidance_scale_start: float | None = None,
         restoration_guidance: float | None = None,
-        strength: float = 1.0,
+        strength: float | None = None,
         upscale: float = 1.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -835,41 +1077,51 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         r"""
         Restore `image`.
 
+        The sampling arguments (`num_inference_steps`, `guidance_scale`, `guidance_scale_start`,
+        `restoration_guidance`, `strength`) default to `None`, which takes the value this model records in its
+        config (`pipe.sampling_defaults`; e.g. a one-step restorer records one step without guidance); explicit
+        values win.
+
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
-                The degraded image(s), any size; a batch shares one size (call once per size otherwise).
-                PIL: any mode. RGBA/LA/PA (and P with transparency) restore the RGB and carry the original alpha,
-                resized with `upscale`, to PIL outputs (RGBA); `np`/`pt` outputs are RGB. 16-bit grey (I;16, I) is
-                read as value / 65535; grey and other modes (CMYK, YCbCr, ...) are converted to RGB.
-                numpy: HW, HWC or NHWC (1 or 3 channels), uint8, uint16, or float in [0, 1].
-                torch: HW, CHW or NCHW (1 or 3 channels), uint8 or float in **[0, 1]** (not [-1, 1]; negative values
-                raise). Each image is reflect-padded to the VAE's multiple and the result cropped back, so the output
-                has the input's size times `upscale`.
-            prompt (`str` or `list[str]`, defaults to `""`):
+                The degraded image(s), any size of at least one latent pixel per side; a batch shares one size (call
+                once per size otherwise). PIL: any mode. RGBA/LA/PA (and P with transparency) restore the RGB and
+                carry the original alpha, resized with `upscale`, to PIL outputs (RGBA); `np`/`pt` outputs are RGB.
+                16-bit grey (I;16, I) is read as value / 65535; grey and other modes (CMYK, YCbCr, ...) are converted
+                to RGB. numpy: HW, HWC or NHWC (1 or 3 channels), uint8, uint16, or float in [0, 1]. torch: HW, CHW
+                or NCHW (1 or 3 channels), uint8 or float in **[0, 1]** (not [-1, 1]; negative values raise). Each
+                image is padded (by reflection) to a multiple of `size_multiple` (one transformer token) and the
+                result cropped back, so the output has the input's size times `upscale`.
+            prompt (`str` or `list[str]`, *optional*):
                 What the restoration should produce (e.g. "Restore this image to high quality"); one per image or
-                one for all.
+                one for all. No prompt is the empty prompt.
             negative_prompt (`str` or `list[str]`, defaults to `DEFAULT_NEGATIVE_PROMPT`):
                 The negative-quality prompt classifier-free guidance pushes away from ("blurry, noisy, jpeg
                 artifacts, ..."). `""` reproduces text-to-image CFG. Ignored without guidance.
-            num_inference_steps (`int`, defaults to 20):
-                Denoising steps of the full schedule (`strength < 1` runs the last part of it only).
+            num_inference_steps (`int`, *optional*):
+                Denoising steps of the full schedule (`strength < 1` runs the last part of it only). Default: the
+                model's `sampling_defaults` (20 for a flow-matching model).
             timesteps (`list[float]`, *optional*), sigmas (`list[float]`, *optional*):
-                Custom schedule for schedulers that accept one in `set_timesteps` (overrides `num_inference_steps`).
-            guidance_scale (`float`, defaults to 1.0):
-                Classifier-free guidance scale at the noisiest step (sigma = sigma_max). 1 = no guidance.
-            guidance_scale_end (`float`, *optional*, defaults to 4.0):
-                Guidance scale as sigma -> 0; the scale moves linearly in sigma from `guidance_scale` to it (SUPIR's
-                linear CFG). `None` keeps `guidance_scale` constant. The default 1 -> 4 is SUPIR's fidelity setting:
-                no text guidance while the structure forms (less hallucination), quality guidance for the details.
-                Steps whose scale is 1 skip the unconditional pass; `guidance_scale=1, guidance_scale_end=None`
-                disables guidance (one transformer pass per step).
+                Custom schedule for schedulers that accept one in `set_timesteps` (overrides `num_inference_steps`):
+                non-empty, finite, not increasing; sigmas in (0, 1], timesteps in (0, num_train_timesteps].
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance scale, as in every diffusers pipeline: constant over the steps, and `1.0`
+                disables guidance (one transformer pass per step). With `guidance_scale_start`, the scale at the last
+                step. Default: the model's `sampling_defaults` (4.5 for a flow-matching model, as SanaPipeline).
+            guidance_scale_start (`float`, *optional*):
+                Opt-in linear guidance (SUPIR's linear CFG): the scale at the noisiest step (`sigma_max`), moving
+                linearly in sigma to `guidance_scale` at sigma -> 0. E.g. `guidance_scale_start=1, guidance_scale=4`
+                leaves the structure unguided (less hallucination) and guides the details. `None` = constant. Taken
+                from `sampling_defaults` only when `guidance_scale` is too.
             restoration_guidance (`float`, *optional*):
                 Restoration guidance strength tau_r (0 = off; larger values pull the estimate toward the degraded
-                latent for longer, trading detail for fidelity). `None` uses the scheduler's configuration.
-                Needs a [`RestorationGuidedFlowScheduler`].
-            strength (`float`, defaults to 1.0):
-                Start noise level in (0, 1]: 1 starts from pure noise; below 1 the start is the degraded latent
-                noised to the first schedule sigma <= `strength`, and only the remaining steps run.
+                latent for longer, trading detail for fidelity). `None` uses the model's default, else the
+                scheduler's configuration. Needs a [`RestorationGuidedFlowScheduler`].
+            strength (`float`, *optional*):
+                As in diffusers' img2img pipelines: the fraction of the `num_inference_steps` schedule to run, in
+                (0, 1]. 1 runs every step from pure noise; below 1 the first `int(num_inference_steps * (1 -
+                strength))` steps are skipped and sampling starts from the degraded latent noised to the first
+                remaining sigma. Default: the model's `sampling_defaults` (1.0).
             upscale (`float`, defaults to 1.0):
                 Super-resolution factor >= 1: the input is resized (bicubic) by it before encoding.
             num_images_per_prompt (`int`, defaults to 1):
@@ -889,11 +1141,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 default, as in SUPIR/PASD/DiffBIR: it removes the colour drift of latent diffusion; switch it off
                 when the degradation itself is a colour cast to be corrected.
             tile_size (`int`, *optional*):
-                Tile side in pixels (a multiple of the VAE factor). `None`: automatic, the transformer's native
-                resolution (`sample_size * f`, 1024 px for SANA 1024 px checkpoints); `0`: never tile. Images whose
-                padded side exceeds it are denoised in overlapping latent tiles (blended every step with smooth
-                weights before the single scheduler step) and encoded/decoded by the VAE tile by tile, so memory is
-                bounded by the tile.
+                Tile side in pixels (a multiple of `size_multiple`: the VAE factor x the transformer's patch size).
+                `None`: automatic, the transformer's native resolution (`sample_size * f`, 1024 px for SANA 1024 px
+                checkpoints); `0`: never tile. Images whose padded side exceeds it are denoised in overlapping latent
+                tiles (blended every step with smooth weights before the single scheduler step) and encoded/decoded
+                by the VAE tile by tile, so memory is bounded by the tile.
             tile_overlap (`int`, *optional*):
                 Minimum overlap of neighbouring tiles in pixels (a multiple of the VAE factor, smaller than the
                 tile); defaults to a quarter of the tile.
@@ -908,7 +1160,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 Passed to the transformer's attention processors (`{"scale": lora_scale}` for LoRA).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after every step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; the
-                returned dict may replace any of the tensors it was given.
+                returned dict may replace any of the tensors it was given. Setting `pipe._guidance_scale` there
+                changes the guidance scale from the next step on.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors given to the callback, from `_callback_tensor_inputs` (`latents`, `prompt_embeds`,
                 `negative_prompt_embeds`, `condition_latents`).
@@ -923,14 +1176,26 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Returns:
             [`SanaRestorationPipelineOutput`] or `tuple`: the restored images (see the output's documentation); as
             `(images,)` when `return_dict` is `False`.
+
+        Raises:
+            `ValueError` for invalid arguments or images (naming them); `RuntimeError` when the model produces NaN or
+            infinite values (broken weights, or fp16 overflow) instead of returning garbage.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        # the defaults step aside when the user passes embeddings instead
-        if prompt_embeds is not None and prompt == "":
-            prompt = None
-        if negative_prompt_embeds is not None and negative_prompt == DEFAULT_NEGATIVE_PROMPT:
-            negative_prompt = None
+        prompt, negative_prompt = self._prompt_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        sampling = self._resolve_sampling_arguments(
+            dict(
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                guidance_scale_start=guidance_scale_start,
+                restoration_guidance=restoration_guidance,
+                strength=strength,
+            )
+        )
+        num_inference_steps, guidance_scale = sampling["num_inference_steps"], sampling["guidance_scale"]
+        guidance_scale_start, restoration_guidance = sampling["guidance_scale_start"], sampling["restoration_guidance"]
+        strength = sampling["strength"]
 
         # 1. Check inputs
         self.check_inputs(
@@ -940,7 +1205,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             timesteps,
             sigmas,
             guidance_scale,
-            guidance_scale_end,
+            guidance_scale_start,
             restoration_guidance,
             strength,
             upscale,
@@ -956,13 +1221,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             tile_size,
             tile_overlap,
         )
-        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
-        if restoration_guidance and "restoration_guidance_tau" not in step_parameters:
-            raise ValueError(
-                f"`restoration_guidance` needs a RestorationGuidedFlowScheduler; this pipeline's scheduler is a "
-                f"{type(self.scheduler).__name__}. Leave it None (or 0), or swap the scheduler with "
-                "`RestorationGuidedFlowScheduler.from_config(pipe.scheduler.config)`."
-            )
         condition_channels = self.transformer.config.condition_channels
         if self.vae.config.latent_channels != condition_channels:
             raise ValueError(
@@ -971,23 +1229,28 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             )
 
         self._guidance_scale = guidance_scale
-        self._do_classifier_free_guidance = guidance_scale > 1 or bool(guidance_scale_end and guidance_scale_end > 1)
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
-        # 2. Images: RGB in [0, 1], upscaled, padded to the VAE multiple
+        # 2. Images: RGB in [0, 1], upscaled
         pixels, alphas = self.prepare_image(image, upscale, device)
         batch_size = pixels.shape[0]
         self._check_batch(batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if isinstance(prompt, str):
             prompt = [prompt] * batch_size
         out_height, out_width = pixels.shape[-2:]
-        padded = pad_to_multiple(pixels, self.vae_scale_factor)
-        tiling = self._tiling_plan(padded.shape[-2], padded.shape[-1], tile_size, tile_overlap)
 
-        # 3. Text: prompt and negative-quality prompt (cached across calls)
+        # 3. Text: prompt, and the negative-quality prompt when any step uses guidance (cached across calls)
         lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
+        text_kwargs = dict(
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            clean_caption=clean_caption,
+            max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale,
+        )
+        uses_guidance = guidance_scale > 1 or (guidance_scale_start is not None and guidance_scale_start > 1)
         (
             prompt_embeds,
             prompt_attention_mask,
@@ -995,40 +1258,36 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             negative_prompt_attention_mask,
         ) = self.encode_prompt(
             prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt="" if negative_prompt is None else negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
+            uses_guidance,
+            negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             prompt_attention_mask=prompt_attention_mask,
             negative_prompt_attention_mask=negative_prompt_attention_mask,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
-            lora_scale=lora_scale,
+            **text_kwargs,
         )
 
-        # 4. Condition latents of the degraded image, one per output image
-        condition_latents = self._vae_encode(padded * 2.0 - 1.0, tiling)
+        # 4. Condition latents of the degraded image (padded to whole transformer tokens), one per output image
+        condition_latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
         condition_latents = condition_latents.repeat_interleave(num_images_per_prompt, dim=0)
 
-        # 5. Timesteps, trimmed by `strength`
+        # 5. Timesteps: the tail of the schedule that `strength` runs
         timestep_device = "cpu" if XLA_AVAILABLE else device
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
         )
         sigma_max = float(self.scheduler.sigmas[0])
-        start_index = self._strength_start_index(strength) if strength < 1.0 else 0
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(start_index)
-        timesteps = timesteps[start_index:]
-        start_sigma = float(self.scheduler.sigmas[start_index]) if strength < 1.0 else 1.0
+        if strength < 1.0:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
+        start_index = len(self.scheduler.timesteps) - len(timesteps)
 
-        # 6. Starting latents
+        # 6. Starting latents: noise, or the degraded latent noised to the first remaining sigma
+        start_sigma = float(self.scheduler.sigmas[start_index]) if strength < 1.0 else None
         latents = self.prepare_latents(condition_latents, start_sigma, generator, latents)
 
         # 7. Scheduler extras: the condition for restoration guidance, generators for stochastic samplers
+        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
         step_kwargs: dict[str, Any] = {}
         if "condition_latents" in step_parameters:
             step_kwargs["condition_latents"] = condition_latents
@@ -1039,13 +1298,20 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         # 8. Denoising loop
         self._num_timesteps = len(timesteps)
+        scheduled_guidance = guidance_scale_start is not None  # False once a callback sets the scale itself
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = float(self.scheduler.sigmas[start_index + i])
-                self._guidance_scale = self._linear_guidance(sigma, sigma_max, guidance_scale, guidance_scale_end)
-                guidance = self._guidance_scale if negative_prompt_embeds is not None else 1.0
+                if scheduled_guidance:
+                    sigma = float(self.scheduler.sigmas[start_index + i])
+                    self._guidance_scale = self._scheduled_guidance(sigma, sigma_max, guidance_scale, guidance_scale_start)
+                step_guidance = self._guidance_scale
+                if step_guidance > 1 and negative_prompt_embeds is None:
+                    # a callback turned guidance on in a call that started without it
+                    negative_prompt_embeds, negative_prompt_attention_mask = self._negative_embeddings(
+                        negative_prompt, batch_size, text_kwargs
+                    )
                 timestep = t.to(device=device, dtype=torch.float32)
 
                 def predict(top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -1058,7 +1324,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                         negative_prompt_embeds,
                         negative_prompt_attention_mask,
                         timestep,
-                        guidance,
+                        step_guidance,
                     )
 
                 if tiling is None:
@@ -1084,16 +1350,21 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     condition_latents = callback_outputs.pop("condition_latents", condition_latents)
+                    if self._guidance_scale != step_guidance:
+                        scheduled_guidance = False  # the callback's scale holds from the next step on
 
                 progress_bar.update()
                 if XLA_AVAILABLE:
                     xm.mark_step()
 
         # 9. Decode, crop the padding, colour fix, convert
+        if not self.interrupt:
+            _check_finite(latents, "the denoised latents", _NON_FINITE_ADVICE)
         if output_type == "latent":
             images = latents
         else:
             restored = self._vae_decode(latents, tiling)[:, :, :out_height, :out_width]
+            _check_finite(restored, "the decoded image", _NON_FINITE_ADVICE)
             if color_fix is not None:
                 reference = pixels.repeat_interleave(num_images_per_prompt, dim=0)
                 restored = apply_color_fix(restored, reference, color_fix)
@@ -1104,6 +1375,18 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return SanaRestorationPipelineOutput(images=images)
+
+    def _negative_embeddings(self, negative_prompt, batch_size: int, text_kwargs: dict[str, Any]):
+        """Embeddings `(embeds, mask)` of the negative prompt, encoded as SanaPipeline encodes negatives (no
+        instruction prefix); for guidance switched on mid-call by a callback."""
+        if getattr(self, "text_encoder", None) is None or negative_prompt is None:
+            raise ValueError(
+                "A callback raised `guidance_scale` above 1 in a call without negative prompt embeddings and the "
+                "pipeline cannot encode them: pass `negative_prompt_embeds`, or start the call with guidance."
+            )
+        prompts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+        embeds, mask, _, _ = self.encode_prompt(prompts, False, complex_human_instruction=None, **text_kwargs)
+        return embeds, mask
 
     def _postprocess(self, images: torch.Tensor, alphas, num_images_per_prompt: int, output_type: str):
         """`(batch, 3, H, W)` in [0, 1] -> `output_type`; PIL outputs get their input's alpha back (RGBA)."""
@@ -1123,10 +1406,22 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return outputs
 
 
+_NON_FINITE_ADVICE = (
+    "the model's weights are likely broken (e.g. saved from a diverged training run) or float16 overflowed: check "
+    "the weights with torch.isfinite, or load the pipeline in float32 / bfloat16"
+)
+
 _OOM_ADVICE = (
     "Out of memory while {stage}. Process the image in tiles: pass a smaller `tile_size` (e.g. tile_size=512) to "
     "the pipeline call, or enable the VAE's own tiling with `pipe.enable_vae_tiling()`."
 )
+
+
+def _check_finite(tensor: torch.Tensor, what: str, advice: str) -> None:
+    """Raise a `RuntimeError` when `tensor` holds NaN or infinite values: never return garbage silently."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise RuntimeError(f"{what} contain {bad} NaN or infinite value(s) of {tensor.numel()}: {advice}.")
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -1135,3 +1430,49 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 def _is_list_of_str(value) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_sampling_values(values: dict[str, Any], kind: str) -> None:
+    """Validate the sampling arguments present (not `None`) in `values`; `kind` names them in errors ("argument" for
+    a call, "sampling_defaults" for recorded defaults)."""
+
+    def name(key: str) -> str:
+        return f"`{key}`" if kind == "argument" else f"`{kind}['{key}']`"
+
+    steps = values.get("num_inference_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"{name('num_inference_steps')} must be an integer >= 1, got {steps!r}.")
+    for key in ("guidance_scale", "guidance_scale_start"):
+        value = values.get(key)
+        if value is not None and (not _is_number(value) or value < 1.0):
+            raise ValueError(f"{name(key)} must be a number >= 1 (1 = no classifier-free guidance), got {value!r}.")
+    tau = values.get("restoration_guidance")
+    if tau is not None and (not _is_number(tau) or tau < 0):
+        raise ValueError(f"{name('restoration_guidance')} must be a number >= 0 (0 = off) or None, got {tau!r}.")
+    strength = values.get("strength")
+    if strength is not None and (not _is_number(strength) or not 0.0 < strength <= 1.0):
+        raise ValueError(
+            f"{name('strength')} must be in (0, 1]: the fraction of the denoising schedule to run (1 = all of it, "
+            f"from pure noise), got {strength!r}."
+        )
+
+
+def _check_schedule(name: str, values, upper: float) -> None:
+    """A custom `sigmas` / `timesteps` schedule: a non-empty 1-D sequence of finite numbers in (0, upper], not
+    increasing (denoising goes from noisy to clean)."""
+    try:
+        array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a sequence of numbers, got {type(values).__name__}.") from None
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"`{name}` must be a non-empty 1-D sequence of numbers, got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values: {values!r}.")
+    if array.min() <= 0.0 or array.max() > upper:
+        raise ValueError(f"`{name}` must lie in (0, {upper:g}], got values in [{array.min():g}, {array.max():g}].")
+    if (np.diff(array) > 0).any():
+        raise ValueError(f"`{name}` must not increase (from noisy to clean), got {values!r}.")

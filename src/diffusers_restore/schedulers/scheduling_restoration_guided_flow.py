@@ -34,9 +34,8 @@ plain flow-matching Euler and reproduces ``FlowMatchEulerDiscreteScheduler`` bit
 
 The scheduler shares every config key of ``FlowMatchEulerDiscreteScheduler``, so ``from_config`` works in both
 directions, and it keeps the ``flow_shift`` of the DPM-Solver configs that SANA checkpoints ship (which diffusers
-would otherwise drop, silently sampling with shift 1). It also offers the two other restoration knobs of the
-pipeline: ``strength_start_index`` (start from the degraded latent noised to ``sigma = strength``, as PASD/SeeSR do)
-and ``guidance_scale_at`` (SUPIR's CFG scale linear in sigma).
+would otherwise drop, silently sampling with shift 1). Starting part-way down the schedule (img2img `strength`) uses
+the inherited ``set_begin_index`` and ``scale_noise``, as diffusers' img2img pipelines do.
 """
 
 from __future__ import annotations
@@ -62,8 +61,6 @@ logger = logging.get_logger(__name__)
 # SDXL's largest EDM sigma (the discretization SUPIR samples on): the upper clip of the EDM guidance reference.
 SUPIR_EDM_SIGMA_MAX = 14.6146
 
-# Tolerance when comparing a user's `strength` with float32 schedule sigmas (float32(0.3) > 0.3).
-_STRENGTH_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -113,7 +110,7 @@ class RestorationGuidedFlowScheduler(FlowMatchEulerDiscreteScheduler):
         base_image_seq_len (`int`, defaults to 256): Sequence length of `base_shift`.
         max_image_seq_len (`int`, defaults to 4096): Sequence length of `max_shift`.
         invert_sigmas (`bool`, defaults to False): Mochi's inverted schedule. Kept for config parity; restoration
-            guidance, `strength_start_index` and `guidance_scale_at` reject it (they assume sigma = 1 is noise).
+            guidance rejects it (it assumes sigma = 1 is noise).
         shift_terminal (`float`, *optional*): Stretch the shifted schedule to end at this sigma.
         use_karras_sigmas (`bool`, defaults to False): Karras spacing of the sigmas.
         use_exponential_sigmas (`bool`, defaults to False): Exponential spacing of the sigmas.
@@ -333,68 +330,6 @@ class RestorationGuidedFlowScheduler(FlowMatchEulerDiscreteScheduler):
             return 0.0
         ratio = self._noise_level(sigma) / self._noise_level_max()
         return min(1.0, ratio**tau)
-
-    def guidance_scale_at(
-        self, sigma: float | torch.Tensor, guidance_scale: float, guidance_scale_end: float | None = None
-    ) -> float:
-        r"""
-        Classifier-free guidance scale at `sigma`, linear in sigma like SUPIR's linear CFG:
-        `guidance_scale_end + (guidance_scale - guidance_scale_end) * sigma / sigma_max`.
-
-        `guidance_scale` applies at `sigma_max` (the current schedule's first sigma, 1.0 before `set_timesteps`) and
-        `guidance_scale_end` as sigma reaches 0; `sigma / sigma_max` is clipped to [0, 1]. With
-        `guidance_scale_end=None` the scale is constant. SUPIR's current defaults are 1.0 -> 4.0.
-
-        Args:
-            sigma (`float` or 0-d `torch.Tensor`): Flow sigma of the step.
-            guidance_scale (`float`): Scale at the noisiest step.
-            guidance_scale_end (`float`, *optional*): Scale at sigma 0.
-
-        Returns:
-            `float`
-        """
-        if guidance_scale_end is None:
-            return float(guidance_scale)
-        self._check_not_inverted("`guidance_scale_at`")
-        ratio = min(max(float(sigma) / float(self.sigmas[0]), 0.0), 1.0)
-        return float(guidance_scale_end) + (float(guidance_scale) - float(guidance_scale_end)) * ratio
-
-    def strength_start_index(self, strength: float) -> int:
-        r"""
-        Index of the first step whose sigma is `<= strength` (img2img-style start), after `set_timesteps`.
-
-        Sampling then starts from the degraded latent noised to that sigma instead of pure noise, and runs only the
-        remaining steps; `strength=1.0` gives 0 (the full schedule from pure noise). This method changes nothing;
-        a pipeline does::
-
-            idx = scheduler.strength_start_index(strength)
-            timesteps = scheduler.timesteps[idx:]
-            scheduler.set_begin_index(idx)
-            latents = scheduler.scale_noise(z_lq, timesteps[:1], noise)
-
-        Args:
-            strength (`float`): In (0, 1], a flow sigma (compared with a 1e-6 tolerance for float32 sigmas).
-
-        Returns:
-            `int`: the index into `timesteps` (and `sigmas`) of the first step to run.
-        """
-        try:
-            strength = float(strength)
-        except (TypeError, ValueError):
-            raise ValueError(f"`strength` must be a number in (0, 1], got {strength!r}.") from None
-        if not 0.0 < strength <= 1.0:  # also rejects NaN
-            raise ValueError(f"`strength` must be in (0, 1], got {strength}.")
-        if self.num_inference_steps is None:
-            raise ValueError("`strength_start_index` needs a schedule: call `set_timesteps` first.")
-        self._check_not_inverted("`strength_start_index`")
-        step_sigmas = self.sigmas[:-1].detach().float().cpu()  # the last entry is the terminal sigma
-        remaining = torch.nonzero(step_sigmas <= strength + _STRENGTH_TOLERANCE).flatten()
-        if len(remaining) == 0:
-            raise ValueError(
-                f"`strength`={strength} leaves no denoising step: every sigma of the {len(step_sigmas)}-step schedule "
-                f"is above it (smallest {float(step_sigmas.min()):.4f}). Raise `strength` or `num_inference_steps`."
-            )
-        return int(remaining[0])
 
     # ------------------------------------------------------------------------------------------------ step
 
