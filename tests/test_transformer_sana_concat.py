@@ -1,3 +1,4 @@
+import inspect
 import os
 
 import pytest
@@ -219,3 +220,169 @@ def test_real_size_adds_exactly_the_projection():
 def test_invalid_condition_channels():
     with pytest.raises(ValueError, match="condition_channels"):
         ConcatConditionedTransformer(**{**get_tiny_transformer().config, "condition_channels": 0})
+
+
+# ---------------------------------------------------------------------------------------------- diffusers behaviour
+
+
+def test_save_pretrained_spells_out_diffusers_arguments():
+    """diffusers' pipeline `save_pretrained` passes `variant` / `max_shard_size` only to methods that name them."""
+    parameters = inspect.signature(ConcatConditionedTransformer.save_pretrained).parameters
+    assert {"safe_serialization", "variant", "max_shard_size", "push_to_hub", "is_main_process"} <= set(parameters)
+
+
+@torch.no_grad()
+def test_variant_and_shards_round_trip(tmp_path):
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer(num_layers=2))
+    model.projection.weight.normal_()
+    expected = model(**_inputs()).sample
+    model.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert "diffusion_pytorch_model.fp16.safetensors" in os.listdir(tmp_path / "fp16")
+    loaded = ConcatConditionedTransformer.from_pretrained(tmp_path / "fp16", variant="fp16")
+    assert torch.equal(loaded(**_inputs()).sample, expected)
+
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    files = os.listdir(tmp_path / "shards")
+    assert "diffusion_pytorch_model.safetensors.index.json" in files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    loaded = ConcatConditionedTransformer.from_pretrained(tmp_path / "shards")
+    assert torch.equal(loaded(**_inputs()).sample, expected)
+
+
+def _tiny_pipeline():
+    from diffusers import SanaPipeline
+
+    from diffusers_restore import SanaRestorationPipeline
+    from diffusers_restore.testing import get_tiny_components
+
+    pipe = SanaRestorationPipeline.from_sana_pipeline(SanaPipeline(**get_tiny_components()))
+    with torch.no_grad():
+        pipe.transformer.projection.weight.normal_()
+    return pipe
+
+
+@torch.no_grad()
+def test_pipeline_variant_reaches_the_transformer(tmp_path):
+    from diffusers_restore import SanaRestorationPipeline
+
+    pipe = _tiny_pipeline()
+    expected = pipe.transformer(**_inputs()).sample
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    assert set(os.listdir(tmp_path / "transformer")) == {"config.json", "diffusion_pytorch_model.fp16.safetensors"}
+    loaded = SanaRestorationPipeline.from_pretrained(tmp_path, variant="fp16")
+    assert torch.equal(loaded.transformer(**_inputs()).sample, expected)
+
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_size="4KB")
+    assert "diffusion_pytorch_model.safetensors.index.json" in os.listdir(tmp_path / "sharded" / "transformer")
+
+
+@torch.no_grad()
+def test_push_to_hub_with_variant(tmp_path, hub):
+    from huggingface_hub import list_repo_files
+
+    from diffusers_restore import SanaRestorationPipeline
+
+    pipe = _tiny_pipeline()
+    expected = pipe.transformer(**_inputs()).sample
+    pipe.push_to_hub("org/restorer", token="hf_test", variant="fp16")
+    assert "transformer/diffusion_pytorch_model.fp16.safetensors" in list_repo_files("org/restorer")
+    loaded = SanaRestorationPipeline.from_pretrained("org/restorer", variant="fp16", cache_dir=tmp_path / "cache")
+    assert torch.equal(loaded.transformer(**_inputs()).sample, expected)
+
+    pipe.transformer.push_to_hub("org/transformer", token="hf_test", variant="fp16")
+    assert "diffusion_pytorch_model.fp16.safetensors" in list_repo_files("org/transformer")
+
+
+def test_weights_are_safetensors_only(tmp_path):
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists() or not os.listdir(tmp_path / "pickle")
+    with pytest.raises(ValueError, match="use_flashpack"):
+        model.save_pretrained(tmp_path / "flashpack", use_flashpack=True)
+
+    model.save_pretrained(tmp_path / "safe")
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        ConcatConditionedTransformer.from_pretrained(tmp_path / "safe", use_safetensors=False)
+
+    # a folder with pickled weights only (the file is never read: its bytes are not a pickle at all)
+    for folder, config_source in (("old", tmp_path / "safe"), ("old_sana", None)):
+        (tmp_path / folder).mkdir()
+        if config_source is not None:
+            (tmp_path / folder / "config.json").write_text((config_source / "config.json").read_text())
+        else:
+            get_tiny_transformer().save_pretrained(tmp_path / "sana")
+            (tmp_path / folder / "config.json").write_text((tmp_path / "sana" / "config.json").read_text())
+        (tmp_path / folder / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+        with pytest.raises(ValueError, match=r"only pickled weights.*save_pretrained\(new_folder, safe_serialization=True\)"):
+            ConcatConditionedTransformer.from_pretrained(tmp_path / folder)
+
+
+# ---------------------------------------------------------------------------------------------- every SANA base
+
+# The transformer configurations of the released SANA checkpoints (diffusers' conversion script); the rest are
+# SanaTransformer2DModel's defaults (32 latent channels, Gemma-2 caption channels 2304, mlp_ratio 2.5, patch 1).
+_WIDE = dict(num_attention_heads=70, attention_head_dim=32, num_cross_attention_heads=20, cross_attention_head_dim=112,
+             cross_attention_dim=2240)
+_600M = dict(num_attention_heads=36, attention_head_dim=32, num_cross_attention_heads=16, cross_attention_head_dim=72,
+             cross_attention_dim=1152, num_layers=28)
+SANA_BASES = {
+    "sana-1.0-1.6B": dict(_WIDE, num_layers=20),
+    "sana-1.5-1.6B": dict(_WIDE, num_layers=20, qk_norm="rms_norm_across_heads"),
+    "sana-1.0-600M": dict(_600M),
+    "sana-1.5-4.8B": dict(_WIDE, num_layers=60, qk_norm="rms_norm_across_heads"),
+    "sana-sprint-1.6B": dict(_WIDE, num_layers=20, qk_norm="rms_norm_across_heads", guidance_embeds=True),
+    "sana-sprint-600M": dict(_600M, qk_norm="rms_norm_across_heads", guidance_embeds=True),
+}
+
+
+@pytest.mark.parametrize("name", list(SANA_BASES))
+def test_every_released_sana_base_wraps_with_2048_new_parameters(name):
+    with init_empty_weights():
+        sana = SanaTransformer2DModel(**SANA_BASES[name])
+    model = ConcatConditionedTransformer.from_transformer(sana)
+    assert model.transformer is sana
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in sana.parameters())
+    assert extra == (32 + 32) * 32 == 2048
+    for key, value in sana.config.items():
+        if not key.startswith("_"):
+            assert model.config[key] == value, key
+
+
+def _sana_reference(sana, inputs, **extra):
+    return sana(
+        inputs["hidden_states"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        timestep=inputs["timestep"],
+        encoder_attention_mask=inputs["encoder_attention_mask"],
+        **extra,
+    ).sample
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(qk_norm="rms_norm_across_heads"), dict(qk_norm="rms_norm_across_heads", guidance_embeds=True)],
+    ids=["sana-1.5", "sana-sprint"],
+)
+def test_forward_passes_every_sana_argument(overrides):
+    """Identity at init on SANA 1.5 and Sprint bases, with SANA's `guidance`, `attention_mask` and
+    `controlnet_block_samples` reaching the wrapped model."""
+    sana = get_tiny_transformer(num_layers=3, **overrides)
+    model = ConcatConditionedTransformer.from_transformer(sana)
+    inputs = _inputs()
+    extra = dict(
+        attention_mask=torch.tensor([[1] * 64, [1] * 40 + [0] * 24]),
+        controlnet_block_samples=tuple(torch.randn(2, 64, 8) for _ in range(2)),
+    )
+    if overrides.get("guidance_embeds"):
+        extra["guidance"] = torch.tensor([4.5, 1.0])
+    expected = _sana_reference(sana, inputs, **extra)
+    assert torch.equal(model(**inputs, **extra).sample, expected)
+    # guidance and the ControlNet residuals change the result, so they reach SANA (its linear self-attention
+    # ignores `attention_mask`, which is only checked to pass through like the rest)
+    for key in ("guidance", "controlnet_block_samples") if "guidance" in extra else ("controlnet_block_samples",):
+        reduced = {k: v for k, v in extra.items() if k != key}
+        if key == "guidance":
+            reduced["guidance"] = torch.tensor([0.0, 9.0])
+        assert not torch.allclose(model(**inputs, **reduced).sample, expected), key

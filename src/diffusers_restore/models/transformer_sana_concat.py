@@ -15,15 +15,18 @@ channel-space twin of InstructPix2Pix's zero-initialised ``conv_in`` expansion).
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusers import ConfigMixin, ModelMixin, SanaTransformer2DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.loaders import PeftAdapterMixin
+from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import logging
 
@@ -55,6 +58,114 @@ SANA_CONFIG_KEYS = (
     "timestep_scale",
 )
 
+#: File that `save_lora_adapter` writes beside `pytorch_lora_weights.safetensors`: the fully trained condition
+#: projection, stored as `{"projection.weight": [in_channels, in_channels + condition_channels, 1, 1]}`.
+CONDITION_PROJECTION_WEIGHT_NAME = "condition_projection.safetensors"
+#: Name of the projection weight in a LoRA state dict relative to this model (a pipeline LoRA file stores it as
+#: `transformer.projection.weight`).
+PROJECTION_KEY = "projection.weight"
+# Weight files this package never loads (pickle): named in the error for a folder that holds only these.
+_PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Hub download arguments shared by `load_lora_adapter`, the pipeline's `lora_state_dict` and the sidecar fetch.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def refuse_pickle(use_safetensors: bool | None, what: str) -> None:
+    """Raise if a caller asks to load `what` from a pickle (`use_safetensors=False`): weights load from
+    safetensors only, because unpickling a downloaded file can run arbitrary code."""
+    if use_safetensors is False:
+        raise ValueError(
+            f"`use_safetensors=False` is not supported: {what} load from safetensors only (unpickling a weight file "
+            "can run arbitrary code)."
+        )
+
+
+def fetch_condition_projection(
+    pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any
+) -> torch.Tensor | None:
+    """The condition projection saved beside a LoRA adapter by
+    [`~ConcatConditionedTransformer.save_lora_adapter`] (`condition_projection.safetensors`), or `None` when the
+    folder or Hub repo has no such file.
+
+    Args:
+        pretrained_model_name_or_path (`str` or `os.PathLike`): the folder or Hub repo id the LoRA file was read from.
+            A path to a single weight file has no sidecar (returns `None`).
+        hub_kwargs: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
+
+    Returns:
+        `torch.Tensor` of shape `(in_channels, in_channels + condition_channels, 1, 1)`, or `None`.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(pretrained_model_name_or_path)
+    subfolder = hub_kwargs.get("subfolder") or ""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        file = os.path.join(path, subfolder, CONDITION_PROJECTION_WEIGHT_NAME)
+        if not os.path.isfile(file):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            file = hf_hub_download(
+                path,
+                CONDITION_PROJECTION_WEIGHT_NAME,
+                subfolder=subfolder or None,
+                revision=hub_kwargs.get("revision"),
+                token=hub_kwargs.get("token"),
+                cache_dir=hub_kwargs.get("cache_dir"),
+                local_files_only=bool(hub_kwargs.get("local_files_only")),
+                force_download=bool(hub_kwargs.get("force_download")),
+                proxies=hub_kwargs.get("proxies"),
+            )
+        except LocalEntryNotFoundError:  # offline, not cached: we cannot tell whether the repo has one
+            logger.warning(
+                f"{path}: {CONDITION_PROJECTION_WEIGHT_NAME} is not in the local cache and the Hub cannot be reached; "
+                "the LoRA loads without a condition projection (the model keeps its own)."
+            )
+            return None
+        except EntryNotFoundError:
+            return None
+    weights = load_file(file)
+    if PROJECTION_KEY not in weights:
+        raise ValueError(f"{file} has no `{PROJECTION_KEY}` entry (it holds {sorted(weights)}).")
+    return weights[PROJECTION_KEY]
+
+
+@dataclass
+class _LoraProjections:
+    """What the loaded LoRA adapters did to the condition projection (see `ConcatConditionedTransformer`'s LoRA
+    section): the projection before the first load (`base`), each adapter's trained projection, the adapters'
+    weights (`set_adapters`), the active ones, and the coefficients of the fused ones."""
+
+    base: torch.Tensor
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    fused: dict[str, float] = field(default_factory=dict)
+    enabled: bool = True
+
+    def weight(self, scale: float = 1.0, include_unfused: bool = True) -> torch.Tensor:
+        """`base + sum_fused c_a (P_a - base) + scale * sum_{active, not fused} w_a (P_a - base)` (just `base` while
+        disabled); adapters loaded without a projection contribute nothing. Shape of the projection weight."""
+        weight = self.base.clone()
+        if not self.enabled:
+            return weight
+        for name, coefficient in self.fused.items():
+            if name in self.projections:
+                weight += coefficient * (self.projections[name] - self.base)
+        if include_unfused:
+            for name in self.active:
+                if name in self.projections and name not in self.fused:
+                    weight += scale * self.weights.get(name, 1.0) * (self.projections[name] - self.base)
+        return weight
+
+    def has_unfused_delta(self) -> bool:
+        return self.enabled and any(name in self.projections and name not in self.fused for name in self.active)
+
 
 class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
@@ -68,7 +179,10 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             Channels of the condition latent. Defaults to `in_channels` (the degraded image encoded by the same VAE).
 
     Weights are stored as `transformer.*` (SANA's own state dict, untouched) and `projection.weight`
-    (`[in_channels, in_channels + condition_channels, 1, 1]`).
+    (`[in_channels, in_channels + condition_channels, 1, 1]`), in safetensors only.
+
+    The wrapped model may be any SANA transformer: SANA 1.0 and 1.5 (`qk_norm`), 600M to 4.8B, and SANA-Sprint
+    (`guidance_embeds=True`, which needs the `guidance` argument of [`~ConcatConditionedTransformer.forward`]).
     """
 
     _supports_gradient_checkpointing = True
@@ -136,6 +250,8 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.reset_projection()
         # set by `fuse_projection`: (SANA's original patch-embedding conv, the fused conv)
         self._fused_patch_embed: tuple[nn.Conv2d, nn.Conv2d] | None = None
+        # what loaded LoRA adapters did to the projection (see the LoRA section); None until one carries a projection
+        self._lora_projection_state: _LoraProjections | None = None
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -199,6 +315,9 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 "Efficient-Large-Model/Sana_1600M_1024px_diffusers", subfolder="transformer", torch_dtype=torch.bfloat16
             )
         """
+        refuse_pickle(kwargs.get("use_safetensors"), "model weights")
+        kwargs["use_safetensors"] = True
+        cls._refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
         transformer = SanaTransformer2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_transformer(transformer, condition_channels=condition_channels)
 
@@ -206,10 +325,14 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Load a saved `ConcatConditionedTransformer` (see `ModelMixin.from_pretrained` for the arguments).
 
-        A folder that holds a plain `SanaTransformer2DModel` is recognised from its config and wrapped with
+        Weights load from safetensors only (`use_safetensors=True` is always passed; `False` is refused): a folder
+        holding only pickled weights gets an error that says how to convert it. A folder that holds a plain
+        `SanaTransformer2DModel` is recognised from its config and wrapped with
         [`~ConcatConditionedTransformer.from_sana_pretrained`] (identity projection), instead of being loaded with
         mismatched weight names.
         """
+        refuse_pickle(kwargs.get("use_safetensors"), "model weights")
+        kwargs["use_safetensors"] = True
         config_kwargs = {
             key: kwargs[key]
             for key in ("subfolder", "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -223,7 +346,27 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             condition_channels = kwargs.pop("condition_channels", None)
             return cls.from_sana_pretrained(pretrained_model_name_or_path, condition_channels, **kwargs)
+        cls._refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @staticmethod
+    def _refuse_pickle_only_folder(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None) -> None:
+        """A local folder with pickled weights and no safetensors file: say how to convert it instead of the
+        generic "no file named ... .safetensors" error."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
+        if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
+            return
+        pickled = sorted(
+            os.path.basename(file) for pattern in _PICKLE_WEIGHT_PATTERNS for file in glob.glob(os.path.join(folder, pattern))
+        )
+        if pickled:
+            raise ValueError(
+                f"{folder} holds only pickled weights ({', '.join(pickled)}), and weights load from safetensors only "
+                "(unpickling can run arbitrary code). Convert the folder once, in an environment you trust with that "
+                "file: load it there with `from_pretrained(folder, use_safetensors=False)` (diffusers' own class, or "
+                "an older diffusers-restore) and write it back with `save_pretrained(new_folder, "
+                "safe_serialization=True)`."
+            )
 
     # ------------------------------------------------------------------ inference-time fusion
 
@@ -265,13 +408,61 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.transformer.patch_embed.proj = self._fused_patch_embed[0]
         self._fused_patch_embed = None
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """`ModelMixin.save_pretrained`; refuses a fused model, whose weights no longer match its config."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """`ModelMixin.save_pretrained`, with its arguments spelled out so that a pipeline's `save_pretrained` and
+        `push_to_hub` pass `variant` and `max_shard_size` on to this model (diffusers looks for them in the
+        signature).
+
+        Refuses a fused model (its weights no longer match its config: call `unfuse_projection()` first),
+        `safe_serialization=False` and `use_flashpack=True`: the weights are written as safetensors only, the one
+        format this package loads.
+        """
         if self.is_projection_fused:
             raise ValueError("The projection is fused into SANA's patch embedding: call `unfuse_projection()` first.")
-        super().save_pretrained(save_directory, *args, **kwargs)
+        if not safe_serialization:
+            raise ValueError(
+                "`safe_serialization=False` is not supported: ConcatConditionedTransformer saves safetensors only "
+                "(a pickled checkpoint could not be loaded again, since unpickling can run arbitrary code)."
+            )
+        if use_flashpack:
+            raise ValueError("`use_flashpack=True` is not supported: ConcatConditionedTransformer saves safetensors only.")
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=True,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ LoRA
+    #
+    # A LoRA run trains the condition projection fully: it is new (SANA never saw a condition), so it cannot be a
+    # low-rank update of anything. It travels with the adapter: `save_lora_adapter` writes it beside the LoRA file
+    # (`condition_projection.safetensors`), and a pipeline LoRA file (`SanaRestorationPipeline.save_lora_weights`)
+    # stores it as `transformer.projection.weight`.
+    #
+    # Loading an adapter `a` that carries a projection P_a makes `P_a - P_0` that adapter's delta, P_0 being the
+    # projection before the first such load. The projection in use is then, like the LoRA layers' own weights,
+    #     P = P_0 + sum over the active adapters a of  s * w_a * (P_a - P_0)
+    # with w_a the `set_adapters` weight (1 after loading) and s the `attention_kwargs["scale"]` of a forward call.
+    # One adapter at weight 1 gives back its trained projection; `disable_lora` gives P_0; `fuse_lora` fixes the
+    # fused adapters' terms (s = `lora_scale`) and `unfuse_lora` frees them again; `unload_lora` (the pipeline's
+    # `unload_lora_weights`) restores P_0 plus the fused terms only, just as it keeps fused LoRA weights and drops
+    # the others. Adapters loaded without a projection contribute nothing to it.
 
     def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
         """`PeftAdapterMixin.add_adapter`, keeping the condition projection trainable.
@@ -283,38 +474,272 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         super().add_adapter(adapter_config, adapter_name=adapter_name)
         self.projection.requires_grad_(True)
 
-    def save_lora_adapter(self, save_directory: str | os.PathLike, adapter_name: str = "default", **kwargs) -> None:
-        """Save the LoRA adapter (`pytorch_lora_weights.safetensors`) and the projection
-        (`condition_projection.safetensors`), which is fully trained in LoRA runs."""
+    def save_lora_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: str | None = None,
+    ) -> None:
+        """Save the LoRA adapter (`pytorch_lora_weights.safetensors`, keys relative to this model) and the condition
+        projection (`condition_projection.safetensors`, key `projection.weight`), which LoRA runs train fully.
+
+        The projection saved is the adapter's own when it was loaded with one, else the model's current projection
+        (the one trained beside the adapter). Both files load back with
+        [`~ConcatConditionedTransformer.load_lora_adapter`] and with `SanaRestorationPipeline.load_lora_weights`.
+        `safe_serialization=False` is refused (adapters load from safetensors only).
+        """
         from safetensors.torch import save_file
 
-        super().save_lora_adapter(save_directory, adapter_name=adapter_name, **kwargs)
-        weight = self.projection.weight.detach().to("cpu").contiguous()
-        save_file({"projection.weight": weight}, os.path.join(save_directory, "condition_projection.safetensors"))
+        if not safe_serialization:
+            raise ValueError("`safe_serialization=False` is not supported: LoRA adapters are saved as safetensors only.")
+        super().save_lora_adapter(
+            save_directory,
+            adapter_name=adapter_name,
+            upcast_before_saving=upcast_before_saving,
+            safe_serialization=True,
+            weight_name=weight_name,
+        )
+        state = self._lora_projection_state
+        if state is not None and adapter_name in state.projections:
+            weight = state.projections[adapter_name].to(self.projection.weight.dtype)
+        else:
+            weight = self.projection.weight.detach()
+        save_file(
+            {PROJECTION_KEY: weight.to("cpu").contiguous()},
+            os.path.join(save_directory, CONDITION_PROJECTION_WEIGHT_NAME),
+        )
 
-    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix: str | None = None, **kwargs) -> None:
-        """Load a LoRA adapter saved by `save_lora_adapter`, with its `condition_projection.safetensors` if present.
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        prefix: str | None = None,
+        hotswap: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load a LoRA adapter and the condition projection that travels with it (see the LoRA notes above).
 
-        `prefix` defaults to `None` (diffusers' `PeftAdapterMixin` defaults to `"transformer"`): `save_lora_adapter`
-        writes keys relative to this wrapper, which already start with `transformer.` (the wrapped SANA), so the
-        diffusers default would strip that and find no module. Pass `prefix="transformer"` for a pipeline LoRA file
-        (`SanaRestorationPipeline.save_lora_weights`), whose keys carry the pipeline's component name in front.
+        Accepted: a folder or Hub repo written by [`~ConcatConditionedTransformer.save_lora_adapter`] (the LoRA file
+        and its `condition_projection.safetensors`, as `examples/train_paired.py --use_lora` writes to
+        `transformer_lora/`), or a state dict. Keys may be relative to this model (`transformer.*`, `projection.weight`)
+        or to the wrapped SANA (`transformer_blocks.*`: a text-to-image SANA LoRA applies to the wrapped model).
+
+        Args:
+            pretrained_model_name_or_path_or_dict: folder, Hub repo id or state dict.
+            prefix (`str`, *optional*): keep only the keys starting with `prefix.`, without it (also in the
+                metadata). Defaults to `None`, where diffusers' `PeftAdapterMixin` defaults to `"transformer"`: this
+                model's own keys already start with `transformer.` (the wrapped SANA), and stripping that would find
+                no module. Pass `prefix="transformer"` for a pipeline LoRA file, whose keys carry the pipeline's
+                component name in front.
+            hotswap (`bool`): replace the weights of the already loaded adapter `adapter_name` in place.
+            kwargs: `adapter_name`, `weight_name`, `metadata`, `low_cpu_mem_usage`, the Hub arguments (`subfolder`,
+                `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`), as in
+                `PeftAdapterMixin.load_lora_adapter`. Files load from safetensors only (`use_safetensors=False` is
+                refused).
         """
-        from safetensors.torch import load_file
+        from diffusers.utils.peft_utils import get_adapter_name
 
-        kwargs.setdefault("use_safetensors", True)  # never unpickle adapter files
-        super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
-        if isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike)):
-            path = os.path.join(pretrained_model_name_or_path_or_dict, "condition_projection.safetensors")
-            if os.path.isfile(path):
-                weight = load_file(path)["projection.weight"]
-                if weight.shape != self.projection.weight.shape:
-                    raise ValueError(
-                        f"{path} holds a projection of shape {tuple(weight.shape)}, but this model's projection is "
-                        f"{tuple(self.projection.weight.shape)}."
-                    )
-                with torch.no_grad():
-                    self.projection.weight.copy_(weight)
+        refuse_pickle(kwargs.pop("use_safetensors", None), "LoRA adapters")
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        weight_name = kwargs.pop("weight_name", None)
+        metadata = kwargs.pop("metadata", None)
+        source = pretrained_model_name_or_path_or_dict
+        projection_key = f"{prefix}.{PROJECTION_KEY}" if prefix else PROJECTION_KEY
+        if isinstance(source, dict):
+            state_dict, description = dict(source), "The LoRA state dict"
+        else:
+            state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
+                source, weight_name=weight_name, use_safetensors=True, return_lora_metadata=True, **hub_kwargs
+            )
+            state_dict, metadata, description = dict(state_dict), metadata or file_metadata, str(source)
+            if projection_key not in state_dict:
+                projection = fetch_condition_projection(source, **hub_kwargs)
+                if projection is not None:
+                    state_dict[projection_key] = projection
+
+        if prefix is not None:
+            state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+            # a pipeline file's metadata is prefixed too; a model-level LoraConfig dict (save_lora_adapter) is not
+            if metadata and any(k.startswith(f"{prefix}.") for k in metadata):
+                metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+        projection = state_dict.pop(PROJECTION_KEY, None)
+        state_dict = self._to_model_keys(state_dict)
+        where = f" under the prefix {prefix!r}" if prefix is not None else ""
+        if not state_dict:
+            raise ValueError(f"{description} holds no LoRA weights{where} for this model.")
+        not_lora = [key for key in state_dict if "lora" not in key]
+        if not_lora:
+            raise ValueError(
+                f"{description} has entries that are neither LoRA weights nor `{PROJECTION_KEY}`: {not_lora[:5]}."
+            )
+        if projection is not None:
+            projection = self._check_projection(projection, description)
+
+        adapter_name = kwargs.pop("adapter_name", None)
+        if adapter_name is None:
+            adapter_name = get_adapter_name(self)
+        super().load_lora_adapter(
+            state_dict, prefix=None, hotswap=hotswap, adapter_name=adapter_name, metadata=metadata, **kwargs
+        )
+
+        state = self._lora_projection_state
+        if projection is not None:
+            if state is None:
+                state = self._lora_projection_state = _LoraProjections(base=self.projection.weight.detach().float().clone())
+            state.projections[adapter_name] = projection
+        if state is not None:
+            if not hotswap:
+                state.weights[adapter_name] = 1.0
+            self._sync_lora_projection()
+
+    def _to_model_keys(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keys relative to the wrapped SANA (`transformer_blocks.0...`, as in a text-to-image SANA LoRA or a
+        pipeline file read with `prefix`) get this model's `transformer.` in front; keys relative to this model are
+        kept. SANA has no child module named `transformer` or `projection`, so the two never collide."""
+        sana_children = {name for name, _ in self.transformer.named_children()}
+        return {
+            (f"transformer.{key}" if key.split(".", 1)[0] in sana_children else key): value
+            for key, value in state_dict.items()
+        }
+
+    def _check_projection(self, projection: torch.Tensor, description: str) -> torch.Tensor:
+        expected = tuple(self.projection.weight.shape)
+        if tuple(projection.shape) != expected:
+            raise ValueError(
+                f"{description} holds a condition projection of shape {tuple(projection.shape)}, but this model's "
+                f"projection is {expected} (in_channels={self.config.in_channels}, "
+                f"condition_channels={self.config.condition_channels})."
+            )
+        return projection.detach().float().clone()
+
+    def _active_adapter_names(self) -> list[str]:
+        """`active_adapters()` as a list, empty (instead of an error) when no adapter is loaded."""
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            return []
+        active = self.active_adapters()
+        return [active] if isinstance(active, str) else list(active or [])
+
+    def _sync_lora_projection(self) -> None:
+        """Write the projection the LoRA state asks for (see the LoRA notes) into `projection.weight`."""
+        state = self._lora_projection_state
+        if state is not None:
+            state.active = self._active_adapter_names()
+            self._write_projection(state.weight())
+
+    @torch.no_grad()
+    def _write_projection(self, weight: torch.Tensor) -> None:
+        """Copy `weight` into the projection, re-fusing it into the patch embedding if `fuse_projection()` is in
+        effect."""
+        fused = self.is_projection_fused
+        self.unfuse_projection()
+        self.projection.weight.copy_(weight)
+        if fused:
+            self.fuse_projection()
+
+    def set_adapters(
+        self, adapter_names: list[str] | str, weights: float | list[float | None] | None = None
+    ) -> None:
+        """Activate `adapter_names` with `weights` (one number per adapter or one for all; `None` = 1.0), for the
+        LoRA layers and the condition projection alike (see the LoRA notes above).
+
+        As `PeftAdapterMixin.set_adapters`, which is not called: before diffusers 0.36 it looks the model class up by
+        name in a table of per-block weight expanders without a default entry (a `KeyError` for this class).
+        Per-block (dict) weights are a UNet feature and are refused.
+        """
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weight_list = weights if isinstance(weights, list) else [weights] * len(names)
+        if len(weight_list) != len(names):
+            raise ValueError(
+                f"Length of adapter names {len(names)} is not equal to the length of their weights {len(weight_list)}."
+            )
+        loaded = list(getattr(self, "peft_config", {}))
+        missing = [name for name in names if name not in loaded]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} are not loaded; loaded adapters: {loaded}.")
+        values = []
+        for name, weight in zip(names, weight_list):
+            weight = 1.0 if weight is None else weight
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"The weight of adapter {name!r} must be a number, got {weight!r}.")
+            values.append(float(weight))
+        set_weights_and_activate_adapters(self, names, values)
+        if self._lora_projection_state is not None:
+            self._lora_projection_state.weights.update(zip(names, values))
+            self._sync_lora_projection()
+
+    def disable_lora(self) -> None:
+        """`PeftAdapterMixin.disable_lora`; the projection goes back to the one before any adapter was loaded. (peft
+        unmerges fused layers when they run disabled, so fused adapters count as unfused afterwards.)"""
+        super().disable_lora()
+        if self._lora_projection_state is not None:
+            self._lora_projection_state.enabled = False
+            self._lora_projection_state.fused.clear()
+            self._sync_lora_projection()
+
+    def enable_lora(self) -> None:
+        """`PeftAdapterMixin.enable_lora`; the projection follows the active adapters again."""
+        super().enable_lora()
+        if self._lora_projection_state is not None:
+            self._lora_projection_state.enabled = True
+            self._sync_lora_projection()
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """`PeftAdapterMixin.delete_adapters`; the deleted adapters' projections are dropped too."""
+        super().delete_adapters(adapter_names)
+        state = self._lora_projection_state
+        if state is None:
+            return
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            state.projections.pop(name, None)
+            state.weights.pop(name, None)
+            state.fused.pop(name, None)
+        self._sync_lora_projection()
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
+        """`PeftAdapterMixin.fuse_lora`; the fused adapters' projection terms are fixed with them.
+
+        As diffusers does for the LoRA layers (`scale_layer` before merging, never undone), `lora_scale` multiplies
+        the weights of all active adapters and stays applied after `unfuse_lora()`.
+        """
+        super().fuse_lora(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+        state = self._lora_projection_state
+        if state is None:
+            return
+        active = self._active_adapter_names()
+        for name in active:
+            state.weights[name] = state.weights.get(name, 1.0) * lora_scale
+        for name in adapter_names if adapter_names is not None else active:
+            state.fused[name] = state.weights.get(name, 1.0)
+        self._sync_lora_projection()
+
+    def unfuse_lora(self) -> None:
+        """`PeftAdapterMixin.unfuse_lora`, safe to call when nothing is fused (layers already unmerged are left
+        alone, without peft's "Already unmerged" warning); the projection terms are freed again.
+
+        `SanaRestorationPipeline.unfuse_lora` unmerges the layers itself and then calls this for the projection.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.modules():
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                module.unmerge()
+        if self._lora_projection_state is not None:
+            self._lora_projection_state.fused.clear()
+            self._sync_lora_projection()
+
+    def unload_lora(self) -> None:
+        """`PeftAdapterMixin.unload_lora`: removes every adapter. The projection goes back to the one before the
+        first adapter was loaded, plus the terms of fused adapters (kept, as their fused LoRA weights are). A
+        projection trained in place (`add_adapter` and training, no loading) is the model's own and is kept."""
+        super().unload_lora()
+        state = self._lora_projection_state
+        if state is None:
+            return
+        self._write_projection(state.weight(include_unfused=False))
+        self._lora_projection_state = None
 
     # ------------------------------------------------------------------ forward
 
@@ -324,19 +749,31 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         condition_latents: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         timestep: torch.Tensor,
+        guidance: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples: tuple[torch.Tensor, ...] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
+        Every argument after `condition_latents` is [`SanaTransformer2DModel.forward`]'s, with its meaning, passed on
+        unchanged.
+
         Args:
             hidden_states (`torch.Tensor` of shape `(batch, in_channels, height, width)`): the noisy latent `x_t`.
             condition_latents (`torch.Tensor` of shape `(batch, condition_channels, height, width)`): the degraded
                 image's latent (scaled like the noisy latent). A batch of 1 is broadcast to `batch`.
             encoder_hidden_states (`torch.Tensor` of shape `(batch, sequence_length, caption_channels)`): text features.
             timestep (`torch.Tensor` of shape `(batch,)`): `sigma * num_train_timesteps` (times `timestep_scale`).
+            guidance (`torch.Tensor` of shape `(batch,)`, *optional*): the guidance-scale input of a SANA-Sprint
+                transformer (`guidance_embeds=True`); required there, unused otherwise.
             encoder_attention_mask (`torch.Tensor` of shape `(batch, sequence_length)`, *optional*): 1 = keep.
-            attention_kwargs (`dict`, *optional*): passed to SANA (e.g. `{"scale": lora_scale}`).
+            attention_mask (`torch.Tensor` of shape `(batch, height * width)`, *optional*): 1 = keep, over the latent
+                tokens.
+            attention_kwargs (`dict`, *optional*): passed to SANA; `{"scale": lora_scale}` scales the loaded LoRA
+                adapters, the condition projection's LoRA term included (see the LoRA section).
+            controlnet_block_samples (`tuple` of `torch.Tensor`, *optional*): per-block residuals of a SANA ControlNet.
             return_dict (`bool`): return a `Transformer2DModelOutput` (default) or a tuple.
 
         Returns:
@@ -368,14 +805,28 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             condition_latents = condition_latents.expand(batch, -1, -1, -1)
 
         model_input = torch.cat([hidden_states, condition_latents.to(hidden_states.dtype)], dim=1)
-        if not self.is_projection_fused:
+        lora_scale = attention_kwargs.get("scale", 1.0) if attention_kwargs else 1.0
+        state = self._lora_projection_state
+        scaled = state is not None and lora_scale != 1.0 and state.has_unfused_delta()
+        if scaled and self.is_projection_fused:
+            raise ValueError(
+                "A LoRA scale (`attention_kwargs['scale']`) cannot reach the condition projection while it is fused "
+                "into the patch embedding: call `unfuse_projection()` first, or `fuse_lora(lora_scale=...)`."
+            )
+        if scaled:
+            weight = state.weight(scale=lora_scale).to(self.projection.weight)
+            model_input = F.conv2d(model_input.to(weight.dtype), weight)
+        elif not self.is_projection_fused:
             model_input = self.projection(model_input.to(self.projection.weight.dtype))
 
         return self.transformer(
             model_input,
             encoder_hidden_states=encoder_hidden_states,
             timestep=timestep,
+            guidance=guidance,
             encoder_attention_mask=encoder_attention_mask,
+            attention_mask=attention_mask,
             attention_kwargs=attention_kwargs,
+            controlnet_block_samples=controlnet_block_samples,
             return_dict=return_dict,
         )
