@@ -17,7 +17,7 @@ from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlo
 from diffusers_restore.baselines import BLUR_SIGMAS, gaussian_blur  # noqa: E402
 from diffusers_restore.cli import main  # noqa: E402
 from diffusers_restore.data.degradations import apply_degradation_spec  # noqa: E402
-from diffusers_restore.demo import BUNDLED_CALL_KWARGS, BUNDLED_MODEL_DIR  # noqa: E402
+from diffusers_restore.cli_common import BUNDLED_MODEL_DIR  # noqa: E402
 from diffusers_restore.metrics import psnr, ssim, to_tensor01  # noqa: E402
 from diffusers_restore.sample_photos import HELD_OUT_PHOTOS, center_crop, load_photo  # noqa: E402
 
@@ -46,6 +46,14 @@ def test_bundled_folder_is_small_safetensors_and_documented(bundled):
     assert "diffusers" in card and "image-restoration" in card
 
 
+def test_bundled_model_carries_its_one_step_sampling_defaults(bundled):
+    """The bundled restorer is a one-step model (trained with `--training_objective one_step`): its folder records
+    one step without classifier-free guidance, so a plain call (and the CLI without flags) samples it that way."""
+    defaults = bundled.sampling_defaults
+    assert defaults["num_inference_steps"] == 1
+    assert defaults["guidance_scale"] == 1.0 and defaults["guidance_scale_start"] is None
+
+
 def _score(image, clean) -> tuple[float, float]:
     restored, reference = to_tensor01(image), to_tensor01(clean)
     return float(psnr(restored, reference)), float(ssim(restored, reference))
@@ -53,13 +61,13 @@ def _score(image, clean) -> tuple[float, float]:
 
 def test_bundled_restorer_beats_the_noisy_input_and_the_best_blur(bundled):
     """A quality floor: sigma 25 gaussian noise on a 128 px centre crop of the held-out chelsea photo, sampled with the
-    bundled settings (one step), must come out far above the noisy input (+6 dB) and above the best gaussian blur
-    (sigma 0.5-1.5, chosen on this very image) on PSNR and on SSIM. Measured: noisy 20.34 dB, best blur
+    model's own sampling defaults (one step), must come out far above the noisy input (+6 dB) and above the best
+    gaussian blur (sigma 0.5-1.5, chosen on this very image) on PSNR and on SSIM. Measured: noisy 20.34 dB, best blur
     28.09 dB / 0.680, restored 28.41 dB / 0.734 (the held-out table of `sana-restore evaluate` is in the README)."""
     clean = center_crop(load_photo("chelsea"), CROP)
     rng = np.random.default_rng(zlib.crc32(b"test:chelsea"))
     noisy, _ = apply_degradation_spec(clean, "gaussian_noise:25", rng)
-    restored = bundled(noisy, generator=torch.Generator().manual_seed(0), **BUNDLED_CALL_KWARGS).images[0]
+    restored = bundled(noisy, generator=torch.Generator().manual_seed(0)).images[0]
     assert restored.size == noisy.size
     noisy_psnr, _ = _score(noisy, clean)
     restored_psnr, restored_ssim = _score(restored, clean)
@@ -70,13 +78,16 @@ def test_bundled_restorer_beats_the_noisy_input_and_the_best_blur(bundled):
     assert restored_ssim > best_blur_ssim, (restored_ssim, best_blur_ssim)
 
 
-def test_demo_writes_the_comparison_png(tmp_path, capsys):
+def test_demo_writes_the_labelled_comparison_png(tmp_path, capsys):
     from PIL import Image
 
     output = tmp_path / "demo.png"
     assert main(["demo", "-o", str(output), "--photo", "chelsea"]) == 0
     with Image.open(output) as grid:
-        assert grid.size == (3 * 256, 256)
+        assert grid.width == 3 * 256 and grid.height > 256  # three 256 px panels over a caption strip
+        captions = np.asarray(grid.convert("L"))[256:]
+    for panel in range(3):  # every panel has dark caption text under it
+        assert (captions[:, panel * 256:(panel + 1) * 256] < 100).any()
     printed = capsys.readouterr().out
     assert "bundled restorer" in printed
     values = {line.split()[0]: float(line.split()[2]) for line in printed.splitlines() if "PSNR" in line}

