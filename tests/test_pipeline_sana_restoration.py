@@ -385,6 +385,12 @@ def test_tile_layout_and_weights():
         starts = tile_starts(length, tile, overlap)
         assert starts[0] == 0 and starts[-1] + tile == length
         assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    for length, tile, overlap, align in ((100, 32, 8, 4), (64, 16, 4, 2), (96, 32, 0, 8), (250, 64, 16, 2)):
+        starts = tile_starts(length, tile, overlap, align)
+        assert all(start % align == 0 for start in starts) and starts[0] == 0 and starts[-1] + tile == length
+        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    with pytest.raises(ValueError, match="align"):
+        tile_starts(99, 32, 8, align=4)
     weights = blend_weights(16, 16, 8)
     assert weights.shape == (1, 1, 16, 16) and float(weights.min()) > 0 and float(weights.max()) == 1.0
 

@@ -315,18 +315,25 @@ def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: str | 
 # --------------------------------------------------------------------------------------------------------- tiles
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of size `tile` covering `[0, length)` with at least `overlap` shared cells.
 
     The first tile starts at 0 and the last ends at `length`; the others are spread evenly in between, so every
     tile has the full size and neighbours share `>= overlap` cells. One tile (`[0]`) when `length <= tile`.
+    With `align > 1` every start is a multiple of `align` (`length` and `tile` must then be multiples of it), so that
+    a model with a grid of its own (patches, pixel-unshuffle) sees each tile on the same grid as the whole image.
     """
     if tile < 1 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}.")
     if length <= tile:
         return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(index * (length - tile) / (count - 1)) for index in range(count)]
+    if align < 1 or length % align or tile % align:
+        raise ValueError(f"length {length} and tile {tile} must be multiples of align={align}.")
+    slots, tile_slots = length // align, tile // align
+    # rounding a start to the grid moves it by at most half a slot: plan for one slot more of overlap
+    overlap_slots = min(math.ceil(overlap / align) + (1 if align > 1 else 0), tile_slots - 1)
+    count = math.ceil((slots - overlap_slots) / (tile_slots - overlap_slots))
+    return [round(index * (slots - tile_slots) / (count - 1)) * align for index in range(count)]
 
 
 # Weight of a tile's outermost cells: positive (so weights never sum to zero), small enough to hide its border.
@@ -362,6 +369,7 @@ def blend_tiles(
     tile: int,
     overlap: int,
     output_scale: int = 1,
+    align: int = 1,
 ) -> torch.Tensor:
     """Evaluate `function` on overlapping tiles of a grid and blend the results into one tensor.
 
@@ -371,6 +379,7 @@ def blend_tiles(
         grid_size: `(height, width)` of the grid in cells (e.g. latent pixels).
         tile, overlap: tile side and minimum overlap in cells (`0 <= overlap < tile`).
         output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+        align: tile starts are multiples of it (see `tile_starts`).
 
     Returns:
         `(batch, channels, height * output_scale, width * output_scale)` float32: the weighted mean of the tiles'
@@ -379,8 +388,8 @@ def blend_tiles(
     grid_height, grid_width = grid_size
     tile_height, tile_width = min(tile, grid_height), min(tile, grid_width)
     output = weight_sum = weights = None
-    for top in tile_starts(grid_height, tile, overlap):
-        for left in tile_starts(grid_width, tile, overlap):
+    for top in tile_starts(grid_height, tile, overlap, align):
+        for left in tile_starts(grid_width, tile, overlap, align):
             result = function(top, left, tile_height, tile_width).float()
             if output is None:
                 batch, channels = result.shape[:2]

@@ -3,11 +3,12 @@
 
 One call, in order::
 
-    image -> RGB in [0, 1] -> [upscale resize] -> pad to a multiple of (VAE factor x patch size) -> VAE encode -> z_lq
+    image -> RGB in [0, 1] -> [degradation removal stage] -> [upscale resize]
+          -> pad to a multiple of (VAE factor x patch size) -> VAE encode -> z_lq
     prompt, negative-quality prompt -> Gemma-2 -> embeddings          (cached across calls)
     latents = noise, or (strength < 1) z_lq noised to the first sigma of the remaining schedule
     for each sigma: v = transformer(latents, z_lq, text, t), classifier-free guidance, scheduler.step(v, ..., z_lq)
-    -> VAE decode -> crop the padding -> [colour fix toward the input] -> output
+    -> VAE decode -> crop the padding -> [colour fix toward the (cleaned) input] -> output
 
 The flow-matching conventions are diffusers': sigma in [0, 1] with sigma = 1 pure noise,
 `x_t = (1 - sigma) * x0 + sigma * noise`, the transformer predicts the velocity `v = noise - x0`, and one Euler step
@@ -56,6 +57,7 @@ from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.degradation_removal import DegradationRemovalModel
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
@@ -99,7 +101,7 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
 
 # Weight files that are never downloaded nor loaded: this package never unpickles.
 _UNSAFE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot"]
-_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer")
+_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer", "degradation_removal")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -154,6 +156,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         transformer ([`ConcatConditionedTransformer`]): predicts the flow-matching velocity.
         scheduler ([`RestorationGuidedFlowScheduler`] or any flow-matching scheduler): the sampler. A plain
             [`FlowMatchEulerDiscreteScheduler`] works too, without restoration guidance.
+        degradation_removal ([`DegradationRemovalModel`], *optional*): a pixel-space first stage (as in DiffBIR and
+            PASD) applied to the degraded image before it is encoded; its output is also the colour-fix reference.
+            `examples/train_paired.py --train_degradation_removal` trains it.
         sampling_defaults (`dict`, *optional*):
             The recommended call of this model: values for `num_inference_steps`, `guidance_scale`,
             `guidance_scale_start`, `restoration_guidance` and `strength`, used when a call leaves them at `None`.
@@ -164,8 +169,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     or without them when prompt embeddings are passed in); each method says which components it needs.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = ["tokenizer", "text_encoder"]
+    model_cpu_offload_seq = "text_encoder->degradation_removal->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "degradation_removal"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "condition_latents"]
 
     # Prompt encoding is SanaPipeline's (Gemma-2, SANA's token selection); these are borrowed, not re-implemented.
@@ -183,11 +188,17 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         vae: AutoencoderDC,
         transformer: ConcatConditionedTransformer,
         scheduler: RestorationGuidedFlowScheduler | FlowMatchEulerDiscreteScheduler,
+        degradation_removal: DegradationRemovalModel | None = None,
         sampling_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            degradation_removal=degradation_removal,
         )
         self.register_to_config(sampling_defaults=self._checked_sampling_defaults(sampling_defaults or {}))
         self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
@@ -734,11 +745,14 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return int(self.transformer.config.sample_size) * self.vae_scale_factor
 
     @property
+    def _patch_size(self) -> int:
+        return int(self.transformer.config.patch_size or 1) if self.transformer is not None else 1
+
+    @property
     def size_multiple(self) -> int:
         """Images are padded to a multiple of this many pixels per side: the VAE's factor times the transformer's
         patch size, i.e. one transformer token (32 for SANA with DC-AE f32 and patch size 1)."""
-        patch_size = self.transformer.config.patch_size if self.transformer is not None else 1
-        return self.vae_scale_factor * int(patch_size or 1)
+        return self.vae_scale_factor * self._patch_size
 
     # ------------------------------------------------------------------------------------- sampling defaults
 
@@ -966,15 +980,24 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     # -------------------------------------------------------------------------------------------- image side
 
     def prepare_image(
-        self, image: PipelineImageInput, upscale: float, device: torch.device
+        self,
+        image: PipelineImageInput,
+        upscale: float,
+        device: torch.device,
+        remove_degradations: bool = False,
+        tile_size: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Convert `image` (see `__call__`) to RGB `(batch, 3, height * upscale, width * upscale)` in [0, 1] on
-        `device`, resized bicubically when `upscale > 1`; returns it with the images' alpha channels (or `None`)."""
+        `device`: first cleaned by the `degradation_removal` stage when asked and present (at the input's
+        resolution, where the degradation lives), then resized bicubically when `upscale > 1`. Returns it with the
+        images' alpha channels (or `None`)."""
         if image is None:
             raise ValueError("`image` is required: the degraded image(s) to restore.")
         pixels, alphas = images_to_tensor(image)
         pixels = pixels.to(device)
         height, width = pixels.shape[-2:]
+        if remove_degradations and getattr(self, "degradation_removal", None) is not None:
+            pixels = self.remove_degradations(pixels, tile_size)
         if upscale != 1:
             size = (max(1, round(height * upscale)), max(1, round(width * upscale)))
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
@@ -990,6 +1013,30 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"each side must be at least {self.vae_scale_factor} px after `upscale` (one latent pixel)."
             )
         return pixels, alphas
+
+    @torch.no_grad()
+    def remove_degradations(self, pixels: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+        """Run the `degradation_removal` stage on RGB `(batch, 3, H, W)` pixels in [0, 1]; returns the cleaned
+        pixels clamped to [0, 1] (float32). Images larger than the tile (`tile_size` as in `__call__`) are processed in
+        overlapping pixel tiles blended like the latent tiles, so memory stays bounded."""
+        model = self.degradation_removal
+        dtype = next(model.parameters()).dtype
+        tile_px = self.default_tile_size if tile_size is None else tile_size
+        if tile_px == 0 or max(pixels.shape[-2:]) <= tile_px:
+            cleaned = model(pixels.to(dtype)).float()
+        else:
+            # tiles on the model's own grid (its pixel-unshuffle and strided convolutions), as the whole image is
+            multiple = getattr(model, "size_multiple", 1)
+            height, width = pixels.shape[-2:]
+            padded = pad_to_multiple(pixels, multiple)
+            tile = max(tile_px // multiple, 1) * multiple
+
+            def clean_tile(top: int, left: int, tile_height: int, tile_width: int) -> torch.Tensor:
+                return model(padded[:, :, top : top + tile_height, left : left + tile_width].to(dtype)).float()
+
+            cleaned = blend_tiles(clean_tile, padded.shape[-2:], tile, tile // 4, align=multiple)[:, :, :height, :width]
+        _check_finite(cleaned, "the degradation removal stage's output", _NON_FINITE_ADVICE)
+        return cleaned.clamp(0.0, 1.0)
 
     def _tiling_plan(self, height: int, width: int, tile_size: int | None, tile_overlap: int | None):
         """`(tile, overlap)` in latent pixels for an image of `height` x `width` padded pixels, or `None` (untiled).
@@ -1018,7 +1065,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 cols = slice(left * factor, (left + width) * factor)
                 return encode_latents(self.vae, pixels[:, :, rows, cols])
 
-            return blend_tiles(encode_tile, grid, tile, overlap)
+            return blend_tiles(encode_tile, grid, tile, overlap, align=self._patch_size)
         except torch.OutOfMemoryError:
             warnings.warn(_OOM_ADVICE.format(stage="encoding the image"))
             raise
@@ -1034,7 +1081,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 def decode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
                     return decode_latents(self.vae, latents[:, :, top : top + height, left : left + width])
 
-                decoded = blend_tiles(decode_tile, latents.shape[-2:], tile, overlap, self.vae_scale_factor)
+                decoded = blend_tiles(
+                    decode_tile, latents.shape[-2:], tile, overlap, self.vae_scale_factor, align=self._patch_size
+                )
         except torch.OutOfMemoryError:
             warnings.warn(_OOM_ADVICE.format(stage="decoding the latents"))
             raise
@@ -1363,8 +1412,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self._interrupt = False
         device = self._execution_device
 
-        # 2. Images: RGB in [0, 1], upscaled
-        pixels, alphas = self.prepare_image(image, upscale, device)
+        # 2. Images: RGB in [0, 1], cleaned by the degradation removal stage (if any), upscaled
+        pixels, alphas = self.prepare_image(image, upscale, device, remove_degradations=True, tile_size=tile_size)
         batch_size = pixels.shape[0]
         self._check_batch(batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if isinstance(prompt, str):
@@ -1459,8 +1508,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
                 if tiling is None:
                     velocity = predict(0, 0, *latents.shape[-2:])
-                else:
-                    velocity = blend_tiles(predict, latents.shape[-2:], *tiling)
+                else:  # tiles start on the patch grid, so each token covers the same latent pixels as untiled
+                    velocity = blend_tiles(predict, latents.shape[-2:], *tiling, align=self._patch_size)
 
                 # one scheduler step on the whole latent: guidance and solver state advance exactly once
                 if "condition_latents" in step_kwargs:

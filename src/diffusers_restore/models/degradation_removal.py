@@ -1,0 +1,126 @@
+# Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
+"""``DegradationRemovalModel``: a small pixel-space network that removes degradations before the latent restorer.
+
+Two-stage restorers (DiffBIR's "restoration module", PASD's "degradation removal module") first clean the degraded
+image with a fidelity-trained network in pixel space, then let the generative model refine the result in its latent
+space. The first stage is what keeps pixel accuracy: a latent model sees the image through the VAE, whose latent
+cannot carry every pixel of detail or of noise, and is best at regenerating texture, not at subtracting noise.
+
+Architecture: a residual U-Net that works at half resolution from the start (pixel-unshuffle, as SwinIR's and
+NAFNet's fast variants do), so that its cost per input pixel is low, with three resolution levels for a receptive
+field of about 100 px (enough to tell noise and JPEG blocks from texture)::
+
+    x (B, 3, H, W) in [0, 1] -> reflect-pad to a multiple of 2 ** len(block_out_channels)
+      -> pixel-unshuffle 2 -> 3x3 conv -> [ResBlocks, strided conv down] x levels -> ResBlocks
+      -> [upsample (pixel-shuffle) + skip, ResBlocks] x levels -> 3x3 conv -> pixel-shuffle 2 -> residual r
+    y = x + r, cropped back to H x W
+
+The last convolution starts at zero, so an untrained model is the identity (it never makes an image worse before
+training). The output is not clamped: values slightly outside [0, 1] are kept for the next stage, which clamps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+
+class _ResBlock(nn.Module):
+    """`x + conv(act(conv(x)))`, 3x3 convolutions, no normalisation (pixel-accurate restorers avoid it)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.conv2(self.act(self.conv1(hidden_states)))
+
+
+class DegradationRemovalModel(ModelMixin, ConfigMixin):
+    r"""
+    Pixel-space degradation removal (the first stage of a two-stage restorer); see the module docstring.
+
+    Args:
+        in_channels (`int`, defaults to 3): Image channels (RGB).
+        block_out_channels (`tuple[int]`, defaults to `(48, 96, 192)`): Width of each resolution level; level `i`
+            works at `1 / 2 ** (i + 1)` of the input resolution.
+        layers_per_block (`int`, defaults to 2): Residual blocks per level, on the way down and again on the way up
+            (the deepest level has `2 * layers_per_block`).
+
+    Input and output: `(batch, in_channels, height, width)` images in [0, 1] (any height and width).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (48, 96, 192),
+        layers_per_block: int = 2,
+    ):
+        super().__init__()
+        if len(block_out_channels) < 1 or any(c < 1 for c in block_out_channels):
+            raise ValueError(f"`block_out_channels` must be a non-empty list of positive widths, got {block_out_channels}.")
+        if layers_per_block < 1:
+            raise ValueError(f"`layers_per_block` must be >= 1, got {layers_per_block}.")
+        widths = list(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels * 4, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for level, width in enumerate(widths):
+            self.down_blocks.append(nn.Sequential(*[_ResBlock(width) for _ in range(layers_per_block)]))
+            if level + 1 < len(widths):
+                self.downsamplers.append(nn.Conv2d(width, widths[level + 1], 2, stride=2))
+        self.mid_block = nn.Sequential(*[_ResBlock(widths[-1]) for _ in range(layers_per_block)])
+        self.upsamplers = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(len(widths) - 1)):
+            self.upsamplers.append(nn.Conv2d(widths[level + 1], widths[level] * 4, 1))  # then pixel-shuffle 2
+            self.up_blocks.append(nn.Sequential(*[_ResBlock(widths[level]) for _ in range(layers_per_block)]))
+        self.conv_out = nn.Conv2d(widths[0], in_channels * 4, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs are padded internally to a multiple of this many pixels per side."""
+        return 2 ** len(self.config.block_out_channels)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            sample (`torch.Tensor` of shape `(batch, in_channels, height, width)`): degraded images in [0, 1].
+
+        Returns:
+            `torch.Tensor` of the same shape: the restored images (not clamped).
+        """
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
+            )
+        height, width = sample.shape[-2:]
+        multiple = self.size_multiple
+        pad_bottom, pad_right = (-height) % multiple, (-width) % multiple
+        padded = sample
+        if pad_bottom or pad_right:
+            mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+            padded = F.pad(sample, (0, pad_right, 0, pad_bottom), mode=mode)
+
+        hidden_states = self.conv_in(F.pixel_unshuffle(padded, 2))
+        skips = []
+        for level, block in enumerate(self.down_blocks):
+            hidden_states = block(hidden_states)
+            if level < len(self.downsamplers):
+                skips.append(hidden_states)
+                hidden_states = self.downsamplers[level](hidden_states)
+        hidden_states = self.mid_block(hidden_states)
+        for upsampler, block in zip(self.upsamplers, self.up_blocks):
+            hidden_states = F.pixel_shuffle(upsampler(hidden_states), 2) + skips.pop()
+            hidden_states = block(hidden_states)
+        residual = F.pixel_shuffle(self.conv_out(hidden_states), 2)
+        return (padded + residual)[:, :, :height, :width]

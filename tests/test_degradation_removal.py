@@ -1,0 +1,117 @@
+"""DegradationRemovalModel (the pixel-space first stage) and how the pipeline uses it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SanaPipeline
+
+from diffusers_restore import SanaRestorationPipeline
+from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+from diffusers_restore.testing import get_tiny_components
+
+TINY = dict(block_out_channels=(8, 16), layers_per_block=1)
+
+
+def _trained_like(model: DegradationRemovalModel, seed: int = 0) -> DegradationRemovalModel:
+    """Give the zero-initialised output layer weights, so the model is no longer the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.conv_out.weight.copy_(torch.randn(model.conv_out.weight.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (7, 13), (32, 32), (33, 70)])
+def test_untrained_model_is_the_identity_at_any_size(height, width):
+    model = DegradationRemovalModel(**TINY)
+    images = torch.rand(2, 3, height, width)
+    with torch.no_grad():
+        assert torch.equal(model(images), images)
+
+
+def test_output_has_the_input_shape_and_depends_on_context():
+    model = _trained_like(DegradationRemovalModel(**TINY)).eval()
+    images = torch.rand(1, 3, 40, 40)
+    changed = images.clone()
+    changed[:, :, 30:, 30:] = 0.0
+    with torch.no_grad():
+        out, out_changed = model(images), model(changed)
+    assert out.shape == images.shape
+    assert not torch.equal(out, images)
+    # a change in one corner reaches beyond a single pixel (convolutions), but not the far corner of a 40 px image
+    assert (out - out_changed)[:, :, 20:30, 20:30].abs().max() > 0
+    assert (out - out_changed)[:, :, :4, :4].abs().max() == 0
+
+
+def test_bad_input_shapes_raise():
+    model = DegradationRemovalModel(**TINY)
+    with pytest.raises(ValueError, match="sample"):
+        model(torch.rand(3, 16, 16))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        DegradationRemovalModel(block_out_channels=())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _trained_like(DegradationRemovalModel(**TINY))
+    model.save_pretrained(tmp_path)
+    loaded = DegradationRemovalModel.from_pretrained(tmp_path)
+    images = torch.rand(1, 3, 20, 24)
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
+
+
+def _pipeline(with_stage: bool) -> SanaRestorationPipeline:
+    pipe = SanaRestorationPipeline.from_sana_pipeline(SanaPipeline(**get_tiny_components(0)))
+    pipe.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    if with_stage:
+        pipe.register_modules(degradation_removal=_trained_like(DegradationRemovalModel(**TINY)))
+    return pipe
+
+
+def test_the_pipeline_encodes_and_colour_fixes_against_the_cleaned_image():
+    pipe = _pipeline(with_stage=True)
+    image = (np.random.default_rng(0).random((24, 28, 3)) * 255).astype(np.uint8)
+    conditions = []
+
+    def keep(pipeline, step, timestep, callback_kwargs):
+        conditions.append(callback_kwargs["condition_latents"])
+        return {}
+
+    pipe(image, output_type="latent", callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["condition_latents"])
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    cleaned = pipe.remove_degradations(pixels)
+    assert not torch.allclose(cleaned, pixels)
+    # the condition is the cleaned image's autoencoding, not the input's
+    expected = pipe.autoencode(cleaned, output_type="pt")
+    decoded = pipe._vae_decode(conditions[0], None)[:, :, :24, :28]
+    torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=0)
+
+
+def test_tiled_removal_matches_whole_image_removal():
+    pipe = _pipeline(with_stage=True)
+    pixels = torch.rand(1, 3, 150, 300)
+    whole = pipe.remove_degradations(pixels, tile_size=0)
+    tiled = pipe.remove_degradations(pixels, tile_size=64)
+    # tiles see less context at their borders; the blend hides it to within a few 8-bit levels
+    assert (whole - tiled).abs().mean() < 2e-3
+
+
+def test_a_pipeline_with_the_stage_saves_and_loads(tmp_path):
+    pipe = _pipeline(with_stage=True)
+    pipe.save_pretrained(tmp_path)
+    with open(tmp_path / "model_index.json") as handle:
+        assert json.load(handle)["degradation_removal"] == [
+            "diffusers_restore.models.degradation_removal",
+            "DegradationRemovalModel",
+        ]
+    loaded = SanaRestorationPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    image = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+    generator = torch.Generator().manual_seed(0)
+    first = pipe(image, output_type="np", generator=generator).images
+    second = loaded(image, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(first, second, atol=1e-5)
+    without = _pipeline(with_stage=False)(image, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(first - without).max() > 1e-3
