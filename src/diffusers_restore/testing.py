@@ -186,7 +186,8 @@ def get_tiny_components(seed: int = 0) -> dict[str, Any]:
     """The five components of a *base* ``SanaPipeline`` (tokenizer, text_encoder, vae, transformer, scheduler).
 
     The scheduler is the one real SANA checkpoints ship: ``DPMSolverMultistepScheduler`` with flow sigmas and
-    ``flow_shift=3.0`` (see the conventions reference, §0.5).
+    ``flow_shift=3.0``. (diffusers drops ``flow_shift`` when such a config is turned into a flow-matching Euler
+    scheduler with ``from_config``; ``RestorationGuidedFlowScheduler.from_config`` keeps it.)
     """
     from diffusers import DPMSolverMultistepScheduler
 
