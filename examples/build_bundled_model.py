@@ -184,14 +184,15 @@ evaluation and never trained on. `train_paired.py` ran twice: {flow_matching_ste
 weights, then the {one_step_steps} steps described above (`--training_objective one_step` with a pixel loss), which
 make it a one-step restorer. Rebuild it with `python examples/build_bundled_model.py`.
 
-Sample it with one step and no CFG, as `sana-restore demo` does:
+It is a one-step restorer, and its folder records how to sample it (`sampling_defaults` in model_index.json), so
+the plain call is the right one:
 
 ```python
 from diffusers_restore import SanaRestorationPipeline
-from diffusers_restore.demo import BUNDLED_CALL_KWARGS, BUNDLED_MODEL_DIR
+from diffusers_restore.cli_common import BUNDLED_MODEL_DIR
 
 pipe = SanaRestorationPipeline.from_pretrained(BUNDLED_MODEL_DIR)
-restored = pipe(degraded, **BUNDLED_CALL_KWARGS).images[0]   # {call_kwargs}
+restored = pipe(degraded).images[0]   # the recorded sampling defaults: {call_kwargs}
 ```
 
 Its measured quality (held-out photos, against a blur and non-local means) is in the package's README.
@@ -206,7 +207,6 @@ def finalise_bundled_folder(folder: str) -> None:
     this small model is and how to sample it."""
     import json
 
-    from diffusers_restore.demo import BUNDLED_CALL_KWARGS
     from diffusers_restore.sample_photos import GREY_TRAIN_PHOTOS, HELD_OUT_PHOTOS, TRAIN_PHOTOS
 
     for root, _, names in os.walk(folder):
@@ -224,6 +224,8 @@ def finalise_bundled_folder(folder: str) -> None:
         weights = load_file(os.path.join(folder, subfolder, "diffusion_pytorch_model.safetensors"))
         return sum(tensor.numel() for tensor in weights.values())
 
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
+        sampling_defaults = json.load(handle).get("sampling_defaults") or {}
     card_path = os.path.join(folder, "README.md")
     with open(card_path, encoding="utf-8") as handle:
         card = handle.read()
@@ -248,7 +250,7 @@ def finalise_bundled_folder(folder: str) -> None:
         held_out=", ".join(HELD_OUT_PHOTOS),
         flow_matching_steps=TRAIN_ARGS[TRAIN_ARGS.index("--max_train_steps") + 1],
         one_step_steps=ONE_STEP_ARGS[ONE_STEP_ARGS.index("--max_train_steps") + 1],
-        call_kwargs=", ".join(f"{key}={value}" for key, value in BUNDLED_CALL_KWARGS.items()),
+        call_kwargs=", ".join(f"{key}={value}" for key, value in sampling_defaults.items()),
     )
     with open(card_path, "w", encoding="utf-8") as handle:
         handle.write(card)

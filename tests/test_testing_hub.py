@@ -1,4 +1,4 @@
-"""The offline Hub (`diffusers_restore.testing_hub`) against the real huggingface_hub client, on 127.0.0.1 only."""
+"""The offline Hub stand-in (`tests/hub_server.py`) against the real huggingface_hub client, on 127.0.0.1 only."""
 
 import base64
 import json
