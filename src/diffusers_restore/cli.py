@@ -447,7 +447,7 @@ def _set_fids(summary, images: dict[tuple[str, str], list], clean: dict[str, lis
               device: str, unavailable: dict[str, str]) -> int | None:
     """Fill ``summary[degradation][method]["fid"]``: FID of each method's output set against the clean set of that
     degradation (a set-level score: one number per row, not a mean over images). Returns the smallest set size."""
-    from .metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid
+    from .metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid_features, frechet_distance
 
     smallest = min(len(images_of_degradation) for images_of_degradation in clean.values())
     if smallest < 2:
@@ -458,15 +458,14 @@ def _set_fids(summary, images: dict[tuple[str, str], list], clean: dict[str, lis
               f"needs at least {FID_RECOMMENDED_MIN_IMAGES} images; published FIDs use 10k-50k): compare only FIDs "
               "computed on the same images.", file=sys.stderr)
     for degradation, methods in summary.items():
-        for method, values in methods.items():
-            outputs = images[(degradation, renamed.get(method, method))]
-            try:
-                with warnings.catch_warnings():  # the small-set warning is printed once, above
-                    warnings.simplefilter("ignore", UserWarning)
-                    values["fid"] = fid(outputs, clean[degradation], device=device)
-            except MetricUnavailable as error:
-                unavailable["fid"] = error.reason
-                return smallest
+        try:
+            clean_features = fid_features(clean[degradation], device=device)  # once per degradation
+            for method, values in methods.items():
+                outputs = fid_features(images[(degradation, renamed.get(method, method))], device=device)
+                values["fid"] = max(frechet_distance(outputs, clean_features), 0.0)
+        except MetricUnavailable as error:
+            unavailable["fid"] = error.reason
+            return smallest
     return smallest
 
 

