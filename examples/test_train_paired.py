@@ -243,7 +243,7 @@ def test_shift_sigmas_is_sanas_shift():
     assert torch.equal(train_paired.shift_sigmas(u, 1.0), u)
 
 
-def test_flow_matching_loss_follows_design():
+def test_flow_matching_loss_is_diffusers_convention():
     """x_t = (1 - sigma) z + sigma noise reaches the model with t = sigma * 1000; loss = MSE to noise - z."""
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)

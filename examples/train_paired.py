@@ -1802,8 +1802,13 @@ def main(args: argparse.Namespace) -> None:
                 )
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
             # The model weights come from safetensors (the load hook); the optimizer, LR-scheduler and RNG states are
-            # the torch.save files accelerate writes, read with weights_only=True (tensors and plain containers).
-            accelerator.load_state(checkpoint, load_kwargs={"weights_only": True})
+            # the torch.save files accelerate writes, read with weights_only=True (tensors and plain containers):
+            # accelerate's default (1.2, the floor, already does it), requested explicitly where load_state takes
+            # `load_kwargs`.
+            load_state_kwargs = {}
+            if "load_kwargs" in inspect.signature(accelerator.load_state).parameters:
+                load_state_kwargs["load_kwargs"] = {"weights_only": True}
+            accelerator.load_state(checkpoint, **load_state_kwargs)
             generator_file = os.path.join(checkpoint, f"training_generator_{accelerator.process_index}.safetensors")
             if os.path.isfile(generator_file):
                 generator.set_state(load_file(generator_file)["state"])
