@@ -194,7 +194,6 @@ def latent_mse_ratios(pipe, held_out: list[dict], device: str, samples: int) -> 
             prompt="Remove gaussian noise from this image",  # what the training prompts say
             num_inference_steps=20,
             guidance_scale=1.0,
-            guidance_scale_end=None,
             color_fix=None,
             output_type="latent",
             max_sequence_length=16,
