@@ -21,8 +21,9 @@ leaves at most a stray temporary file (removed on the next build) and no index; 
 recorded checksum still matches. The reader refuses a cache without an index, checks every shard's size and
 safetensors header and sha256 when it is created (``verify="sha256"``, the default), and raises
 :class:`LatentCacheError` naming the file. The index records the VAE (class, config hash, scaling factor and, by
-default, a hash of its weights), the resolution, dataset length, seed, epoch and degradation; building into or
-reading from a cache made with other settings is refused with an error that lists the differences.
+default, a hash of its weights), the resolution, dataset length, seed, epoch and degradation, and what the caller
+says in ``extra_metadata`` (e.g. the network its ``condition_transform`` ran); building into or reading from a cache
+made with other settings is refused with an error that lists the differences.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ def _batch_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cache_metadata(dataset: Any, vae: torch.nn.Module, dtype: torch.dtype, shard_size: int, with_prompts: bool,
-                    hash_weights: bool) -> dict[str, Any]:
-    return {
+                    hash_weights: bool, extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    metadata = {
         "format_version": FORMAT_VERSION,
         "vae": vae_fingerprint(vae, hash_weights=hash_weights),
         "resolution": getattr(dataset, "resolution", None),
@@ -219,6 +220,9 @@ def _cache_metadata(dataset: Any, vae: torch.nn.Module, dtype: torch.dtype, shar
         "shard_size": shard_size,
         "prompt_embeds": with_prompts,
     }
+    if extra_metadata is not None:  # only when given, so that caches made before this entry existed still match
+        metadata["extra"] = extra_metadata
+    return metadata
 
 
 @torch.no_grad()
@@ -236,6 +240,8 @@ def build_latent_cache(
     prompt_shard_size: int = 1024,
     overwrite: bool = False,
     hash_weights: bool = True,
+    condition_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encode every pair of `dataset` once and write a latent cache (see the module docstring for the layout).
 
@@ -258,6 +264,11 @@ def build_latent_cache(
         prompt_shard_size: unique prompts per embedding shard.
         overwrite: replace a cache in `output_dir` that was built with other settings instead of raising.
         hash_weights: include a hash of the VAE weights in the cache's identity (recommended).
+        condition_transform: optional ``fn(conditioning_pixels) -> pixels`` applied to each batch of degraded images
+            (``[B, 3, H, W]`` in [-1, 1], float32 on `device`) before they are encoded, e.g. a first restoration
+            stage; it must return the same shape and range. Needs `extra_metadata` saying what it is.
+        extra_metadata: JSON-serialisable settings of the caller recorded in the cache's identity (under ``extra``)
+            and compared like the others, so that a cache is not reused by a caller with other settings.
 
     Returns:
         The index (as written to ``index.json``).
@@ -270,13 +281,18 @@ def build_latent_cache(
         raise ValueError("batch_size, shard_size, prompt_batch_size and prompt_shard_size must be >= 1.")
     if len(dataset) == 0:
         raise ValueError("dataset is empty.")
+    if condition_transform is not None and extra_metadata is None:
+        raise ValueError("condition_transform needs extra_metadata recording what it is (the cache must not be reused "
+                         "by a run without it).")
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     if device is None:
         device = next(vae.parameters()).device
     vae_dtype = next(vae.parameters()).dtype
     vae.eval()
-    metadata = _cache_metadata(dataset, vae, dtype, shard_size, encode_prompt_fn is not None, hash_weights)
+    metadata = _cache_metadata(
+        dataset, vae, dtype, shard_size, encode_prompt_fn is not None, hash_weights, extra_metadata
+    )
     index_path, progress_path = os.path.join(output_dir, INDEX_FILE), os.path.join(output_dir, PROGRESS_FILE)
 
     # ---- an existing cache: reuse it if it matches, refuse (or clear) otherwise
@@ -336,8 +352,11 @@ def build_latent_cache(
         )
         latents, conditioning, indices, prompts, degradations = [], [], [], [], []
         for batch in loader:
-            pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]])
-            encoded = encode_latents(vae, pixels.to(device=device, dtype=vae_dtype)).to("cpu", dtype)
+            degraded = batch["conditioning_pixel_values"]
+            if condition_transform is not None:
+                degraded = condition_transform(degraded.to(device=device, dtype=torch.float32))
+            pixels = torch.cat([batch["pixel_values"].to(device), degraded.to(device)])
+            encoded = encode_latents(vae, pixels.to(dtype=vae_dtype)).to("cpu", dtype)
             count = batch["pixel_values"].shape[0]
             latents.append(encoded[:count])
             conditioning.append(encoded[count:])
