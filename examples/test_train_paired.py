@@ -216,6 +216,18 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--validation_guidance_scale_start", "0"], "--validation_guidance_scale_start must be >= 1"),
         (["--max_nonfinite_steps", "-1"], "--max_nonfinite_steps"),
         (["--validation_fid"], "--validation_fid compares"),
+        # --train_degradation_removal: the transformer's flags are refused, even given at their default value
+        (["--train_degradation_removal", "--use_lora"], "--use_lora does not apply to it"),
+        (["--train_degradation_removal", "--training_objective", "flow_matching"], "--training_objective does not"),
+        (["--train_degradation_removal", "--cache_latents", "--pixel_loss_weight", "1"],
+         "--cache_latents, --pixel_loss_weight do not apply"),
+        (["--train_degradation_removal", "--condition_noise_max", "0.1", "--offload"],
+         "--condition_noise_max, --offload"),
+        (["--train_degradation_removal", "--degradation_removal_channels", "48,x"],
+         "--degradation_removal_channels must"),
+        (["--train_degradation_removal", "--degradation_removal_layers", "0"], "--degradation_removal_layers must be"),
+        (["--degradation_removal_loss", "mse"], "--degradation_removal_loss only applies with --train_degradation"),
+        (["--degradation_removal_channels", "8,16"], "only applies with --train_degradation_removal"),
     ],
 )
 def test_parse_args_rejects_bad_combinations(tiny_base, pair_data, tmp_path, extra, message):
@@ -971,3 +983,252 @@ def test_repeats_give_distinct_samples_of_each_image(tiny_base, pair_data, tmp_p
             "--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(pair_data / "clean"),
             "--output_dir", str(tmp_path), "--repeats", "0",
         ])
+
+
+# ------------------------------------------------------------------- two-stage restorers: the degradation removal stage
+
+# a small stage, so that its runs cost little
+STAGE = ["--train_degradation_removal", "--degradation_removal_channels", "8,16", "--degradation_removal_layers", 1]
+STAGE_TRAINING = ["--max_train_steps", 32, "--checkpointing_steps", 16, "--train_batch_size", 3, "--use_ema",
+                  "--ema_decay", 0.9, "--learning_rate", 3e-3]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images, computed here (independent of diffusers_restore.metrics)."""
+    mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
+    return float(10 * np.log10(1.0 / mse))
+
+
+def _stage_psnr(stage, pair_data) -> float:
+    """Mean PSNR over the six training pairs of `stage` applied to the noisy image (whole 64 px images)."""
+    values = []
+    for index in range(6):
+        noisy = np.array(Image.open(pair_data / f"noisy{index}.png"))  # a writable copy for torch
+        clean = np.asarray(Image.open(pair_data / "clean" / f"{index}.png"))
+        with torch.no_grad():
+            restored = stage(torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255)[0]
+        restored = (restored.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        values.append(_psnr(restored, clean))
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny_base, pair_data, tmp_path_factory):
+    """--train_degradation_removal on the plain SANA kit (so a new stage): 32 steps with EMA, checkpoints every 16
+    steps and a validation with its target at the end."""
+    output_dir = tmp_path_factory.mktemp("stage") / "out"
+    args = _base_args(
+        tiny_base, pair_data, output_dir, *STAGE, *STAGE_TRAINING,
+        "--validation_image", pair_data / "noisy1.png", "--validation_target_image", pair_data / "clean" / "1.png",
+        "--validation_steps", 100, "--validation_inference_steps", 2,
+    )
+    _run(args)
+    _reset_accelerate()
+    return {"output_dir": output_dir, "args": args}
+
+
+def test_degradation_removal_loss_compares_images_in_unit_range():
+    """The batch holds pixels in [-1, 1]; the stage and its loss work on [0, 1] images (half the differences)."""
+    from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+    degraded = (clean + 0.3 * torch.randn(2, 3, 8, 8, generator=generator)).clamp(-1, 1)
+    identity = DegradationRemovalModel(block_out_channels=(4,), layers_per_block=1)  # the identity at initialisation
+    l1 = train_paired.degradation_removal_loss(identity, degraded, clean, "l1")
+    mse = train_paired.degradation_removal_loss(identity, degraded, clean, "mse")
+    torch.testing.assert_close(l1, (degraded - clean).abs().mean() / 2)
+    torch.testing.assert_close(mse, ((degraded - clean) ** 2).mean() / 4)
+    seen = []
+    train_paired.degradation_removal_loss(lambda x: seen.append(x) or x, degraded, clean)
+    assert seen[0].min() >= 0 and seen[0].max() <= 1
+    torch.testing.assert_close(seen[0], (degraded + 1) / 2)
+
+
+def test_the_degradation_removal_stage_trains_and_ships_in_the_pipeline(stage_run, tiny_base, pair_data):
+    from diffusers_restore import SanaRestorationPipeline
+    from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+
+    out = stage_run["output_dir"]
+    assert _checkpoints(out) == {"checkpoint-16", "checkpoint-32"}
+    state = json.loads((out / "checkpoint-32" / "training_state.json").read_text())
+    assert state["trained_component"] == "degradation_removal"
+    # the saved pipeline is the base's with the trained stage (its EMA weights); the transformer is untouched
+    _assert_same_weights(_weights(out / "degradation_removal"), _weights(out / "checkpoint-32/degradation_removal_ema"))
+    base, saved = _weights(Path(tiny_base) / "transformer"), _weights(out / "transformer")
+    _assert_same_weights(base, {key[len("transformer."):]: value for key, value in saved.items()
+                                if key.startswith("transformer.")})
+    pipe = SanaRestorationPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.degradation_removal, DegradationRemovalModel)
+    assert list(pipe.degradation_removal.config.block_out_channels) == [8, 16]
+    assert pipe.degradation_removal.config.layers_per_block == 1
+
+    # it learned: on the training pairs the stage's PSNR rises above the noisy input's (the identity's)
+    noisy_psnr = _stage_psnr(lambda x: x, pair_data)
+    assert _stage_psnr(pipe.degradation_removal, pair_data) > noisy_psnr + 0.5
+
+    # the pipeline restores through it
+    image = Image.open(pair_data / "noisy2.png")
+    restored = pipe(image, output_type="np", generator=torch.Generator().manual_seed(0), max_sequence_length=16).images
+    assert restored.shape == (1, 64, 64, 3) and np.isfinite(restored).all()
+
+    # validation logged the stage's own PSNR beside the whole pipeline's, and the card says what was trained
+    grid = Image.open(out / "validation.png")
+    assert grid.size == (4 * 64, 64)  # before | stage | after | target
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "This run trained only the pipeline's degradation removal stage (a new one" in card
+    assert "not trained for restoration yet" in card  # the base was a text-to-image SANA
+    assert "| loss | L1 (mean absolute error) in pixels, images in [0, 1] |" in card
+    stage_psnr = float(re.search(r"The degradation removal stage alone: PSNR (\d+\.\d\d) dB", card).group(1))
+    noisy1 = _psnr(np.asarray(Image.open(pair_data / "noisy1.png")), np.asarray(Image.open(pair_data / "clean/1.png")))
+    assert stage_psnr > noisy1
+    assert not re.search(r"\{[a-z_]+\}", card)
+
+
+def test_degradation_removal_resumes_exactly(stage_run, tiny_base, pair_data, tmp_path):
+    """16 steps, then resume for 16 more == the 32 uninterrupted steps (stage and EMA), bit for bit; a stage checkpoint
+    is refused by a transformer run."""
+    full = stage_run["output_dir"]
+    output_dir = tmp_path / "out"
+    args = _base_args(tiny_base, pair_data, output_dir, *STAGE, *STAGE_TRAINING)
+    _run(_with_max_steps(args, 16))
+    _reset_accelerate()
+    _run(args + ["--resume_from_checkpoint", "latest"])
+    for sub in ("checkpoint-32/degradation_removal", "checkpoint-32/degradation_removal_ema", "degradation_removal"):
+        _assert_same_weights(_weights(full / sub), _weights(output_dir / sub))
+
+    _reset_accelerate()
+    with pytest.raises(ValueError, match="trains the degradation_removal, this run the transformer"):
+        _run(_base_args(tiny_base, pair_data, tmp_path / "other", "--max_train_steps", 1,
+                        "--resume_from_checkpoint", output_dir / "checkpoint-16"))
+
+
+def _with_max_steps(args: list[str], steps: int) -> list[str]:
+    index = args.index("--max_train_steps")
+    return args[: index + 1] + [str(steps)] + args[index + 2 :]
+
+
+def test_an_existing_stage_is_trained_further_and_not_contradicted(stage_run, pair_data, tmp_path):
+    base = stage_run["output_dir"]
+    with pytest.raises(ValueError, match=r"--degradation_removal_channels 8,32 contradicts .* 8,16"):
+        _run(_base_args(base, pair_data, tmp_path / "bad", "--train_degradation_removal",
+                        "--degradation_removal_channels", "8,32"))
+    _reset_accelerate()
+    output_dir = tmp_path / "further"
+    _run(_base_args(base, pair_data, output_dir, "--train_degradation_removal", "--degradation_removal_layers", 1,
+                    "--max_train_steps", 1, "--learning_rate", 1e-12, "--checkpointing_steps", 100))
+    before, after = _weights(base / "degradation_removal"), _weights(output_dir / "degradation_removal")
+    assert before.keys() == after.keys()
+    for key in before:  # it started from the base's trained stage, not from a new (identity) one
+        torch.testing.assert_close(after[key], before[key], atol=1e-9, rtol=0)
+    assert before["conv_out.weight"].abs().max() > 0
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "the base pipeline's, trained further" in card and "not trained for restoration yet" not in card
+
+
+def _shifted_stage():
+    """A degradation removal stage that adds 0.25 to every pixel (clamped by the pipeline): an output clearly
+    different from its input, known in closed form (`_shifted`)."""
+    from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+
+    stage = DegradationRemovalModel(block_out_channels=(4,), layers_per_block=1)
+    with torch.no_grad():
+        stage.conv_out.bias.fill_(0.25)  # residual 0.25 everywhere (the weights are zero)
+    return stage
+
+
+@pytest.fixture(scope="module")
+def shifted_stage_base(tiny_base, tmp_path_factory):
+    """A (untrained) restoration pipeline made from the kit, with the shifted stage."""
+    from diffusers_restore import SanaRestorationPipeline
+
+    pipe = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    pipe.register_modules(degradation_removal=_shifted_stage())
+    path = tmp_path_factory.mktemp("shifted-stage") / "base"
+    pipe.save_pretrained(str(path))
+    return path
+
+
+def _shifted(pixels: torch.Tensor) -> torch.Tensor:
+    """What the shifted stage makes of [-1, 1] pixels, in [-1, 1], written out by hand."""
+    return ((pixels + 1) / 2 + 0.25).clamp(0, 1) * 2 - 1
+
+
+def test_the_transformer_is_conditioned_through_the_base_stage(shifted_stage_base, pair_data, tmp_path, monkeypatch):
+    from diffusers import AutoencoderDC
+
+    from diffusers_restore import ConcatConditionedTransformer
+    from diffusers_restore.data.latents import encode_latents
+
+    seen = []
+    forward = ConcatConditionedTransformer.forward
+
+    def recording_forward(self, hidden_states, condition_latents=None, *args, **kwargs):
+        seen.append(condition_latents.detach().clone())
+        return forward(self, hidden_states, condition_latents, *args, **kwargs)
+
+    monkeypatch.setattr(ConcatConditionedTransformer, "forward", recording_forward)
+    output_dir = tmp_path / "out"
+    args = _base_args(shifted_stage_base, pair_data, output_dir, "--max_train_steps", 1,
+                      "--validation_image", pair_data / "noisy1.png",
+                      "--validation_target_image", pair_data / "clean" / "1.png", "--validation_inference_steps", 1)
+    _run(args)
+
+    # the first batch, rebuilt here: the sampler's first two examples of epoch 0
+    dataset = train_paired.build_train_dataset(train_paired.parse_args(args), seed=0)
+    dataset.set_epoch(0)
+    order = list(train_paired.EpochShuffleSampler(len(dataset), seed=0))[:2]
+    degraded = torch.stack([dataset[index]["conditioning_pixel_values"] for index in order])
+    vae = AutoencoderDC.from_pretrained(shifted_stage_base, subfolder="vae")
+    with torch.no_grad():
+        expected, unstaged = encode_latents(vae, _shifted(degraded)), encode_latents(vae, degraded)
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+    assert (seen[0] - unstaged).abs().max() > 0.1  # the stage made a clear difference
+
+    # the saved pipeline keeps the stage, and validation went through it (a stage column in the grid)
+    _assert_same_weights(_weights(shifted_stage_base / "degradation_removal"),
+                         _weights(output_dir / "degradation_removal"))
+    assert Image.open(output_dir / "validation.png").size == (4 * 64, 64)
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "| condition images | cleaned by the base pipeline's degradation removal stage (frozen) |" in card
+
+
+def test_the_latent_cache_records_the_stage(tiny_base, pair_data, tmp_path):
+    """A cache built without the stage is not reused by a run with it (and the other way round), although the base
+    folder, and so the text settings the script records beside the cache, are the same."""
+    from diffusers import AutoencoderDC
+
+    from diffusers_restore import SanaRestorationPipeline
+    from diffusers_restore.data.latents import CachedLatentDataset, LatentCacheError, encode_latents
+
+    base = tmp_path / "base"
+    pipe = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    pipe.save_pretrained(str(base))
+
+    def cached_run(cache_dir):
+        _reset_accelerate()
+        _run(_base_args(base, pair_data, tmp_path / "out", "--cache_latents", "--latent_cache_dir", cache_dir,
+                        "--max_train_steps", 1, "--checkpointing_steps", 100))
+
+    with_stage, without_stage = tmp_path / "with_stage", tmp_path / "without_stage"
+    cached_run(without_stage)
+    pipe.register_modules(degradation_removal=_shifted_stage())
+    pipe.save_pretrained(str(base))  # the same base, now with the stage
+    with pytest.raises(LatentCacheError, match=re.escape("extra: cache has None, expected {'degradation_removal'")):
+        cached_run(without_stage)
+    cached_run(with_stage)
+    pipe.register_modules(degradation_removal=None)
+    pipe.save_pretrained(str(base))  # and without it again
+    with pytest.raises(LatentCacheError, match=re.escape("extra: cache has {'degradation_removal'")):
+        cached_run(with_stage)
+
+    # the cached condition latents are those of the stage's output
+    cache = CachedLatentDataset(with_stage, load_prompt_embeds=False)
+    dataset = train_paired.build_train_dataset(train_paired.parse_args(_base_args(base, pair_data, tmp_path)), seed=0)
+    dataset.set_epoch(0)
+    vae = AutoencoderDC.from_pretrained(base, subfolder="vae")
+    for item in (cache[0], cache[5]):
+        degraded = dataset[item["index"]]["conditioning_pixel_values"][None]
+        with torch.no_grad():
+            expected = encode_latents(vae, _shifted(degraded))[0]
+        torch.testing.assert_close(item["conditioning_latents"], expected, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,15 @@ pretrained SANA). Training is flow matching in diffusers' convention:
 || x0 - z ||^2, so the model learns the expected clean latent given the degraded one (the PSNR-optimal estimate),
 sampled with `num_inference_steps=1`.
 
+Two-stage restorers (DiffBIR, PASD): a pipeline may hold a pixel-space `degradation_removal` stage
+(`DegradationRemovalModel`) that cleans the degraded image before it is VAE-encoded as the condition.
+`--train_degradation_removal` trains that stage instead of the transformer, on the same pairs:
+
+    loss = || stage(degraded) - clean ||_1      (or squared, --degradation_removal_loss mse), images in [0, 1]
+
+(a new stage starts as the identity). When the base pipeline has a stage and the transformer is trained, every
+condition image goes through the frozen stage before it is encoded (live and in the latent cache), as at inference.
+
 At the end, `output_dir` holds a complete `SanaRestorationPipeline` (load it with
 `SanaRestorationPipeline.from_pretrained(output_dir)`), a README.md model card and, with --push_to_hub, a Hub repo.
 The structure follows diffusers' train_instruct_pix2pix.py, train_dreambooth_lora_sana.py and train_control_flux.py;
@@ -57,7 +66,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Gemma2Model
 
 import diffusers
-from diffusers import AutoencoderDC, SanaPipeline
+from diffusers import AutoencoderDC, DiffusionPipeline, ModelMixin, SanaPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     EMAModel,
@@ -79,9 +89,11 @@ from diffusers_restore.data.latents import (
     decode_latents,
     degrade_latents,
     encode_latents,
+    vae_fingerprint,
 )
 from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
 from diffusers_restore.metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid, psnr, ssim
+from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 
 logger = get_logger(__name__)
 
@@ -110,6 +122,24 @@ HUB_IGNORE_PATTERNS = [
 # Prompt embeddings kept by the pipeline's encode_prompt cache: repeated prompts (degradation descriptions, "") are
 # encoded once. At SANA scale one entry is 300 x 2304 bf16 values, about 1.4 MB.
 PROMPT_CACHE_SIZE = 128
+# --train_degradation_removal: the pixel loss between stage(degraded) and clean (images in [0, 1]). Plain L1 rather
+# than MSE: it trains restorers to a higher PSNR in practice (it does not let a few large errors dominate).
+DEGRADATION_REMOVAL_LOSSES = ("l1", "mse")
+# A new stage's architecture unless --degradation_removal_channels / --degradation_removal_layers say otherwise.
+_STAGE_DEFAULTS = inspect.signature(DegradationRemovalModel.__init__).parameters
+DEFAULT_DEGRADATION_REMOVAL_CHANNELS = tuple(_STAGE_DEFAULTS["block_out_channels"].default)
+DEFAULT_DEGRADATION_REMOVAL_LAYERS = int(_STAGE_DEFAULTS["layers_per_block"].default)
+# Flags that concern the transformer's training only: given with --train_degradation_removal, they are refused (they
+# would do nothing). The VAE, the text encoder and the transformer stay off the device in that mode anyway (--offload).
+TRANSFORMER_ONLY_FLAGS = (
+    "use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "cache_latents", "latent_cache_dir",
+    "training_objective", "pixel_loss_weight", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max",
+    "gradient_checkpointing", "offload",
+)
+DEGRADATION_REMOVAL_FLAGS = ("degradation_removal_channels", "degradation_removal_layers", "degradation_removal_loss")
+# A value no argument can have: parse_args tells the flags given on the command line from those left at the default.
+_NOT_GIVEN = object()
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -374,6 +404,39 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Comma-separated names of the modules that get adapters, e.g. 'to_k,to_q,to_v,to_out.0'.",
     )
 
+    # the pipeline's degradation removal stage (two-stage restorers)
+    parser.add_argument(
+        "--train_degradation_removal",
+        action="store_true",
+        help="Train the pipeline's pixel-space degradation removal stage (DegradationRemovalModel, run on the degraded "
+        "image before it is encoded) instead of the transformer: stage(degraded) is fitted to the clean image with "
+        "--degradation_removal_loss. The base pipeline's stage is trained further if it has one; otherwise a new one "
+        "(identity at the start) is made. The output folder is the whole pipeline with the trained stage.",
+    )
+    parser.add_argument(
+        "--degradation_removal_channels",
+        type=str,
+        default=None,
+        help="Widths of a new stage's resolution levels, comma-separated (default: "
+        f"{','.join(map(str, DEFAULT_DEGRADATION_REMOVAL_CHANNELS))}). With a base pipeline that has a stage, it must "
+        "match that stage (or be left out).",
+    )
+    parser.add_argument(
+        "--degradation_removal_layers",
+        type=int,
+        default=None,
+        help=f"Residual blocks per level of a new stage (default: {DEFAULT_DEGRADATION_REMOVAL_LAYERS}). With a base "
+        "pipeline that has a stage, it must match that stage (or be left out).",
+    )
+    parser.add_argument(
+        "--degradation_removal_loss",
+        type=str,
+        default="l1",
+        choices=DEGRADATION_REMOVAL_LOSSES,
+        help="The stage's loss against the clean image, in [0, 1]: l1 (mean absolute error; usually the higher PSNR) "
+        "or mse.",
+    )
+
     # checkpointing
     parser.add_argument(
         "--checkpointing_steps",
@@ -435,7 +498,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Sampling steps in validation, the pipeline's `num_inference_steps` (default: 20, or 1 with "
-        "--training_objective one_step). Recorded in the saved pipeline's sampling defaults.",
+        "--training_objective one_step; with --train_degradation_removal, the base pipeline's). Recorded in the saved "
+        "pipeline's sampling defaults.",
     )
     parser.add_argument(
         "--validation_guidance_scale",
@@ -443,7 +507,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Classifier-free guidance scale in validation, the pipeline's `guidance_scale` (1.0 = no guidance, one "
         "transformer pass per step). Default: 1.0 with --training_objective one_step, else the pipeline's built-in "
-        "default. Recorded in the saved pipeline's sampling defaults.",
+        "default (with --train_degradation_removal, the base pipeline's). Recorded in the saved pipeline's sampling "
+        "defaults.",
     )
     parser.add_argument(
         "--validation_guidance_scale_start",
@@ -487,15 +552,57 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
 
-    for name, flag in VALIDATION_SAMPLING_FLAGS.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, OBJECTIVE_SAMPLING[args.training_objective].get(name))
-    _check_args(args)
+    # Which flags were given: parsing again with a default no argument can have tells them from the defaults.
+    parser.set_defaults(**{name: _NOT_GIVEN for name in vars(args)})
+    given = {name for name, value in vars(parser.parse_args(input_args)).items() if value is not _NOT_GIVEN}
+
+    # The transformer's recommended sampling follows its objective; a stage-only run keeps the base's (read in main).
+    if not args.train_degradation_removal:
+        for name, flag in VALIDATION_SAMPLING_FLAGS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, OBJECTIVE_SAMPLING[args.training_objective].get(name))
+    _check_args(args, given)
     return args
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Refuse argument combinations that cannot work, with a message naming the argument."""
+def parse_channels(value: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of positive widths, e.g. '48,96,192' -> (48, 96, 192); a ValueError names `flag`."""
+    try:
+        channels = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 1:
+        raise ValueError(f"--{flag} must be comma-separated positive integers such as '48,96,192', got {value!r}.")
+    return channels
+
+
+def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None:
+    """Refuse argument combinations that cannot work, with a message naming the argument.
+
+    `given` holds the flags given on the command line (as argument names), for the flags that only make sense in one
+    training mode.
+    """
+    if args.train_degradation_removal:
+        pointless = [name for name in TRANSFORMER_ONLY_FLAGS if name in given]
+        if pointless:
+            raise ValueError(
+                "--train_degradation_removal trains the pixel-space degradation removal stage, not the transformer: "
+                f"{', '.join('--' + name for name in pointless)} do{'es' if len(pointless) == 1 else ''} not apply "
+                "to it. Drop "
+                + ("it." if len(pointless) == 1 else "them.")
+            )
+        if args.degradation_removal_channels is not None:
+            parse_channels(args.degradation_removal_channels, "degradation_removal_channels")
+        if args.degradation_removal_layers is not None and args.degradation_removal_layers < 1:
+            raise ValueError(f"--degradation_removal_layers must be >= 1, got {args.degradation_removal_layers}.")
+    else:
+        stray = [name for name in DEGRADATION_REMOVAL_FLAGS if name in given]
+        if stray:
+            raise ValueError(
+                f"{', '.join('--' + name for name in stray)} only appl{'ies' if len(stray) == 1 else 'y'} with "
+                "--train_degradation_removal (a stage in the base pipeline is used as it is when the transformer "
+                "is trained)."
+            )
     sources = [name for name in ("train_data_csv", "train_data_dir", "dataset_name") if getattr(args, name)]
     if len(sources) != 1:
         raise ValueError(
@@ -519,10 +626,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resolution <= 0:
         raise ValueError(f"--resolution must be a positive number of pixels, got {args.resolution}.")
     for name in ("repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "num_validation_images", "validation_inference_steps", "max_sequence_length"):
+                 "validation_steps", "num_validation_images", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+    # (--validation_inference_steps is None only with --train_degradation_removal: the base's default applies)
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "validation_inference_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.dataloader_num_workers < 0:
@@ -703,6 +811,13 @@ def check_finite_weights(
         )
 
 
+def trained_component(args) -> str:
+    """The pipeline component this run trains: `degradation_removal` (--train_degradation_removal) or `transformer`.
+
+    It is also the subfolder its weights take in checkpoints and in the saved pipeline."""
+    return "degradation_removal" if args.train_degradation_removal else "transformer"
+
+
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
     """The checkpoint folder named by --resume_from_checkpoint ('latest' gives None when there is none)."""
     if resume_from_checkpoint == "latest":
@@ -730,7 +845,7 @@ def save_checkpoint(
 
     The weights (`named_weights`: the model's and the EMA's) are checked first: a NaN or inf anywhere raises
     `NonFiniteError` and nothing is written or pruned. Everything then goes into `checkpoint-<step>.tmp` (accelerate's
-    state with the transformer in diffusers format written by the save hook, each process's noise-generator state,
+    state with the trained model in diffusers format written by the save hook, each process's noise-generator state,
     then training_state.json); only then is it renamed to `checkpoint-<step>` and are old checkpoints pruned. A run
     killed while saving leaves the previous checkpoints untouched, and `--resume_from_checkpoint latest` never picks
     an unfinished one.
@@ -753,6 +868,7 @@ def save_checkpoint(
         state = {
             "global_step": global_step,
             "skipped_steps": skipped_steps,
+            "trained_component": trained_component(args),
             "use_lora": args.use_lora,
             "use_ema": args.use_ema,
             "num_processes": accelerator.num_processes,
@@ -937,22 +1053,31 @@ def log_validation(
     validation_pairs: list[dict],
     global_step: int,
     is_final: bool = False,
-    offload: bool = False,
+    offload: list[torch.nn.Module] | tuple = (),
 ) -> dict:
     """Restore the validation images, log a before | after(s) | target grid, PSNR/SSIM and (--validation_fid) FID,
     and save the grid PNG.
 
-    The pipeline samples with its recorded sampling defaults (the --validation_* sampling flags).
+    The pipeline samples with its recorded sampling defaults (the --validation_* sampling flags). When it has a
+    degradation removal stage, the stage's own output (what the transformer is conditioned on) gets a column after
+    the input, and its PSNR/SSIM against the targets are logged separately (`degradation_removal_psnr`,
+    `degradation_removal_ssim`); the plain `psnr`/`ssim` are always the whole pipeline's.
+
+    Args:
+        offload: the pipeline's modules kept off the device between validations: moved there for it, then back.
 
     Returns `{"grid": path of the saved PNG, "psnr": mean dB or None, "ssim": mean or None, "fid": FID or None,
-    "fid_images": the number of restored images FID compared with the targets (None without FID)}`.
+    "fid_images": the number of restored images FID compared with the targets (None without FID),
+    "degradation_removal_psnr", "degradation_removal_ssim": the stage's own means (None without a stage or targets)}`.
     """
     logger.info(f"Running validation on {len(validation_pairs)} image(s) at step {global_step}.")
     sampling = recorded_sampling_arguments(pipeline)
     pipeline.set_progress_bar_config(disable=True)
-    transformer = pipeline.transformer
-    was_training = transformer.training
-    transformer.eval()
+    stage = getattr(pipeline, "degradation_removal", None)
+    models = [module for module in (pipeline.transformer, stage) if module is not None]
+    was_training = [module.training for module in models]
+    for module in models:
+        module.eval()
     # its own generator: validation never touches the training random streams
     generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 0)
     compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
@@ -963,8 +1088,18 @@ def log_validation(
     )
 
     rows, psnr_values, ssim_values, all_restored, targets = [], [], [], [], []
-    with offload_models(pipeline.text_encoder, pipeline.vae, device=accelerator.device, offload=offload):
+    stage_psnr_values, stage_ssim_values = [], []
+    with offload_models(*offload, device=accelerator.device, offload=bool(offload)):
         for pair in validation_pairs:
+            row = [pair["image"]]
+            if stage is not None:  # the stage's output as the pipeline computes it (its first step)
+                with autocast:
+                    cleaned, _ = pipeline.prepare_image(pair["image"], 1, accelerator.device, remove_degradations=True)
+                cleaned = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(cleaned.cpu()))[0]
+                row.append(cleaned)
+                if pair["target"] is not None:
+                    stage_psnr_values.append(psnr(cleaned, pair["target"]).item())
+                    stage_ssim_values.append(ssim(cleaned, pair["target"]).item())
             restored = []
             for _ in range(args.num_validation_images):
                 with autocast:
@@ -978,7 +1113,7 @@ def log_validation(
                         output_type="pil",
                     )
                 restored.append(output.images[0])
-            row = [pair["image"], *restored]
+            row.extend(restored)
             if pair["target"] is not None:
                 row.append(pair["target"])
                 targets.append(pair["target"])
@@ -987,7 +1122,8 @@ def log_validation(
                     ssim_values.append(ssim(image, pair["target"]).item())
             all_restored.extend(restored)
             rows.append(row)
-    transformer.train(was_training)
+    for module, mode in zip(models, was_training, strict=True):
+        module.train(mode)
 
     columns = max(len(row) for row in rows)
     width, height = rows[0][0].size
@@ -1009,6 +1145,8 @@ def log_validation(
         "ssim": float(np.mean(ssim_values)) if ssim_values else None,
         "fid": None,
         "fid_images": None,
+        "degradation_removal_psnr": float(np.mean(stage_psnr_values)) if stage_psnr_values else None,
+        "degradation_removal_ssim": float(np.mean(stage_ssim_values)) if stage_ssim_values else None,
     }
     if args.validation_fid:
         try:
@@ -1027,7 +1165,8 @@ def log_validation(
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({name: [wandb.Image(grid, caption="before | after | target")]}, step=global_step)
+            caption = "before | " + ("stage | " if stage is not None else "") + "after | target"
+            tracker.log({name: [wandb.Image(grid, caption=caption)]}, step=global_step)
         else:
             logger.warning(f"Image logging is not implemented for {tracker.name}.")
     message = ", ".join(
@@ -1046,7 +1185,7 @@ def log_validation(
 MODEL_CARD_PLACEHOLDERS = frozenset({
     "model_name", "repo_id", "base_model", "base_model_link", "data_description", "degradations", "validation",
     "hyperparameters", "prompt", "max_sequence_length", "objective_description", "sampling_arguments",
-    "sampling_defaults", "license",
+    "sampling_defaults", "license", "stage_description",
 })
 PLACEHOLDER_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -1097,6 +1236,15 @@ OBJECTIVE_DESCRIPTIONS = {
 }
 
 
+DEGRADATION_REMOVAL_LOSS_NAMES = {"l1": "L1 (mean absolute error)", "mse": "MSE"}
+
+
+def describe_stage(stage: DegradationRemovalModel) -> str:
+    """The stage's architecture, e.g. '`block_out_channels=(48, 96, 192)`, `layers_per_block=2`'."""
+    widths = tuple(stage.config.block_out_channels)
+    return f"`block_out_channels={widths}`, `layers_per_block={stage.config.layers_per_block}`"
+
+
 def format_sampling_arguments(sampling: dict, separator: str = ", ") -> str:
     """`name=value` of the sampling arguments that are set (e.g. `num_inference_steps=1, guidance_scale=1.0`)."""
     return separator.join(f"{name}={value!r}" for name, value in sampling.items() if value is not None)
@@ -1112,11 +1260,17 @@ def save_model_card(
     flow_shift: float,
     mixed_precision: str,
     sampling: dict,
+    degradation_removal: DegradationRemovalModel | None = None,
+    new_stage: bool = False,
+    untrained_transformer: bool = False,
 ) -> str:
     """Write output_dir/README.md from --model_card_template and return its path.
 
     `sampling` holds the call arguments the pipeline records as its sampling defaults (`recorded_sampling_arguments`);
-    the card's usage snippet passes them explicitly and says that they are the defaults.
+    the card's usage snippet passes them explicitly and says that they are the defaults. `degradation_removal` is the
+    saved pipeline's stage (None without one); `new_stage` says that this run created it (--train_degradation_removal
+    on a base without one); `untrained_transformer` that the transformer is a plain SANA's, not yet trained to restore
+    (--train_degradation_removal on a SANA text-to-image base).
     """
     base = args.pretrained_model_name_or_path
     base_is_hub_id = not os.path.isdir(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
@@ -1143,7 +1297,13 @@ def save_model_card(
                     metrics += ": too few for a stable FID, comparable only between runs on the same validation images"
                 metrics += ")"
             metrics += f" (sampled with `{format_sampling_arguments(sampling)}`)."
-        validation_text = f"Before | after | target:\n\n![validation]({rel}){metrics}"
+            if validation.get("degradation_removal_psnr") is not None:
+                metrics += (
+                    f" The degradation removal stage alone: PSNR {validation['degradation_removal_psnr']:.2f} dB, "
+                    f"SSIM {validation['degradation_removal_ssim']:.4f}."
+                )
+        columns = "Before | stage | after | target" if degradation_removal is not None else "Before | after | target"
+        validation_text = f"{columns}:\n\n![validation]({rel}){metrics}"
     else:
         validation_text = "No validation images were given (--validation_image)."
     hyperparameters = {
@@ -1153,18 +1313,59 @@ def save_model_card(
         "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
         "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
         "mixed precision": mixed_precision,
-        "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full fine-tuning",
-        "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
-        "objective": (
-            "one-step regression at sigma = 1"
-            if args.training_objective == "one_step"
-            else f"flow matching, timestep density {args.weighting_scheme} (shift {flow_shift:g})"
-        ),
-        "pixel loss weight": args.pixel_loss_weight,
-        "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
-        "latent condition noise": f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no",
-        "max sequence length": args.max_sequence_length,
     }
+    if args.train_degradation_removal:
+        hyperparameters.update({
+            "trained component": f"degradation removal stage ({describe_stage(degradation_removal)}; "
+            + ("new" if new_stage else "the base pipeline's, trained further") + ")",
+            "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+            "loss": f"{DEGRADATION_REMOVAL_LOSS_NAMES[args.degradation_removal_loss]} in pixels, images in [0, 1]",
+        })
+        objective_description = (
+            "This run trained only the pipeline's degradation removal stage ("
+            + ("a new one, the identity at the start" if new_stage else "the base pipeline's, trained further")
+            + f"), with the {DEGRADATION_REMOVAL_LOSS_NAMES[args.degradation_removal_loss]} between its output and the "
+            "clean image; the transformer, the VAE, the text encoder and the scheduler are the base model's, unchanged."
+        )
+        if untrained_transformer:
+            objective_description += (
+                " The transformer is the text-to-image SANA's, wrapped but not trained for restoration yet (it ignores "
+                "the image): train it on top of this stage, with this folder as the base model, before use."
+            )
+    else:
+        hyperparameters.update({
+            "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full fine-tuning",
+            "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+            "objective": (
+                "one-step regression at sigma = 1"
+                if args.training_objective == "one_step"
+                else f"flow matching, timestep density {args.weighting_scheme} (shift {flow_shift:g})"
+            ),
+            "pixel loss weight": args.pixel_loss_weight,
+            "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
+            "latent condition noise": (
+                f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no"
+            ),
+            "max sequence length": args.max_sequence_length,
+        })
+        if degradation_removal is not None:
+            hyperparameters["condition images"] = "cleaned by the base pipeline's degradation removal stage (frozen)"
+        objective_description = OBJECTIVE_DESCRIPTIONS[args.training_objective]
+    stage_description = ""
+    if degradation_removal is not None:
+        stage_description = (
+            "\nBefore the transformer, a pixel-space degradation removal stage (`DegradationRemovalModel`, the "
+            f"pipeline's `degradation_removal` component: a residual U-Net, {describe_stage(degradation_removal)}) "
+            "cleans the degraded image; the transformer is conditioned on the latent of the cleaned image, which is "
+            "also the colour reference (the two-stage design of DiffBIR and PASD)."
+            + (
+                " The stage came with the base pipeline and was frozen while the transformer was trained on the "
+                "latents of its outputs."
+                if not args.train_degradation_removal
+                else ""
+            )
+            + "\n"
+        )
     if licence:
         name = licence.get("license_name", licence["license"])
         licence_text = f"The weights inherit the base model's licence: `{name}`"
@@ -1182,7 +1383,8 @@ def save_model_card(
         "hyperparameters": "\n".join(f"| {key} | {value} |" for key, value in hyperparameters.items()),
         "prompt": (args.validation_prompt or [DEFAULT_VALIDATION_PROMPT])[0],
         "max_sequence_length": args.max_sequence_length,
-        "objective_description": OBJECTIVE_DESCRIPTIONS[args.training_objective],
+        "objective_description": objective_description,
+        "stage_description": stage_description,
         "sampling_arguments": format_sampling_arguments(sampling, ",\n    ") + ",",
         "sampling_defaults": f"`{format_sampling_arguments(sampling)}`",
         "license": licence_text,
@@ -1384,12 +1586,14 @@ def load_lora_checkpoint(model: ConcatConditionedTransformer, lora_dir: str) -> 
         model.projection.weight.copy_(projection)
 
 
-def load_ema_checkpoint(ema_model: EMAModel, ema_dir: str) -> None:
-    """Load the EMA that `EMAModel.save_pretrained` wrote into `ema_model`: the weights from safetensors only
-    (`EMAModel.from_pretrained` would fall back to pickled files) and the counters (decay, optimization_step, ...)
-    from the same config.json."""
-    loaded = ConcatConditionedTransformer.from_pretrained(ema_dir, use_safetensors=True)
-    config = ConcatConditionedTransformer.load_config(ema_dir)
+def load_ema_checkpoint(
+    ema_model: EMAModel, ema_dir: str, model_cls: type[ModelMixin] = ConcatConditionedTransformer
+) -> None:
+    """Load the EMA that `EMAModel.save_pretrained` wrote into `ema_model`: the weights (of a `model_cls`, the trained
+    model's class) from safetensors only (`EMAModel.from_pretrained` would fall back to pickled files) and the counters
+    (decay, optimization_step, ...) from the same config.json."""
+    loaded = model_cls.from_pretrained(ema_dir, use_safetensors=True)
+    config = model_cls.load_config(ema_dir)
     state = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params" and key in config}
     state["shadow_params"] = [parameter.detach() for parameter in loaded.parameters()]
     if len(state["shadow_params"]) != len(ema_model.shadow_params):
@@ -1397,6 +1601,58 @@ def load_ema_checkpoint(ema_model: EMAModel, ema_dir: str) -> None:
             f"{ema_dir} holds {len(state['shadow_params'])} tensors but the EMA tracks {len(ema_model.shadow_params)}."
         )
     ema_model.load_state_dict(state)
+
+
+def read_base_model_index(args) -> dict:
+    """The base's model_index.json (which components it has, its recorded sampling defaults); {} for a folder without
+    one (component subfolders only)."""
+    path = args.pretrained_model_name_or_path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        return {}
+    return dict(DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir))
+
+
+def load_base_degradation_removal(args, model_index: dict, weights_kwargs: dict) -> DegradationRemovalModel | None:
+    """The base pipeline's `degradation_removal` stage (from safetensors), or None when it has none."""
+    entry = model_index.get("degradation_removal")
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+        return None
+    if entry[1] != DegradationRemovalModel.__name__:
+        raise ValueError(
+            f"The degradation_removal component of {args.pretrained_model_name_or_path} is a {entry[1]}; this script "
+            f"trains with and saves a {DegradationRemovalModel.__name__}."
+        )
+    return DegradationRemovalModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="degradation_removal", **weights_kwargs
+    )
+
+
+def degradation_removal_to_train(args, base_stage: DegradationRemovalModel | None) -> DegradationRemovalModel:
+    """The stage --train_degradation_removal trains: the base's, trained further (the architecture flags, when given,
+    must describe it), or a new one (the identity at initialisation) of the --degradation_removal_* architecture."""
+    requested = {}
+    if args.degradation_removal_channels is not None:
+        requested["block_out_channels"] = parse_channels(
+            args.degradation_removal_channels, "degradation_removal_channels"
+        )
+    if args.degradation_removal_layers is not None:
+        requested["layers_per_block"] = args.degradation_removal_layers
+    if base_stage is None:
+        stage = DegradationRemovalModel(**requested)
+        logger.info(f"Training a new degradation removal stage: {dict(stage.config)}.")
+        return stage
+    flags = {"block_out_channels": "degradation_removal_channels", "layers_per_block": "degradation_removal_layers"}
+    for key, value in requested.items():
+        existing = base_stage.config[key]
+        if (tuple(existing) if key == "block_out_channels" else existing) != value:
+            shown = ",".join(map(str, existing)) if key == "block_out_channels" else existing
+            raise ValueError(
+                f"--{flags[key]} {getattr(args, flags[key])} contradicts the degradation removal stage of "
+                f"{args.pretrained_model_name_or_path} ({key} {shown}). Leave it out to train that stage further; "
+                "a stage of another architecture starts from a pipeline without one."
+            )
+    logger.info(f"Training the base pipeline's degradation removal stage further: {dict(base_stage.config)}.")
+    return base_stage
 
 
 @contextlib.contextmanager
@@ -1420,8 +1676,11 @@ def cache_latents(
     """Encode every pair (and every unique prompt) once into safetensors shards; return the dataset reading them.
 
     The main process builds the cache (reused when it exists with the same settings); the others wait and read it.
-    One crop, flip and degradation draw (epoch 0's) is frozen per example.
+    One crop, flip and degradation draw (epoch 0's) is frozen per example. When the pipeline has a degradation removal
+    stage, the degraded images are encoded through it (`clean_conditions`) and the cache records that stage (class,
+    config and weights hash), so that a cache built without it, or with another one, is refused.
     """
+    stage = getattr(pipeline, "degradation_removal", None)
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     # The cache records the VAE, data and resolution itself; the text settings of its embeddings are recorded here.
     text_settings = {
@@ -1440,7 +1699,8 @@ def cache_latents(
                     f"{text_settings}: delete it or pass another --latent_cache_dir."
                 )
         storage_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        with offload_models(pipeline.vae, pipeline.text_encoder, device=accelerator.device, offload=args.offload):
+        condition_models = [pipeline.vae] + ([stage] if stage is not None else [])
+        with offload_models(pipeline.text_encoder, *condition_models, device=accelerator.device, offload=args.offload):
             build_latent_cache(
                 dataset,
                 pipeline.vae,
@@ -1452,6 +1712,9 @@ def cache_latents(
                 dtype=storage_dtype,
                 device=accelerator.device,
                 num_workers=args.dataloader_num_workers,
+                # the class / config / weights identity the cache records for its VAE, here for the stage
+                condition_transform=None if stage is None else lambda pixels: clean_conditions(pipeline, pixels),
+                extra_metadata=None if stage is None else {"degradation_removal": vae_fingerprint(stage)},
             )
         with open(settings_file, "w", encoding="utf-8") as handle:
             json.dump(text_settings, handle, indent=2)
@@ -1460,6 +1723,48 @@ def cache_latents(
     prompts = len(cached.index["prompts"])
     logger.info(f"Training on the latent cache {cache_dir}: {len(cached)} pairs, {prompts} distinct prompts.")
     return cached
+
+
+@torch.no_grad()
+def clean_conditions(pipeline: SanaRestorationPipeline, conditioning_pixel_values: torch.Tensor) -> torch.Tensor:
+    """Degraded training images as the transformer's condition sees them at inference: cleaned by the pipeline's
+    frozen degradation removal stage with `SanaRestorationPipeline.remove_degradations`, the method the pipeline
+    itself calls (no gradient, output clamped to [0, 1]).
+
+    Args:
+        conditioning_pixel_values: `(B, 3, H, W)` in [-1, 1] (the dataset's range), on the stage's device.
+
+    Returns:
+        `(B, 3, H, W)` float32 in [-1, 1].
+    """
+    return VaeImageProcessor.normalize(pipeline.remove_degradations(to_unit_range(conditioning_pixel_values)))
+
+
+def to_unit_range(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Batch pixels from the dataset's [-1, 1] to the [0, 1] of images and of `DegradationRemovalModel`, float32."""
+    return VaeImageProcessor.denormalize(pixel_values.float())
+
+
+def degradation_removal_loss(
+    model: torch.nn.Module, conditioning_pixel_values: torch.Tensor, pixel_values: torch.Tensor, kind: str = "l1"
+) -> torch.Tensor:
+    """The degradation removal stage's training loss on one batch.
+
+    Args:
+        model: the stage (`DegradationRemovalModel`, possibly wrapped by accelerate), images in [0, 1].
+        conditioning_pixel_values: the degraded images, `(B, 3, H, W)` in [-1, 1] as the dataset gives them.
+        pixel_values: the clean images, same shape and range.
+        kind: `"l1"`: `mean |stage(x) - y|`, or `"mse"`: `mean (stage(x) - y)^2`, with `x`, `y` the degraded and clean
+            images in [0, 1] (the scale PSNR is measured on).
+
+    Returns:
+        The scalar loss, float32.
+    """
+    if kind not in DEGRADATION_REMOVAL_LOSSES:
+        raise ValueError(f"Unknown degradation removal loss {kind!r}; expected one of {DEGRADATION_REMOVAL_LOSSES}.")
+    restored = model(to_unit_range(conditioning_pixel_values))
+    error = restored.float() - to_unit_range(pixel_values)
+    return error.abs().mean() if kind == "l1" else error.pow(2).mean()
 
 
 @torch.no_grad()
@@ -1541,9 +1846,15 @@ def main(args: argparse.Namespace) -> None:
     starts_from_sana = transformer_config.get("_class_name") != ConcatConditionedTransformer.__name__
     # A plain SanaTransformer2DModel is wrapped without copying (identity projection); a restoration checkpoint
     # written by this script is loaded as it is (continued training, e.g. at a higher resolution).
-    model = ConcatConditionedTransformer.from_pretrained(
+    transformer = ConcatConditionedTransformer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="transformer", **weights_kwargs
     )
+    # the base pipeline's degradation removal stage (an optional component), or None
+    base_model_index = read_base_model_index(args)
+    stage = load_base_degradation_removal(args, base_model_index, weights_kwargs)
+    new_stage = args.train_degradation_removal and stage is None
+    if args.train_degradation_removal:
+        stage = degradation_removal_to_train(args, stage)
     scheduler_config = dict(
         RestorationGuidedFlowScheduler.load_config(
             args.pretrained_model_name_or_path, subfolder="scheduler", **load_kwargs
@@ -1561,8 +1872,9 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Flow shift {flow_shift:g} ({'--flow_shift' if args.flow_shift is not None else 'checkpoint'}).")
 
     vae_scale_factor = vae.spatial_compression_ratio  # 32 for SANA's DC-AE
-    patch_size = model.transformer.config.patch_size
-    if args.resolution % (vae_scale_factor * patch_size) != 0:
+    patch_size = transformer.transformer.config.patch_size
+    # (the degradation removal stage works on pixels of any size)
+    if not args.train_degradation_removal and args.resolution % (vae_scale_factor * patch_size) != 0:
         raise ValueError(
             f"--resolution {args.resolution} is not a multiple of {vae_scale_factor * patch_size} (the VAE's "
             f"downsampling factor {vae_scale_factor} times the transformer's patch size {patch_size})."
@@ -1577,22 +1889,45 @@ def main(args: argparse.Namespace) -> None:
     elif accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
     original_dtypes = {"text_encoder": text_encoder.dtype, "vae": vae.dtype}
-    frozen_device = "cpu" if args.offload else accelerator.device
+    # Training the stage needs neither the VAE nor the text encoder: they stay on the CPU until validation.
+    frozen_device = "cpu" if args.offload or args.train_degradation_removal else accelerator.device
     # SANA keeps the DC-AE in float32; Gemma-2 is made for bfloat16 (it overflows in float16).
     vae.to(frozen_device, dtype=torch.float32)
     text_encoder.to(frozen_device, dtype=torch.bfloat16 if weight_dtype != torch.float32 else torch.float32)
 
-    # Full fine-tuning trains float32 weights under autocast; LoRA keeps the frozen base in the autocast dtype.
-    model.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
-    if starts_from_sana:
-        difference = identity_check(model)
-        logger.info(
-            f"Step 0 check: the wrapped model reproduces the pretrained SANA for a random condition "
-            f"(max |difference| = {difference:.3g})."
-        )
-
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    # `model` is what this run trains: the degradation removal stage or the transformer.
+    model_cls = DegradationRemovalModel if args.train_degradation_removal else ConcatConditionedTransformer
+    condition_stage = None  # a frozen stage that cleans the condition images before they are encoded
+    if args.train_degradation_removal:
+        # the transformer is frozen and stays on the CPU: only validation samples with it (on the device)
+        if starts_from_sana:
+            logger.warning(
+                f"{args.pretrained_model_name_or_path} is a text-to-image SANA: the saved pipeline's transformer will "
+                "not be trained for restoration (it ignores the image), so the whole pipeline's validation PSNR says "
+                "little; the stage's own PSNR is logged apart. Train the transformer on top of the stage next."
+            )
+        transformer.requires_grad_(False)
+        transformer.eval()
+        model = stage
+        model.to(accelerator.device, dtype=torch.float32)  # trained in float32 (under autocast with mixed precision)
+    else:
+        model = transformer
+        if stage is not None:
+            condition_stage = stage
+            condition_stage.requires_grad_(False)
+            condition_stage.eval()
+            condition_stage.to(frozen_device, dtype=torch.float32)
+            logger.info("The base pipeline has a degradation removal stage: condition images are encoded through it.")
+        # Full fine-tuning trains float32 weights under autocast; LoRA keeps the frozen base in the autocast dtype.
+        model.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
+        if starts_from_sana:
+            difference = identity_check(model)
+            logger.info(
+                f"Step 0 check: the wrapped model reproduces the pretrained SANA for a random condition "
+                f"(max |difference| = {difference:.3g})."
+            )
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
     if args.use_lora:
         from peft import LoraConfig
 
@@ -1622,20 +1957,32 @@ def main(args: argparse.Namespace) -> None:
         ema_model = EMAModel(
             model.parameters(),
             decay=args.ema_decay,
-            model_cls=ConcatConditionedTransformer,
+            model_cls=model_cls,
             model_config=model.config,
         )
         ema_model.to(accelerator.device)
 
     # One pipeline object for prompt encoding (its encode_prompt caches repeated prompts), validation and saving.
+    # A stage-only run keeps the base's recorded sampling defaults: its transformer is not trained.
     pipeline = SanaRestorationPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=model, scheduler=inference_scheduler
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=inference_scheduler,
+        degradation_removal=stage,
+        sampling_defaults=base_model_index.get("sampling_defaults") if args.train_degradation_removal else None,
     )
     pipeline.prompt_cache_size = PROMPT_CACHE_SIZE
     # The recommended call of the model being trained (validation uses it; the saved pipeline records it). A guidance
     # scale left unset is the pipeline's built-in default, recorded explicitly so that the saved model keeps it.
     sampling = {name: getattr(args, flag) for name, flag in VALIDATION_SAMPLING_FLAGS.items()}
-    if sampling["guidance_scale"] is None:
+    if args.train_degradation_removal:
+        # only the flags given change the base's defaults; a guidance scale alone means a constant scale (as in a call)
+        sampling = {name: value for name, value in sampling.items() if value is not None}
+        if "guidance_scale" in sampling:
+            sampling.setdefault("guidance_scale_start", None)
+    elif sampling["guidance_scale"] is None:
         sampling["guidance_scale"] = pipeline.sampling_defaults["guidance_scale"]
     pipeline.set_sampling_defaults(**sampling)
     complex_human_instruction = complex_human_instruction_list(args.complex_human_instruction)
@@ -1655,6 +2002,7 @@ def main(args: argparse.Namespace) -> None:
     # FSDP and DeepSpeed keep their own (sharded) model format in checkpoints; the diffusers-format copy is for
     # plain and data-parallel runs, where it is also what resuming reads.
     native_model_checkpoints = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    component = trained_component(args)  # the checkpoint subfolder of the trained model (and <component>_ema)
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -1663,11 +2011,11 @@ def main(args: argparse.Namespace) -> None:
                 if args.use_lora:
                     unwrapped.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
                 elif not native_model_checkpoints:
-                    unwrapped.save_pretrained(os.path.join(output_dir, "transformer"))
+                    unwrapped.save_pretrained(os.path.join(output_dir, component))
                 if weights and not native_model_checkpoints:
                     weights.pop()  # saved above: accelerate must not save it again
             if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+                ema_model.save_pretrained(os.path.join(output_dir, f"{component}_ema"))
 
     def load_model_hook(models, input_dir):
         if not native_model_checkpoints:
@@ -1677,13 +2025,11 @@ def main(args: argparse.Namespace) -> None:
                 if args.use_lora:
                     load_lora_checkpoint(loaded_into, os.path.join(input_dir, "transformer_lora"))
                 else:
-                    loaded = ConcatConditionedTransformer.from_pretrained(
-                        input_dir, subfolder="transformer", use_safetensors=True
-                    )
+                    loaded = model_cls.from_pretrained(input_dir, subfolder=component, use_safetensors=True)
                     loaded_into.load_state_dict(loaded.state_dict())
                     del loaded
         if ema_model is not None:
-            load_ema_checkpoint(ema_model, os.path.join(input_dir, "transformer_ema"))
+            load_ema_checkpoint(ema_model, os.path.join(input_dir, f"{component}_ema"), model_cls)
             ema_model.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1719,10 +2065,16 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("The training data holds no example.")
     if args.cache_latents:
         train_dataset = cache_latents(args, accelerator, pipeline, train_dataset, complex_human_instruction)
-        # the VAE and the text encoder are not needed for training steps any more (only "" and validation)
-        vae.to("cpu")
-        text_encoder.to("cpu")
-    offload_frozen = args.offload or args.cache_latents
+        # the VAE, the text encoder (and a stage) are not needed for training steps any more (only "" and validation)
+        for module in (vae, text_encoder, condition_stage):
+            if module is not None:
+                module.to("cpu")
+    # the frozen components that live on the CPU: validation moves them to the device, then back
+    validation_offload = []
+    if args.train_degradation_removal:
+        validation_offload = [text_encoder, vae, transformer]
+    elif args.offload or args.cache_latents:
+        validation_offload = [text_encoder, vae] + ([condition_stage] if condition_stage is not None else [])
     sampler = EpochShuffleSampler(len(train_dataset), seed=data_seed)
     train_dataloader = DataLoader(
         train_dataset,
@@ -1795,6 +2147,13 @@ def main(args: argparse.Namespace) -> None:
         else:
             with open(os.path.join(checkpoint, TRAINING_STATE_NAME), encoding="utf-8") as handle:
                 saved = json.load(handle)
+            saved_component = saved.get("trained_component", "transformer")  # older checkpoints: the transformer
+            if saved_component != trained_component(args):
+                raise ValueError(
+                    f"{checkpoint} trains the {saved_component}, this run the {trained_component(args)}: resume it "
+                    + ("with" if saved_component == "degradation_removal" else "without")
+                    + " --train_degradation_removal."
+                )
             if saved["use_lora"] != args.use_lora or saved["use_ema"] != args.use_ema:
                 raise ValueError(
                     f"{checkpoint} was written with --use_lora={saved['use_lora']} --use_ema={saved['use_ema']}; "
@@ -1843,7 +2202,9 @@ def main(args: argparse.Namespace) -> None:
     empty_prompt_rate = args.proportion_empty_prompts
     image_dropout = args.conditioning_dropout_prob is not None and args.conditioning_dropout_prob > 0
     model_dtype = weight_dtype if args.use_lora else torch.float32
-    timestep_scale = unwrap_model(model).config.timestep_scale
+    timestep_scale = transformer.config.timestep_scale
+    # what encodes the condition images (moved to the device for each batch with --offload)
+    condition_models = [vae] + ([condition_stage] if condition_stage is not None else [])
     if args.cache_latents:
         empty_embeds, empty_mask = encode_prompts(pipeline, [""], args, complex_human_instruction, accelerator)
 
@@ -1863,86 +2224,101 @@ def main(args: argparse.Namespace) -> None:
 
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                # 1. latents of the clean and the degraded image
-                if args.cache_latents:
-                    latents = batch["latents"].to(accelerator.device, torch.float32)
-                    condition_latents = batch["conditioning_latents"].to(accelerator.device, torch.float32)
+                if args.train_degradation_removal:
+                    # the stage's pixel loss: stage(degraded) against clean, both in [0, 1]
+                    loss = degradation_removal_loss(
+                        model,
+                        batch["conditioning_pixel_values"].to(accelerator.device),
+                        batch["pixel_values"].to(accelerator.device),
+                        args.degradation_removal_loss,
+                    )
                 else:
-                    with torch.no_grad(), offload_models(vae, device=accelerator.device, offload=args.offload):
-                        pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]])
-                        encoded = encode_latents(vae, pixels.to(accelerator.device, vae.dtype)).float()
-                    latents, condition_latents = encoded.chunk(2)
-                bsz = latents.shape[0]
+                    # 1. latents of the clean and the degraded image
+                    if args.cache_latents:
+                        latents = batch["latents"].to(accelerator.device, torch.float32)
+                        condition_latents = batch["conditioning_latents"].to(accelerator.device, torch.float32)
+                    else:
+                        with torch.no_grad(), offload_models(
+                            *condition_models, device=accelerator.device, offload=args.offload
+                        ):
+                            conditions = batch["conditioning_pixel_values"].to(accelerator.device)
+                            if condition_stage is not None:  # as at inference: cleaned, then encoded
+                                conditions = clean_conditions(pipeline, conditions)
+                            pixels = torch.cat([batch["pixel_values"].to(accelerator.device), conditions])
+                            encoded = encode_latents(vae, pixels.to(vae.dtype)).float()
+                        latents, condition_latents = encoded.chunk(2)
+                    bsz = latents.shape[0]
 
-                # 2. conditioning dropout (classifier-free guidance) and latent-space degradation
-                prompts = list(batch["prompt"])
-                keep_image = torch.ones(bsz, device=accelerator.device)
-                if image_dropout:
-                    q = args.conditioning_dropout_prob
-                    draw = torch.rand(bsz, device=accelerator.device, generator=generator)
-                    drop_prompt = draw < 2 * q
-                    keep_image = 1.0 - ((draw >= q) & (draw < 3 * q)).float()
-                elif empty_prompt_rate > 0:
-                    drop_prompt = torch.rand(bsz, device=accelerator.device, generator=generator) < empty_prompt_rate
-                else:
-                    drop_prompt = torch.zeros(bsz, dtype=torch.bool, device=accelerator.device)
-                prompts = [
-                    "" if dropped else prompt for prompt, dropped in zip(prompts, drop_prompt.tolist(), strict=True)
-                ]
-                if args.condition_noise_max > 0:
-                    condition_latents = degrade_latents(
-                        condition_latents, max_sigma=args.condition_noise_max, generator=generator
-                    )
-                condition_latents = condition_latents * keep_image[:, None, None, None]
+                    # 2. conditioning dropout (classifier-free guidance) and latent-space degradation
+                    prompts = list(batch["prompt"])
+                    keep_image = torch.ones(bsz, device=accelerator.device)
+                    if image_dropout:
+                        q = args.conditioning_dropout_prob
+                        draw = torch.rand(bsz, device=accelerator.device, generator=generator)
+                        drop_prompt = draw < 2 * q
+                        keep_image = 1.0 - ((draw >= q) & (draw < 3 * q)).float()
+                    elif empty_prompt_rate > 0:
+                        draw = torch.rand(bsz, device=accelerator.device, generator=generator)
+                        drop_prompt = draw < empty_prompt_rate
+                    else:
+                        drop_prompt = torch.zeros(bsz, dtype=torch.bool, device=accelerator.device)
+                    prompts = [
+                        "" if dropped else prompt for prompt, dropped in zip(prompts, drop_prompt.tolist(), strict=True)
+                    ]
+                    if args.condition_noise_max > 0:
+                        condition_latents = degrade_latents(
+                            condition_latents, max_sigma=args.condition_noise_max, generator=generator
+                        )
+                    condition_latents = condition_latents * keep_image[:, None, None, None]
 
-                # 3. text embeddings: the pipeline's own encode_prompt, with repeated prompts served from its cache
-                if args.cache_latents:  # embeddings from the cache; dropped prompts get the "" embedding
-                    keep = ~drop_prompt
-                    prompt_embeds = torch.where(
-                        keep[:, None, None], batch["prompt_embeds"].to(accelerator.device), empty_embeds
-                    )
-                    prompt_attention_mask = torch.where(
-                        keep[:, None], batch["prompt_attention_mask"].to(accelerator.device), empty_mask
-                    )
-                else:
-                    prompt_embeds, prompt_attention_mask = encode_prompts(
-                        pipeline, prompts, args, complex_human_instruction, accelerator
-                    )
+                    # 3. text embeddings: the pipeline's own encode_prompt, with repeated prompts served from its cache
+                    if args.cache_latents:  # embeddings from the cache; dropped prompts get the "" embedding
+                        keep = ~drop_prompt
+                        prompt_embeds = torch.where(
+                            keep[:, None, None], batch["prompt_embeds"].to(accelerator.device), empty_embeds
+                        )
+                        prompt_attention_mask = torch.where(
+                            keep[:, None], batch["prompt_attention_mask"].to(accelerator.device), empty_mask
+                        )
+                    else:
+                        prompt_embeds, prompt_attention_mask = encode_prompts(
+                            pipeline, prompts, args, complex_human_instruction, accelerator
+                        )
 
-                # 4. flow matching: sigma from the timestep density with SANA's shift (one_step: sigma = 1), x_t on
-                #    the straight path, velocity target noise - z
-                if args.training_objective == "one_step":
-                    sigmas = torch.ones(bsz, device=accelerator.device)
-                else:
-                    u = compute_density_for_timestep_sampling(
-                        weighting_scheme=args.weighting_scheme,
-                        batch_size=bsz,
-                        logit_mean=args.logit_mean,
-                        logit_std=args.logit_std,
-                        mode_scale=args.mode_scale,
-                        device=accelerator.device,
-                        generator=generator,
+                    # 4. flow matching: sigma from the timestep density with SANA's shift (one_step: sigma = 1), x_t on
+                    #    the straight path, velocity target noise - z
+                    if args.training_objective == "one_step":
+                        sigmas = torch.ones(bsz, device=accelerator.device)
+                    else:
+                        u = compute_density_for_timestep_sampling(
+                            weighting_scheme=args.weighting_scheme,
+                            batch_size=bsz,
+                            logit_mean=args.logit_mean,
+                            logit_std=args.logit_std,
+                            mode_scale=args.mode_scale,
+                            device=accelerator.device,
+                            generator=generator,
+                        )
+                        sigmas = shift_sigmas(u, flow_shift)
+                    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+                    loss, pred_original_sample = flow_matching_loss(
+                        model,
+                        latents,
+                        condition_latents,
+                        prompt_embeds,
+                        prompt_attention_mask,
+                        sigmas,
+                        noise,
+                        weighting_scheme="none" if args.training_objective == "one_step" else args.weighting_scheme,
+                        timestep_multiplier=num_train_timesteps * timestep_scale,
+                        model_dtype=model_dtype,
+                        return_pred_original_sample=True,
                     )
-                    sigmas = shift_sigmas(u, flow_shift)
-                noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
-                loss, pred_original_sample = flow_matching_loss(
-                    model,
-                    latents,
-                    condition_latents,
-                    prompt_embeds,
-                    prompt_attention_mask,
-                    sigmas,
-                    noise,
-                    weighting_scheme="none" if args.training_objective == "one_step" else args.weighting_scheme,
-                    timestep_multiplier=num_train_timesteps * timestep_scale,
-                    model_dtype=model_dtype,
-                    return_pred_original_sample=True,
-                )
-                # 5. optional pixel loss through the frozen decoder (the clean pixels are in the batch)
-                if args.pixel_loss_weight > 0:
-                    loss = loss + args.pixel_loss_weight * pixel_loss(
-                        vae, pred_original_sample, batch["pixel_values"].to(accelerator.device)
-                    )
+                    # 5. optional pixel loss through the frozen decoder (the clean pixels are in the batch)
+                    if args.pixel_loss_weight > 0:
+                        loss = loss + args.pixel_loss_weight * pixel_loss(
+                            vae, pred_original_sample, batch["pixel_values"].to(accelerator.device)
+                        )
 
                 accelerator.backward(loss)
                 loss_value = loss.detach().item()
@@ -1997,7 +2373,7 @@ def main(args: argparse.Namespace) -> None:
                 if validation_pairs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     with ema_weights(ema_model, unwrap_model(model)):
                         last_validation = log_validation(
-                            pipeline, args, accelerator, validation_pairs, global_step, offload=offload_frozen
+                            pipeline, args, accelerator, validation_pairs, global_step, offload=validation_offload
                         )
 
             logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
@@ -2028,9 +2404,9 @@ def main(args: argparse.Namespace) -> None:
 
     if accelerator.is_main_process:
         if full_state_dict is not None:  # FSDP / DeepSpeed: rebuild the model from the gathered weights
-            final_model = ConcatConditionedTransformer.from_config(final_model.config)
+            final_model = model_cls.from_config(final_model.config)
             final_model.load_state_dict(full_state_dict)
-            pipeline.register_modules(transformer=final_model)
+            pipeline.register_modules(**{component: final_model})
         if final_model.dtype != torch.float32:
             final_model.to(dtype=torch.float32)
         if args.use_lora:
@@ -2042,7 +2418,7 @@ def main(args: argparse.Namespace) -> None:
         # the same pipeline object as in training: its prompt cache still holds the validation prompts
         if validation_pairs:
             last_validation = log_validation(
-                pipeline, args, accelerator, validation_pairs, global_step, is_final=True, offload=offload_frozen
+                pipeline, args, accelerator, validation_pairs, global_step, is_final=True, offload=validation_offload
             )
         # the frozen components are saved as shipped: reload those that were cast for training
         if text_encoder.dtype != original_dtypes["text_encoder"]:
@@ -2068,6 +2444,9 @@ def main(args: argparse.Namespace) -> None:
             flow_shift=flow_shift,
             mixed_precision=accelerator.mixed_precision,
             sampling=recorded_sampling_arguments(pipeline),
+            degradation_removal=pipeline.degradation_removal,
+            new_stage=new_stage,
+            untrained_transformer=args.train_degradation_removal and starts_from_sana,
         )
         if args.push_to_hub:
             upload_folder(
