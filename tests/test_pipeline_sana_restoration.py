@@ -779,8 +779,8 @@ def test_a_pipeline_carries_its_sampling_defaults(pipe, tmp_path):
     assert pipe.config.sampling_defaults == {"num_inference_steps": 20, "guidance_scale": 4.5}
     one_step = _build()
     one_step.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
-    assert one_step.sampling_defaults == {"num_inference_steps": 1, "guidance_scale": 1.0,
-                                          "guidance_scale_start": None, "restoration_guidance": None, "strength": 1.0}
+    assert one_step.sampling_defaults == {"num_inference_steps": 1, "guidance_scale": 1.0, "guidance_scale_start": None,
+                                          "restoration_guidance": None, "strength": 1.0, "fidelity": 0.0}
     one_step.save_pretrained(tmp_path)
     with open(tmp_path / "model_index.json") as handle:
         assert json.load(handle)["sampling_defaults"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
@@ -816,10 +816,26 @@ def test_recorded_linear_guidance_applies_only_with_the_recorded_scale(pipe):
     assert recorded == [1, 2, 2] and explicit == [1, 1, 1]
 
 
+def test_fidelity_adds_back_what_the_vae_loses_of_the_reference(pipe):
+    image = _photo(24, 28)
+    kwargs = dict(output_type="pt", color_fix=None, num_inference_steps=1, **NO_CFG)
+    plain = _run(pipe, image, **kwargs)
+    full = _run(pipe, image, fidelity=1.0, **kwargs)
+    half = _run(pipe, image, fidelity=0.5, **kwargs)
+    reference = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    residual = reference - pipe.autoencode(reference, output_type="pt")
+    # output = decode(latents) + fidelity * (reference - decode(encode(reference))), clamped to [0, 1]
+    torch.testing.assert_close(full, (plain + residual).clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(half, (plain + 0.5 * residual).clamp(0, 1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="`fidelity`"):
+        _run(pipe, image, fidelity=1.5, **kwargs)
+
+
 @pytest.mark.parametrize(
     "defaults, match",
     [
         (dict(steps=4), "unknown entries"),
+        (dict(fidelity=-0.1), "fidelity"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(guidance_scale=0.5), "guidance_scale"),
         (dict(strength=2.0), "strength"),

@@ -8,7 +8,8 @@ One call, in order::
     prompt, negative-quality prompt -> Gemma-2 -> embeddings          (cached across calls)
     latents = noise, or (strength < 1) z_lq noised to the first sigma of the remaining schedule
     for each sigma: v = transformer(latents, z_lq, text, t), classifier-free guidance, scheduler.step(v, ..., z_lq)
-    -> VAE decode -> crop the padding -> [colour fix toward the (cleaned) input] -> output
+    -> VAE decode -> [+ fidelity x the cleaned input's detail the VAE cannot carry] -> crop the padding
+    -> [colour fix toward the (cleaned) input] -> output
 
 The flow-matching conventions are diffusers': sigma in [0, 1] with sigma = 1 pure noise,
 `x_t = (1 - sigma) * x0 + sigma * noise`, the transformer predicts the velocity `v = noise - x0`, and one Euler step
@@ -90,13 +91,21 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The call arguments a pipeline may record in its config (`sampling_defaults`), and the values used when neither the
 # call nor the config sets them: SanaPipeline's 20 steps and constant guidance 4.5, the scheduler's own restoration
 # guidance, and a start from pure noise.
-SAMPLING_ARGUMENTS = ("num_inference_steps", "guidance_scale", "guidance_scale_start", "restoration_guidance", "strength")
+SAMPLING_ARGUMENTS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_start",
+    "restoration_guidance",
+    "strength",
+    "fidelity",
+)
 FLOW_MATCHING_SAMPLING_DEFAULTS: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 4.5}
 BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
     **FLOW_MATCHING_SAMPLING_DEFAULTS,
     "guidance_scale_start": None,
     "restoration_guidance": None,
     "strength": 1.0,
+    "fidelity": 0.0,
 }
 
 # Weight files that are never downloaded nor loaded: this package never unpickles.
@@ -832,6 +841,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         guidance_scale_start,
         restoration_guidance,
         strength,
+        fidelity,
         upscale,
         num_images_per_prompt,
         prompt_embeds,
@@ -874,6 +884,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "guidance_scale_start": guidance_scale_start,
                 "restoration_guidance": restoration_guidance,
                 "strength": strength,
+                "fidelity": fidelity,
             },
             "argument",
         )
@@ -1233,6 +1244,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         guidance_scale_start: float | None = None,
         restoration_guidance: float | None = None,
         strength: float | None = None,
+        fidelity: float | None = None,
         upscale: float = 1.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -1301,6 +1313,15 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 (0, 1]. 1 runs every step from pure noise; below 1 the first `int(num_inference_steps * (1 -
                 strength))` steps are skipped and sampling starts from the degraded latent noised to the first
                 remaining sigma. Default: the model's `sampling_defaults` (1.0).
+            fidelity (`float`, *optional*):
+                In [0, 1]: how much of the (cleaned) input's detail that the VAE cannot represent is put back into the
+                result: `output = decode(latents) + fidelity * (reference - decode(encode(reference)))`, where
+                `reference` is the image the condition was encoded from (after the degradation removal stage, if
+                any). A VAE's round trip loses fine detail (DC-AE f32 more than an f4 autoencoder); with a
+                degradation removal stage, `fidelity=1` keeps all of that stage's detail and adds what the
+                transformer changed, like the fidelity weight of StableSR's feature wrapping. Without such a stage
+                the reference is the degraded input, whose noise it would bring back: leave it at 0 there. Costs one
+                extra VAE decode. Default: the model's `sampling_defaults` (0).
             upscale (`float`, defaults to 1.0):
                 Super-resolution factor >= 1: the input is resized (bicubic) by it before encoding.
             num_images_per_prompt (`int`, defaults to 1):
@@ -1370,11 +1391,12 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 guidance_scale_start=guidance_scale_start,
                 restoration_guidance=restoration_guidance,
                 strength=strength,
+                fidelity=fidelity,
             )
         )
         num_inference_steps, guidance_scale = sampling["num_inference_steps"], sampling["guidance_scale"]
         guidance_scale_start, restoration_guidance = sampling["guidance_scale_start"], sampling["restoration_guidance"]
-        strength = sampling["strength"]
+        strength, fidelity = sampling["strength"], sampling["fidelity"]
 
         # 1. Check inputs
         self.check_inputs(
@@ -1387,6 +1409,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             guidance_scale_start,
             restoration_guidance,
             strength,
+            fidelity,
             upscale,
             num_images_per_prompt,
             prompt_embeds,
@@ -1448,8 +1471,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         )
 
         # 4. Condition latents of the degraded image (padded to whole transformer tokens), one per output image
-        condition_latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
-        condition_latents = condition_latents.repeat_interleave(num_images_per_prompt, dim=0)
+        reference_latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
+        condition_latents = reference_latents.repeat_interleave(num_images_per_prompt, dim=0)
 
         # 5. Timesteps: the tail of the schedule that `strength` runs
         timestep_device = "cpu" if XLA_AVAILABLE else device
@@ -1544,8 +1567,13 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         else:
             restored = self._vae_decode(latents, tiling)[:, :, :out_height, :out_width]
             _check_finite(restored, "the decoded image", _NON_FINITE_ADVICE)
+            reference = pixels.repeat_interleave(num_images_per_prompt, dim=0)
+            if fidelity > 0:
+                # what the VAE loses of the reference: reference - decode(encode(reference))
+                round_trip = self._vae_decode(reference_latents, tiling)[:, :, :out_height, :out_width]
+                residual = (pixels - round_trip).repeat_interleave(num_images_per_prompt, dim=0)
+                restored = (restored + fidelity * residual).clamp(0.0, 1.0)
             if color_fix is not None:
-                reference = pixels.repeat_interleave(num_images_per_prompt, dim=0)
                 restored = apply_color_fix(restored, reference, color_fix)
             images = self._postprocess(restored, alphas, num_images_per_prompt, output_type)
 
@@ -1632,6 +1660,9 @@ def _check_sampling_values(values: dict[str, Any], kind: str) -> None:
     tau = values.get("restoration_guidance")
     if tau is not None and (not _is_number(tau) or tau < 0):
         raise ValueError(f"{name('restoration_guidance')} must be a number >= 0 (0 = off) or None, got {tau!r}.")
+    fidelity = values.get("fidelity")
+    if fidelity is not None and (not _is_number(fidelity) or not 0.0 <= fidelity <= 1.0):
+        raise ValueError(f"{name('fidelity')} must be in [0, 1] (0 = off), got {fidelity!r}.")
     strength = values.get("strength")
     if strength is not None and (not _is_number(strength) or not 0.0 < strength <= 1.0):
         raise ValueError(
