@@ -211,6 +211,9 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--pixel_loss_weight", "-1"], "--pixel_loss_weight"),
         (["--pixel_loss_weight", "1", "--cache_latents"], "--cache_latents"),
         (["--pixel_loss_weight", "1", "--offload"], "--offload"),
+        (["--fidelity", "0.5"], "--fidelity changes the pixel loss only"),
+        (["--pixel_loss_weight", "1", "--fidelity", "1.5"], "--fidelity must be in"),
+        (["--train_degradation_removal", "--fidelity", "1"], "--fidelity"),
         (["--training_objective", "one_step", "--validation_inference_steps", "0"], "--validation_inference_steps"),
         (["--validation_guidance_scale", "0.5"], "--validation_guidance_scale must be >= 1"),
         (["--validation_guidance_scale_start", "0"], "--validation_guidance_scale_start must be >= 1"),
@@ -375,6 +378,43 @@ def test_one_step_training_with_pixel_loss(full_run, pair_data, tmp_path):
         "num_inference_steps": 1, "guidance_scale": 1.0
     }
     assert "| pixel loss weight | 1.0 |" in card_text
+
+
+def test_fidelity_aims_the_decoded_latent_at_what_the_residual_leaves(tiny_base, pair_data, tmp_path):
+    """With --fidelity f the pixel loss's target is clean - f * (c - decode(encode(c))), c the condition image: the
+    output the pipeline gives with `fidelity=f` is then decode(x0) + f * residual. The model records f."""
+    from diffusers_restore import SanaRestorationPipeline
+    from diffusers_restore.models.vae_latents import decode_latents, encode_latents
+
+    seen = {}
+    original_encode, original_loss = train_paired.encode_latents, train_paired.pixel_loss
+
+    def recording_encode(vae, pixels):
+        seen.setdefault("pixels", pixels.detach().clone())
+        return original_encode(vae, pixels)
+
+    def recording_loss(vae, pred_original_sample, target):
+        seen.setdefault("targets", []).append(target.detach().clone())
+        return original_loss(vae, pred_original_sample, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_paired, "encode_latents", recording_encode)
+        patch.setattr(train_paired, "pixel_loss", recording_loss)
+        for fidelity in (0.0, 1.0):
+            seen.pop("pixels", None)
+            _run(_base_args(tiny_base, pair_data, tmp_path / f"fidelity-{fidelity}", "--training_objective", "one_step",
+                            "--pixel_loss_weight", 1.0, "--fidelity", fidelity, "--max_train_steps", 1,
+                            "--checkpointing_steps", 100, "--center_crop"))
+    plain, with_fidelity = seen["targets"]
+    clean, conditions = seen["pixels"].float().chunk(2)
+    base = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    with torch.no_grad():
+        residual = conditions - decode_latents(base.vae, encode_latents(base.vae, conditions))
+    torch.testing.assert_close(plain, clean)
+    torch.testing.assert_close(with_fidelity, clean - residual, atol=1e-5, rtol=0)
+    model_index = json.loads((tmp_path / "fidelity-1.0" / "model_index.json").read_text())
+    assert model_index["sampling_defaults"]["fidelity"] == 1.0
+    assert "fidelity" not in json.loads((tmp_path / "fidelity-0.0" / "model_index.json").read_text())["sampling_defaults"]
 
 
 def test_identity_check_detects_a_modified_projection():

@@ -14,7 +14,10 @@ pretrained SANA). Training is flow matching in diffusers' convention:
     u ~ density(weighting_scheme),  sigma = s * u / (1 + (s - 1) * u)      (SANA's shift s, 3.0)
     x_t = (1 - sigma) * z + sigma * noise
     loss = weight(sigma) * || model(x_t, z_c, text, sigma * 1000) - (noise - z) ||^2
-         [+ w_pix * || vae.decode(x_t - sigma * model(...)) - clean ||^2      (--pixel_loss_weight)]
+         [+ w_pix * || vae.decode(x_t - sigma * model(...)) + f * r - clean ||^2      (--pixel_loss_weight)]
+
+with `f` = `--fidelity` and `r = c - vae.decode(z_c)` what the VAE loses of the condition image `c`: the pipeline's
+`fidelity` call argument adds `f * r` back to its output, so the model is trained for the output it will give.
 
 `--training_objective one_step` fixes sigma = 1: one Euler step then gives x0 = noise - v, and the loss is
 || x0 - z ||^2, so the model learns the expected clean latent given the degraded one (the PSNR-optimal estimate),
@@ -133,7 +136,7 @@ DEFAULT_DEGRADATION_REMOVAL_LAYERS = int(_STAGE_DEFAULTS["layers_per_block"].def
 # would do nothing). The VAE, the text encoder and the transformer stay off the device in that mode anyway (--offload).
 TRANSFORMER_ONLY_FLAGS = (
     "use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "cache_latents", "latent_cache_dir",
-    "training_objective", "pixel_loss_weight", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "training_objective", "pixel_loss_weight", "fidelity", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max",
     "gradient_checkpointing", "offload",
 )
@@ -334,6 +337,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Add this weight times the pixel MSE between the clean image and the VAE decoding of the predicted "
         "clean latent (x0 = x_t - sigma v), backpropagated through the frozen decoder: aims the model at PSNR in "
         "pixels rather than in latents. 0 disables it. Needs the clean pixels (not --cache_latents).",
+    )
+    parser.add_argument(
+        "--fidelity",
+        type=float,
+        default=0.0,
+        help="In [0, 1]: train (through --pixel_loss_weight) for the pipeline's `fidelity` argument, which adds "
+        "fidelity x (condition image - decode(encode(condition image))) to the output: the detail of the (cleaned) "
+        "input that the VAE cannot represent. Recorded in the saved pipeline's sampling defaults. Meant for a base "
+        "with a degradation removal stage (without one, the added detail is the degraded input's, noise included).",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
     parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal.")
@@ -661,6 +673,11 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
             raise ValueError("Use either --conditioning_dropout_prob or --proportion_empty_prompts, not both.")
     if args.pixel_loss_weight < 0:
         raise ValueError(f"--pixel_loss_weight must be >= 0, got {args.pixel_loss_weight}.")
+    if not 0.0 <= args.fidelity <= 1.0:
+        raise ValueError(f"--fidelity must be in [0, 1], got {args.fidelity}.")
+    if args.fidelity > 0 and args.pixel_loss_weight == 0:
+        raise ValueError("--fidelity changes the pixel loss only (the output the model is trained for): it needs "
+                         "--pixel_loss_weight > 0.")
     if args.pixel_loss_weight > 0:
         if args.cache_latents:
             raise ValueError("--pixel_loss_weight needs the clean pixels of each batch, which --cache_latents does not "
@@ -1342,6 +1359,7 @@ def save_model_card(
                 else f"flow matching, timestep density {args.weighting_scheme} (shift {flow_shift:g})"
             ),
             "pixel loss weight": args.pixel_loss_weight,
+            "fidelity (VAE residual of the condition added to the output)": args.fidelity,
             "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
             "latent condition noise": (
                 f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no"
@@ -1982,8 +2000,10 @@ def main(args: argparse.Namespace) -> None:
         sampling = {name: value for name, value in sampling.items() if value is not None}
         if "guidance_scale" in sampling:
             sampling.setdefault("guidance_scale_start", None)
-    elif sampling["guidance_scale"] is None:
-        sampling["guidance_scale"] = pipeline.sampling_defaults["guidance_scale"]
+    else:
+        if sampling["guidance_scale"] is None:
+            sampling["guidance_scale"] = pipeline.sampling_defaults["guidance_scale"]
+        sampling["fidelity"] = args.fidelity or None  # trained for it: the plain call uses it
     pipeline.set_sampling_defaults(**sampling)
     complex_human_instruction = complex_human_instruction_list(args.complex_human_instruction)
 
@@ -2247,6 +2267,12 @@ def main(args: argparse.Namespace) -> None:
                             pixels = torch.cat([batch["pixel_values"].to(accelerator.device), conditions])
                             encoded = encode_latents(vae, pixels.to(vae.dtype)).float()
                         latents, condition_latents = encoded.chunk(2)
+                    # what the VAE loses of the condition image, added back to the output with --fidelity (which
+                    # needs the pixel loss, hence the pixels: never with --cache_latents)
+                    fidelity_residual = None
+                    if args.fidelity > 0:
+                        with torch.no_grad():
+                            fidelity_residual = conditions.float() - decode_latents(vae, condition_latents)
                     bsz = latents.shape[0]
 
                     # 2. conditioning dropout (classifier-free guidance) and latent-space degradation
@@ -2270,6 +2296,8 @@ def main(args: argparse.Namespace) -> None:
                             condition_latents, max_sigma=args.condition_noise_max, generator=generator
                         )
                     condition_latents = condition_latents * keep_image[:, None, None, None]
+                    if fidelity_residual is not None:  # a dropped image has no residual to add back either
+                        fidelity_residual = fidelity_residual * keep_image[:, None, None, None]
 
                     # 3. text embeddings: the pipeline's own encode_prompt, with repeated prompts served from its cache
                     if args.cache_latents:  # embeddings from the cache; dropped prompts get the "" embedding
@@ -2316,9 +2344,10 @@ def main(args: argparse.Namespace) -> None:
                     )
                     # 5. optional pixel loss through the frozen decoder (the clean pixels are in the batch)
                     if args.pixel_loss_weight > 0:
-                        loss = loss + args.pixel_loss_weight * pixel_loss(
-                            vae, pred_original_sample, batch["pixel_values"].to(accelerator.device)
-                        )
+                        target_pixels = batch["pixel_values"].to(accelerator.device)
+                        if fidelity_residual is not None:  # the output is decode(x0) + f * r: aim decode(x0) at the rest
+                            target_pixels = target_pixels - args.fidelity * fidelity_residual
+                        loss = loss + args.pixel_loss_weight * pixel_loss(vae, pred_original_sample, target_pixels)
 
                 accelerator.backward(loss)
                 loss_value = loss.detach().item()
