@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers import AutoencoderDC  # noqa: E402
 
 import train_autoencoder  # noqa: E402
-from diffusers_restore.sample_photos import HELD_OUT_PHOTOS  # noqa: E402
+from diffusers_restore.sample_photos import VALIDATION_PHOTOS  # noqa: E402
 
 
 TINY_ARGS = [
@@ -77,17 +77,18 @@ def test_output_folder_loads_with_scaling_factor_and_metrics(trained):
 
     with open(os.path.join(output_dir, "vae_metrics.json")) as file:
         saved = json.load(file)
-    psnr = saved["held_out_psnr"]
-    assert set(psnr) == set(HELD_OUT_PHOTOS) | {"mean"}
+    psnr = saved["validation_psnr"]
+    assert set(psnr) == set(VALIDATION_PHOTOS) | {"mean"}
     assert all(math.isfinite(value) for value in psnr.values())
-    assert psnr["mean"] == pytest.approx(sum(psnr[name] for name in HELD_OUT_PHOTOS) / len(HELD_OUT_PHOTOS))
+    assert psnr["mean"] == pytest.approx(sum(psnr[name] for name in VALIDATION_PHOTOS) / len(VALIDATION_PHOTOS))
     assert [point["step"] for point in saved["curve"]] == [30, 60]
     assert saved["curve"][-1]["psnr_mean"] == pytest.approx(psnr["mean"])
     assert saved["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
     assert saved["num_parameters"] == sum(p.numel() for p in vae.parameters())
 
-    # The saved weights reproduce the reported held-out PSNR exactly.
-    assert train_autoencoder.evaluate_held_out(vae, 32) == pytest.approx(psnr)
+    # The saved weights reproduce the reported validation PSNR exactly.
+    validation_photos = train_autoencoder.load_photos(None, VALIDATION_PHOTOS)
+    assert train_autoencoder.evaluate_validation(vae, 32, validation_photos) == pytest.approx(psnr)
 
 
 def test_training_improves_on_the_untrained_model(trained):
@@ -95,8 +96,9 @@ def test_training_improves_on_the_untrained_model(trained):
     args = train_autoencoder.parse_args(TINY_ARGS + ["--output_dir", "unused"])
     torch.manual_seed(args.seed)
     untrained = train_autoencoder.build_autoencoder(args)
-    before = train_autoencoder.evaluate_held_out(untrained, args.eval_resolution)["mean"]
-    assert metrics["held_out_psnr"]["mean"] > before + 3.0
+    validation_photos = train_autoencoder.load_photos(None, VALIDATION_PHOTOS)
+    before = train_autoencoder.evaluate_validation(untrained, args.eval_resolution, validation_photos)["mean"]
+    assert metrics["validation_psnr"]["mean"] > before + 3.0
 
 
 def test_same_seed_gives_identical_weights_and_other_seed_does_not(trained, tmp_path):
@@ -162,3 +164,21 @@ def test_psnr_helper_matches_the_definition():
 def test_bad_arguments_raise_a_clear_error(extra, argument):
     with pytest.raises(ValueError, match=argument):
         train_autoencoder.parse_args(TINY_ARGS + ["--output_dir", "unused"] + extra)
+
+
+def test_photo_folders_replace_the_sample_photos(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, names in (("train", ("a", "b")), ("validation", ("c",))):
+        (tmp_path / split / "sub").mkdir(parents=True)
+        for name in names:
+            array = (rng.random((80, 96, 3)) * 255).astype(np.uint8)
+            Image.fromarray(array).save(tmp_path / split / "sub" / f"{name}.png")
+    metrics = _run(tmp_path / "out", extra=["--train_data_dir", str(tmp_path / "train"), "--validation_data_dir",
+                                           str(tmp_path / "validation"), "--max_train_steps", "2",
+                                           "--validation_steps", "0"])
+    assert set(metrics["validation_psnr"]) == {os.path.join("sub", "c"), "mean"}
+    with pytest.raises(ValueError, match="does not exist"):
+        _run(tmp_path / "out2", extra=["--train_data_dir", str(tmp_path / "missing")])

@@ -6,10 +6,11 @@ latent space of a small autoencoder trained here, on CPU, in minutes. It is a pl
 `vae.encode(x).latent` / `vae.decode(z).sample` interface and `scaling_factor` config as the real one), with a
 smaller spatial compression: f4 with 16 latent channels by default (a 256 px crop becomes a 16 x 64 x 64 latent).
 
-Data: random square crops of the six training photos of `diffusers_restore.sample_photos.TRAIN_PHOTOS` (each photo
-is also kept at smaller scales), with random flips and 90-degree rotations. The held-out photos are only used for the
-evaluation: the round-trip PSNR of their 256 px centre crops, which is the ceiling of any restorer that works in this
-latent space.
+Data: random square crops of the photos in `--train_data_dir` (by default scikit-image's photos of
+`diffusers_restore.sample_photos.TRAIN_PHOTOS`; the bundled build uses the training split of the project's photo
+corpus), each also kept at smaller scales, with random flips and 90-degree rotations. The photos of
+`--validation_data_dir` (default `sample_photos.VALIDATION_PHOTOS`) are only used for the evaluation: the round-trip
+PSNR of their 256 px centre crops, which is the ceiling of any restorer that works in this latent space.
 
 Loss: MSE on pixels in [-1, 1] (`--loss`; MSE is what PSNR measures and trained faster here than L1 or L1 + MSE).
 There is no perceptual or adversarial term: the restorer's target is PSNR, and no pretrained perceptual network can
@@ -19,7 +20,7 @@ times faster than diffusers' default initialisation at this size.
 Output (`--output_dir`):
     vae/                 `AutoencoderDC.save_pretrained` (config.json + diffusion_pytorch_model.safetensors), with
                          `scaling_factor` = 1 / std of the latents of training crops (Stable Diffusion's convention).
-    vae_metrics.json     held-out PSNR per photo and mean, the PSNR curve, latent statistics, timings, the arguments.
+    vae_metrics.json     validation PSNR per photo and mean, the PSNR curve, latent statistics, timings, the arguments.
 
 Example (the defaults are the recommended configuration):
 
@@ -49,7 +50,8 @@ from diffusers import AutoencoderDC
 from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock, ResBlock
 from diffusers.optimization import get_scheduler
 
-from diffusers_restore.sample_photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, center_crop, load_photo
+from diffusers_restore.image_io import find_images, load_rgb
+from diffusers_restore.sample_photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, center_crop, load_photo
 
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (fixed, for determinism).")
 
     # Data.
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Folder of training photos (searched recursively). Default: scikit-image's photos of "
+        "diffusers_restore.sample_photos.TRAIN_PHOTOS.",
+    )
+    parser.add_argument(
+        "--validation_data_dir",
+        type=str,
+        default=None,
+        help="Folder of photos whose round-trip PSNR is reported (never trained on). Default: scikit-image's photos of "
+        "diffusers_restore.sample_photos.VALIDATION_PHOTOS.",
+    )
     parser.add_argument("--resolution", type=int, default=32, help="Side of the square training crops, in pixels.")
     parser.add_argument(
         "--photo_scales",
@@ -156,10 +172,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     # Evaluation and outputs.
     parser.add_argument(
-        "--eval_resolution", type=int, default=256, help="Side of the held-out centre crops used for the PSNR."
+        "--eval_resolution", type=int, default=256, help="Side of the validation centre crops used for the PSNR."
     )
     parser.add_argument(
-        "--validation_steps", type=int, default=500, help="Evaluate the held-out PSNR every N steps (0: only at the end)."
+        "--validation_steps", type=int, default=500, help="Evaluate the validation PSNR every N steps (0: only at the end)."
     )
     parser.add_argument(
         "--scaling_factor_crops", type=int, default=64, help="Training crops encoded to measure the latent std."
@@ -278,15 +294,29 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_training_photos(scales: tuple[float, ...], min_size: int) -> list[torch.Tensor]:
+def load_photos(folder: str | None, default_names: tuple[str, ...]) -> list[tuple[str, Image.Image]]:
+    """`(name, RGB image)` for every photo in `folder` (recursively, EXIF-orientated), or scikit-image's photos
+    `default_names` when no folder is given."""
+    if folder is None:
+        return [(name, load_photo(name)) for name in default_names]
+    if not os.path.isdir(folder):
+        raise ValueError(f"photo folder '{folder}' does not exist.")
+    paths = find_images(folder)
+    if not paths:
+        raise ValueError(f"photo folder '{folder}' holds no images.")
+    return [(os.path.splitext(os.path.relpath(path, folder))[0], load_rgb(path)) for path in paths]
+
+
+def load_training_photos(
+    scales: tuple[float, ...], min_size: int, folder: str | None = None
+) -> list[torch.Tensor]:
     """Every training photo at every scale in `scales`, as `(3, H, W)` tensors in [-1, 1].
 
-    Downscaled copies (bicubic, antialiased) hold more detail per pixel, closer to the held-out photos' density.
+    Downscaled copies (bicubic, antialiased) hold more detail per pixel, closer to the density of photos seen at inference.
     Copies smaller than `min_size` (the crop size) on a side are skipped.
     """
     photos = []
-    for name in TRAIN_PHOTOS:
-        image = load_photo(name)
+    for _, image in load_photos(folder, TRAIN_PHOTOS):
         for scale in scales:
             width, height = round(image.width * scale), round(image.height * scale)
             if min(width, height) < min_size:
@@ -344,16 +374,16 @@ def psnr_uint8(restored: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_held_out(vae: AutoencoderDC, resolution: int) -> dict[str, float]:
-    """Round-trip PSNR (encode -> decode, 8-bit) of each held-out photo's `resolution` px centre crop, and the mean."""
+def evaluate_validation(vae: AutoencoderDC, resolution: int, photos: list[tuple[str, Image.Image]]) -> dict[str, float]:
+    """Round-trip PSNR (encode -> decode, 8-bit) of each validation photo's `resolution` px centre crop, and the mean."""
     was_training = vae.training
     vae.eval()
     results = {}
-    for name in HELD_OUT_PHOTOS:
-        image = image_to_tensor(center_crop(load_photo(name), resolution))[None]
+    for name, photo in photos:
+        image = image_to_tensor(center_crop(photo, resolution))[None]
         reconstruction = vae.decode(vae.encode(image).latent).sample
         results[name] = psnr_uint8(reconstruction[0], image[0])
-    results["mean"] = float(np.mean([results[name] for name in HELD_OUT_PHOTOS]))
+    results["mean"] = float(np.mean([results[name] for name, _ in photos]))
     vae.train(was_training)
     return results
 
@@ -402,7 +432,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.latent_channels,
     )
 
-    photos = load_training_photos(args.photo_scales, args.resolution)
+    photos = load_training_photos(args.photo_scales, args.resolution, args.train_data_dir)
+    validation_photos = load_photos(args.validation_data_dir, VALIDATION_PHOTOS)
     generator = torch.Generator().manual_seed(args.seed)
 
     optimizer = torch.optim.AdamW(
@@ -439,16 +470,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
             eval_start = time.perf_counter()
-            held_out = evaluate_held_out(vae, args.eval_resolution)
+            validation = evaluate_validation(vae, args.eval_resolution, validation_photos)
             eval_seconds += time.perf_counter() - eval_start
             train_seconds = time.perf_counter() - start_time - eval_seconds
-            curve.append({"step": step, "train_seconds": round(train_seconds, 1), "psnr_mean": held_out["mean"]})
+            curve.append({"step": step, "train_seconds": round(train_seconds, 1), "psnr_mean": validation["mean"]})
             logger.info(
-                "step %d/%d  loss %.5f  held-out PSNR %.2f dB  (%.0f s of training, %.0f s CPU in all)",
+                "step %d/%d  loss %.5f  validation PSNR %.2f dB  (%.0f s of training, %.0f s CPU in all)",
                 step,
                 args.max_train_steps,
                 running_loss / args.validation_steps,
-                held_out["mean"],
+                validation["mean"],
                 train_seconds,
                 time.process_time() - start_cpu,
             )
@@ -457,8 +488,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start_time - eval_seconds
     cpu_seconds = time.process_time() - start_cpu
     vae.eval()
-    held_out = evaluate_held_out(vae, args.eval_resolution)
-    curve.append({"step": args.max_train_steps, "train_seconds": round(train_seconds, 1), "psnr_mean": held_out["mean"]})
+    validation = evaluate_validation(vae, args.eval_resolution, validation_photos)
+    curve.append(
+        {"step": args.max_train_steps, "train_seconds": round(train_seconds, 1), "psnr_mean": validation["mean"]}
+    )
 
     stats = latent_statistics(vae, photos, args.scaling_factor_crops, args.resolution, args.seed + 1)
     vae.register_to_config(scaling_factor=stats["scaling_factor"])
@@ -467,7 +500,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     vae.save_pretrained(vae_dir, safe_serialization=True)
 
     metrics = {
-        "held_out_psnr": held_out,
+        "validation_psnr": validation,
         "eval_resolution": args.eval_resolution,
         "curve": curve,
         "latent_mean": stats["mean"],
@@ -483,9 +516,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with open(os.path.join(args.output_dir, "vae_metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2)
 
-    per_photo = ", ".join(f"{name} {held_out[name]:.2f}" for name in HELD_OUT_PHOTOS)
+    per_photo = ", ".join(f"{name} {validation[name]:.2f}" for name, _ in validation_photos)
     print(
-        f"held-out round-trip PSNR ({args.eval_resolution} px centre crops): mean {held_out['mean']:.2f} dB "
+        f"validation round-trip PSNR ({args.eval_resolution} px centre crops): mean {validation['mean']:.2f} dB "
         f"({per_photo}); scaling_factor {stats['scaling_factor']:.5f}; {num_parameters} parameters; "
         f"trained {train_seconds:.0f} s; saved {vae_dir}"
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("skimage", reason="the held-out photos come from scikit-image")
+pytest.importorskip("skimage", reason="the sample photos come from scikit-image")
 
 from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline  # noqa: E402
 from diffusers_restore.baselines import BLUR_SIGMAS, gaussian_blur  # noqa: E402
@@ -19,7 +19,7 @@ from diffusers_restore.cli import main  # noqa: E402
 from diffusers_restore.data.degradations import apply_degradation_spec  # noqa: E402
 from diffusers_restore.cli_common import BUNDLED_MODEL_DIR  # noqa: E402
 from diffusers_restore.metrics import psnr, ssim, to_tensor01  # noqa: E402
-from diffusers_restore.sample_photos import HELD_OUT_PHOTOS, center_crop, load_photo  # noqa: E402
+from diffusers_restore.sample_photos import center_crop, load_photo  # noqa: E402
 
 CROP = 128
 

@@ -467,7 +467,7 @@ def test_evaluate_needs_exactly_one_source(tmp_path, capsys, tiny_pipeline_dir):
 
 
 def test_evaluate_rejects_two_sources(tmp_path, capsys, tiny_pipeline_dir):
-    assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path), "--sample-photos", "held-out",
+    assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path), "--sample-photos", "validation",
                  "-o", str(tmp_path / "out")]) == 2
     assert "exactly one" in _error_line(capsys)
 
@@ -506,7 +506,7 @@ def test_evaluate_bad_pairs_csv_is_one_line_exit_2(tmp_path, capsys, content, ex
 def test_evaluate_sample_photos_with_vae_round_trip(tmp_path, tiny_pipeline_dir):
     pytest.importorskip("skimage")
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", tiny_pipeline_dir, "--sample-photos", "held-out", "--crop", "24",
+    assert main(["evaluate", "--model", tiny_pipeline_dir, "--sample-photos", "validation", "--crop", "24",
                  "--degradation", "gaussian_noise:25", "--vae-roundtrip", "--steps", "1", "-o", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     assert {r["image"] for r in report["per_image"]} == {"chelsea", "coffee", "rocket"}

@@ -393,9 +393,9 @@ def _evaluation_cases(args: argparse.Namespace, output_dir: str
             raise CLIError(f"--degradation '{spec}': {error}") from error
     failures: list[tuple[str, str]] = []
     if args.sample_photos:
-        from .sample_photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_photo
+        from .sample_photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, load_photo
 
-        names = HELD_OUT_PHOTOS if args.sample_photos == "held-out" else TRAIN_PHOTOS
+        names = VALIDATION_PHOTOS if args.sample_photos == "validation" else TRAIN_PHOTOS
         try:
             sources = [(name, load_photo(name)) for name in names]
         except RuntimeError as error:  # scikit-image missing
@@ -615,9 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_argument_group("data (one of)")
     source.add_argument("--pairs", help="CSV with image_path,condition_image_path,caption (clean, degraded).")
     source.add_argument("--images", help="Folder of clean images (searched recursively), degraded with --degradation.")
-    source.add_argument("--sample-photos", choices=["held-out", "train"], default=None,
-                        help="scikit-image's photos as split by diffusers_restore.sample_photos (held-out: chelsea, "
-                             "coffee, rocket; never used to train the bundled restorer), degraded with --degradation.")
+    source.add_argument("--sample-photos", choices=["validation", "train"], default=None,
+                        help="scikit-image's photos in the split of the project's photo corpus "
+                             "(diffusers_restore.sample_photos; validation: coffee, never trained on), degraded with "
+                             "--degradation. The corpus's held-out photos need the corpus: --images corpus/held_out.")
     evaluate.add_argument("--degradation", action="append", metavar="SPEC",
                           help="Degradation spec, repeatable (e.g. gaussian_noise:25, jpeg:20, downscale:2).")
     evaluate.add_argument("--crop", type=_number(int, 1), default=None,
@@ -644,15 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      add_help=False)
     make_pairs.set_defaults(func=None)
 
-    demo = commands.add_parser("demo", help="Degrade a held-out photo, restore it, write a labelled comparison PNG.")
+    demo = commands.add_parser("demo", help="Degrade a photo the bundled restorer never saw, restore it, write a "
+                                            "labelled comparison PNG.")
     demo.add_argument("-o", "--output", default="sana_restore_demo.png", help="PNG to write.")
     demo.add_argument("--degradation", default="gaussian_noise:25",
                       help="Degradation spec (default gaussian_noise:25).")
     demo.add_argument("--model", default=BUNDLED, help="Pipeline to use (default: the bundled restorer).")
-    from .sample_photos import HELD_OUT_PHOTOS
+    from .sample_photos import TRAIN_PHOTOS, VALIDATION_PHOTOS
 
-    demo.add_argument("--photo", choices=list(HELD_OUT_PHOTOS), default="coffee",
-                      help="Held-out scikit-image photo to use (default coffee).")
+    demo.add_argument("--photo", choices=list(VALIDATION_PHOTOS + TRAIN_PHOTOS), default=VALIDATION_PHOTOS[0],
+                      help="scikit-image photo to use (default coffee, which the bundled restorer never trained on).")
     demo.add_argument("--steps", type=_number(int, 1), default=None,
                       help="Denoising steps (default: the model's own).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")

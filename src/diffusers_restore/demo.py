@@ -1,8 +1,9 @@
-"""``sana-restore demo``: degrade a held-out photo, restore it, write degraded | restored | clean as one labelled PNG.
+"""``sana-restore demo``: degrade a photo, restore it, write degraded | restored | clean as one labelled PNG.
 
 The demo runs offline with the restorer bundled in the package (:data:`BUNDLED_MODEL_DIR`), sampled with the
 defaults its model folder carries, or with any pipeline given by ``--model``. The photo is a 256 px centre crop of a
-scikit-image photo that no bundled model was trained on (``sample_photos.HELD_OUT_PHOTOS``).
+scikit-image photo; the default, ``coffee``, is in the validation split of the corpus the bundled restorer was
+trained on (never trained on; ``sample_photos.VALIDATION_PHOTOS``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def run_demo(args: argparse.Namespace) -> int:
               "clean\n(reference)"]
     save_image(labelled_panels([degraded, restored, clean], labels), output)
     label = "the bundled restorer" if args.model == BUNDLED else args.model
-    print(f"photo: scikit-image '{args.photo}' (held out from training), {DEMO_CROP} px centre crop; "
+    from .sample_photos import VALIDATION_PHOTOS
+
+    seen = "never trained on" if args.photo in VALIDATION_PHOTOS else "a training photo of the bundled restorer"
+    print(f"photo: scikit-image '{args.photo}' ({seen}), {DEMO_CROP} px centre crop; "
           f"degradation: {args.degradation}; restored with {label}.")
     for name, values in scores.items():
         print(f"  {name:9s} PSNR {float(values['psnr']):6.2f} dB   SSIM {float(values['ssim']):.4f}")
