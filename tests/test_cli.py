@@ -509,7 +509,7 @@ def test_evaluate_sample_photos_with_vae_round_trip(tmp_path, tiny_pipeline_dir)
     assert main(["evaluate", "--model", tiny_pipeline_dir, "--sample-photos", "validation", "--crop", "24",
                  "--degradation", "gaussian_noise:25", "--vae-roundtrip", "--steps", "1", "-o", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
-    assert {r["image"] for r in report["per_image"]} == {"chelsea", "coffee", "rocket"}
+    assert {r["image"] for r in report["per_image"]} == {"coffee"}
     methods = report["mean"]["gaussian_noise:25"]
     assert {"input", "restored", "vae(clean)", "vae(input)"} <= set(methods)
     # the tiny kit's VAE is untrained: its round trip is far from the clean image, which the table must show
