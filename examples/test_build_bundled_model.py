@@ -1,5 +1,5 @@
 """Checks of examples/build_bundled_model.py that run in seconds: the base folder it assembles, the photos it trains
-on, and that train_paired.py accepts both with the recipe's own flags and leaves every file the package ships."""
+on, and that train_paired.py accepts every stage's recipe (shortened) in turn and leaves every file the package ships."""
 
 from __future__ import annotations
 
@@ -7,26 +7,44 @@ import os
 import subprocess
 import sys
 
-import pytest
+import numpy as np
+from PIL import Image
 
-pytest.importorskip("skimage", reason="the training photos come from scikit-image")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import build_bundled_model as build  # noqa: E402
-from diffusers_restore.sample_photos import GREY_TRAIN_PHOTOS, HELD_OUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 
 
-def _override(args: list[str], **values) -> list[str]:
+def _shorten(args: list[str]) -> list[str]:
     args = list(args)
-    for key, value in values.items():
+    for key, value in dict(max_train_steps=1, repeats=1, train_batch_size=2, resolution=32).items():
         args[args.index(f"--{key}") + 1] = str(value)
     return args
 
 
-def test_base_folder_photos_and_one_training_step(tmp_path):
+def _fake_corpus(root) -> str:
+    """A corpus folder of the real layout: train / validation / held_out photos (one large, to be halved)."""
+    rng = np.random.default_rng(0)
+    sizes = {"train": [(80, 96), (2100, 1100)], "validation": [(64, 64)], "held_out": [(64, 64)]}
+    for split, shapes in sizes.items():
+        (root / split).mkdir(parents=True)
+        for number, (height, width) in enumerate(shapes):
+            array = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+            Image.fromarray(array).save(root / split / f"source__photo{number}.png")
+    return str(root)
+
+
+def test_photos_base_folder_and_every_training_stage(tmp_path):
     from diffusers import SanaPipeline
 
+    from diffusers_restore import SanaRestorationPipeline
     from diffusers_restore.testing import get_tiny_vae
+
+    corpus = _fake_corpus(tmp_path / "corpus")
+    photos = build.write_training_photos(corpus, str(tmp_path / "photos"))
+    sizes = sorted(Image.open(os.path.join(photos, name)).size for name in os.listdir(photos))
+    assert sizes == [(96, 80), (550, 1050)]  # the train split only; the large photo halved once (short side <= 1024)
+    assert all(name.endswith(".bmp") for name in os.listdir(photos))
 
     get_tiny_vae().save_pretrained(tmp_path / "vae")
     base = build.build_base_pipeline(str(tmp_path / "vae"), str(tmp_path / "base"), seed=0)
@@ -40,39 +58,27 @@ def test_base_folder_photos_and_one_training_step(tmp_path):
     first, second = pipe.transformer.state_dict(), SanaPipeline.from_pretrained(again).transformer.state_dict()
     assert all(first[k].equal(second[k]) for k in first)
 
-    photos = build.write_training_photos(str(tmp_path / "photos"))
-    names = sorted(os.path.splitext(name)[0] for name in os.listdir(photos))
-    assert names == sorted(TRAIN_PHOTOS) and not set(names) & set(HELD_OUT_PHOTOS)
-
-    # The recipe's flags, shortened: train_paired accepts the base folder and writes everything the package ships.
-    args = _override(build.TRAIN_ARGS, max_train_steps=2, repeats=1, train_batch_size=2, checkpointing_steps=1000)
-    output = tmp_path / "restorer"
+    # Every stage's recipe, shortened: train_paired accepts it and continues from the previous stage's folder.
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, os.path.join(build.HERE, "train_paired.py"), "--pretrained_model_name_or_path",
-                    base, "--train_data_dir", photos, "--output_dir", str(output), "--seed", "0", *args],
-                   check=True, env=env, capture_output=True)
+    previous = base
+    for name, recipe in build.TRAINING_STAGES:
+        output = tmp_path / name
+        subprocess.run([sys.executable, os.path.join(build.HERE, "train_paired.py"), "--pretrained_model_name_or_path",
+                        str(previous), "--train_data_dir", photos, "--output_dir", str(output), "--seed", "0",
+                        *_shorten(recipe)], check=True, env=env, capture_output=True)
+        assert build._complete(str(output)), name
+        previous = output
     for name in build.SHIPPED:
-        assert (output / name).exists(), name
-
-    # Stage 4, shortened: the one-step recipe continues from that folder on the widened photo set.
-    widened = build.write_training_photos(str(tmp_path / "widened"), widened=True)
-    names = {os.path.splitext(name)[0] for name in os.listdir(widened)}
-    assert names == set(TRAIN_PHOTOS) | {f"{n}_brg" for n in TRAIN_PHOTOS} | set(GREY_TRAIN_PHOTOS)
-    assert not names & set(HELD_OUT_PHOTOS) and "cat" not in names  # cat is chelsea
-    one_step = tmp_path / "one-step"
-    args = _override(build.ONE_STEP_ARGS, max_train_steps=1, repeats=1, train_batch_size=2, checkpointing_steps=1000)
-    subprocess.run([sys.executable, os.path.join(build.HERE, "train_paired.py"), "--pretrained_model_name_or_path",
-                    str(output), "--train_data_dir", widened, "--output_dir", str(one_step), "--seed", "0", *args],
-                   check=True, env=env, capture_output=True)
-    output = one_step
-    for name in build.SHIPPED:
-        assert (output / name).exists(), name
+        assert (previous / name).exists(), name
+    final = SanaRestorationPipeline.from_pretrained(previous)
+    assert final.degradation_removal is not None
+    assert final.config.sampling_defaults == {"num_inference_steps": 1, "guidance_scale": 1.0, "fidelity": 1.0}
 
     # The shipped folder names no local path and says what the model is.
-    build.finalise_bundled_folder(str(output))
-    for config in output.rglob("config.json"):
+    build.finalise_bundled_folder(str(previous), num_train_photos=2)
+    for config in previous.rglob("config.json"):
         assert str(tmp_path) not in config.read_text(), config
-    card = (output / "README.md").read_text()
+    card = (previous / "README.md").read_text()
     assert base not in card and str(tmp_path) not in card and "restorer bundled with diffusers-restore" in card
-    assert "num_inference_steps=1," in card and "then the 2500 steps" in card
-    assert "8 layers, hidden 128, patch 2" in card
+    assert all(setting in card for setting in ("num_inference_steps=1", "guidance_scale=1.0", "fidelity=1.0"))
+    assert "8 layers, hidden 128, patch" in card and "training split of the project's photo corpus" in card
