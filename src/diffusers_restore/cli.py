@@ -471,7 +471,7 @@ def _set_fids(summary, images: dict[tuple[str, str], list], clean: dict[str, lis
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if sum(bool(source) for source in (args.pairs, args.images, args.sample_photos)) != 1:
-        raise CLIError("pass exactly one of --pairs CSV, --images DIR or --sample-photos {held-out,train}.")
+        raise CLIError("pass exactly one of --pairs CSV, --images DIR or --sample-photos {validation,train}.")
     if args.pairs and args.degradation:
         raise CLIError("--degradation applies to --images and --sample-photos only (pairs are already degraded).")
     if args.images and not os.path.isdir(args.images):
