@@ -140,6 +140,7 @@ def test_restore_path_uses_no_training_data_code(tmp_path, tiny_pipeline_dir):
         (["--tile-size", "-4"], "--tile-size"),
         (["--guidance-scale", "nan"], "--guidance-scale"),
         (["--restoration-guidance", "-1"], "--restoration-guidance"),
+        (["--fidelity", "1.5"], "--fidelity"),
     ],
 )
 def test_out_of_range_flags_are_one_line_exit_2(tmp_path, capsys, flags, named):
@@ -154,9 +155,9 @@ def test_unset_flags_are_not_passed_and_tau_r_is_an_alias():
     assert cli.call_kwargs_from_args(parser.parse_args(base)) == {}
     chosen = cli.call_kwargs_from_args(parser.parse_args(
         base + ["--steps", "3", "--guidance-scale", "2", "--guidance-scale-start", "5", "--tau-r", "0.5",
-                "--strength", "0.6", "--color-fix", "none"]))
+                "--strength", "0.6", "--fidelity", "0.5", "--color-fix", "none"]))
     assert chosen == {"num_inference_steps": 3, "guidance_scale": 2.0, "guidance_scale_start": 5.0,
-                      "restoration_guidance": 0.5, "strength": 0.6, "color_fix": None}
+                      "restoration_guidance": 0.5, "strength": 0.6, "fidelity": 0.5, "color_fix": None}
     assert parser.parse_args(base + ["--restoration-guidance", "0.25"]).restoration_guidance == 0.25
 
 

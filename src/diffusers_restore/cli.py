@@ -54,6 +54,7 @@ SAMPLING_FLAGS = {
     "guidance_scale_start": "guidance_scale_start",
     "restoration_guidance": "restoration_guidance",
     "strength": "strength",
+    "fidelity": "fidelity",
     "upscale": "upscale",
     "color_fix": "color_fix",
     "tile_size": "tile_size",
@@ -126,6 +127,9 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--strength", type=_number(float, 0.0, 1.0, low_open=True), default=None,
                           help="Fraction of the noise schedule to run, in (0, 1], as in diffusers img2img (1 = start "
                                "from pure noise).")
+    sampling.add_argument("--fidelity", type=_number(float, 0.0, 1.0), default=None,
+                          help="Put back this fraction, in [0, 1], of the (cleaned) input's detail that the "
+                               "autoencoder cannot represent (0 = off).")
     sampling.add_argument("--upscale", type=_number(float, 1.0, hint=" (1 = same size)"), default=None,
                           help="Super-resolution factor >= 1 (default 1).")
     sampling.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,

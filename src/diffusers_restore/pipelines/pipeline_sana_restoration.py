@@ -775,7 +775,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """Record this model's recommended call in the pipeline's config (saved in model_index.json).
 
         Keyword arguments among `SAMPLING_ARGUMENTS` (`num_inference_steps`, `guidance_scale`,
-        `guidance_scale_start`, `restoration_guidance`, `strength`), validated as a call validates them; `None`
+        `guidance_scale_start`, `restoration_guidance`, `strength`, `fidelity`), validated as a call validates them; `None`
         removes a recorded value (the built-in default applies again). Other recorded values are kept. Example, a
         one-step restorer::
 
