@@ -1,6 +1,7 @@
 """DegradationRemovalModel (the pixel-space first stage) and how the pipeline uses it."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -115,3 +116,33 @@ def test_a_pipeline_with_the_stage_saves_and_loads(tmp_path):
     np.testing.assert_allclose(first, second, atol=1e-5)
     without = _pipeline(with_stage=False)(image, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert np.abs(first - without).max() > 1e-3
+
+
+def test_evaluate_reports_the_first_stage_alone(tmp_path):
+    """`sana-restore evaluate` scores a two-stage pipeline's stage on its own (a row beside the whole pipeline's):
+    the row's PSNR is that of `remove_degradations` on the degraded image, computed here independently."""
+    from PIL import Image
+
+    from diffusers_restore.cli import STAGE_METHOD, main
+    from diffusers_restore.metrics import psnr
+
+    pipe = _pipeline(with_stage=True)
+    pipe.save_pretrained(tmp_path / "model")
+    os.makedirs(tmp_path / "clean")
+    clean = Image.fromarray((np.random.default_rng(1).random((32, 40, 3)) * 255).astype(np.uint8))
+    clean.save(tmp_path / "clean" / "a.png")
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "clean"),
+                 "--degradation", "gaussian_noise:25", "-o", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = {row["method"]: row for row in report["per_image"]}
+    assert set(rows) == {"input", "restored", STAGE_METHOD}
+    assert STAGE_METHOD in (tmp_path / "eval" / "results.md").read_text()
+
+    degraded = np.array(Image.open(tmp_path / "eval" / "grids" / "a__gaussian_noise_25.png"))[:, :40]
+    pixels = torch.from_numpy(degraded).permute(2, 0, 1)[None].float() / 255.0
+    with torch.no_grad():
+        stage = pipe.remove_degradations(pixels)
+    stage = torch.from_numpy(np.rint(stage[0].permute(1, 2, 0).numpy() * 255.0)).permute(2, 0, 1)[None] / 255.0
+    reference = torch.from_numpy(np.asarray(clean)).permute(2, 0, 1)[None].float() / 255.0
+    assert rows[STAGE_METHOD]["psnr"] == pytest.approx(float(psnr(stage, reference)), abs=1e-4)
+    assert rows[STAGE_METHOD]["psnr"] != pytest.approx(rows["input"]["psnr"], abs=1e-3)  # the stage did something

@@ -424,6 +424,24 @@ def _evaluation_cases(args: argparse.Namespace, output_dir: str
     return cases, failures
 
 
+# The method name of a two-stage pipeline's `degradation_removal` stage alone in `evaluate`'s tables.
+STAGE_METHOD = "degradation removal stage"
+
+
+def _first_stage_output(pipe, degraded, tile_size: int | None):
+    """The pipeline's `degradation_removal` stage alone on `degraded` (an RGB PIL image), as a PIL image."""
+    import torch
+    from PIL import Image
+
+    from .metrics import to_tensor01
+
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    with torch.no_grad():
+        cleaned = pipe.remove_degradations(to_tensor01(degraded.convert("RGB")).to(device), tile_size)[0]
+    array = cleaned.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((array * 255.0).round().clip(0, 255).astype("uint8"))
+
+
 def _markdown_table(summary: dict[str, dict[str, dict[str, float | None]]], metric_names: list[str]) -> str:
     lines = ["| degradation | method | n | " + " | ".join(metric_names) + " |",
              "|---|---|---|" + "---|" * len(metric_names)]
@@ -514,6 +532,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
             restored = pipe(case.degraded, generator=generator, **call).images[0]
             outputs = {"input": case.degraded, "restored": restored}
+            if getattr(pipe, "degradation_removal", None) is not None:  # a two-stage restorer's first stage alone
+                outputs[STAGE_METHOD] = _first_stage_output(pipe, case.degraded, args.tile_size)
             if args.vae_roundtrip:
                 outputs["vae(clean)"] = pipe.autoencode(case.clean, args.tile_size, args.tile_overlap)[0]
                 outputs["vae(input)"] = pipe.autoencode(case.degraded, args.tile_size, args.tile_overlap)[0]
