@@ -1166,6 +1166,24 @@ def test_an_existing_stage_is_trained_further_and_not_contradicted(stage_run, pa
     assert "the base pipeline's, trained further" in card and "not trained for restoration yet" not in card
 
 
+def test_a_noise_conditioned_stage_trains_and_must_match_the_base(stage_run, tiny_base, pair_data, tmp_path):
+    """--degradation_removal_noise_level makes a new stage conditioned on the noise level, which trains and ships;
+    a base whose stage is not conditioned refuses the flag."""
+    from diffusers_restore import SanaRestorationPipeline
+
+    with pytest.raises(ValueError, match=r"--degradation_removal_noise_level contradicts"):
+        _run(_base_args(stage_run["output_dir"], pair_data, tmp_path / "bad", "--train_degradation_removal",
+                        "--degradation_removal_noise_level"))
+    _reset_accelerate()
+    output_dir = tmp_path / "conditioned"
+    _run(_base_args(tiny_base, pair_data, output_dir, *STAGE, "--degradation_removal_noise_level",
+                    "--max_train_steps", 4, "--checkpointing_steps", 100, "--train_batch_size", 3,
+                    "--learning_rate", 3e-3))
+    stage = SanaRestorationPipeline.from_pretrained(str(output_dir)).degradation_removal
+    assert stage.config.noise_level_input is True and stage.conv_in.in_channels == 16
+    assert stage.conv_out.weight.abs().max() > 0  # trained away from the identity
+
+
 def _shifted_stage():
     """A degradation removal stage that adds 0.25 to every pixel (clamped by the pipeline): an output clearly
     different from its input, known in closed form (`_shifted`)."""

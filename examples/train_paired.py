@@ -140,7 +140,12 @@ TRANSFORMER_ONLY_FLAGS = (
     "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max",
     "gradient_checkpointing", "offload",
 )
-DEGRADATION_REMOVAL_FLAGS = ("degradation_removal_channels", "degradation_removal_layers", "degradation_removal_loss")
+DEGRADATION_REMOVAL_FLAGS = (
+    "degradation_removal_channels",
+    "degradation_removal_layers",
+    "degradation_removal_noise_level",
+    "degradation_removal_loss",
+)
 # A value no argument can have: parse_args tells the flags given on the command line from those left at the default.
 _NOT_GIVEN = object()
 
@@ -439,6 +444,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Residual blocks per level of a new stage (default: {DEFAULT_DEGRADATION_REMOVAL_LAYERS}). With a base "
         "pipeline that has a stage, it must match that stage (or be left out).",
+    )
+    parser.add_argument(
+        "--degradation_removal_noise_level",
+        action="store_true",
+        help="A new stage is conditioned on each image's estimated gaussian noise level (an extra input channel; "
+        "DegradationRemovalModel's noise_level_input). With a base pipeline that has a stage, that stage must be "
+        "conditioned too.",
     )
     parser.add_argument(
         "--degradation_removal_loss",
@@ -1655,17 +1667,24 @@ def degradation_removal_to_train(args, base_stage: DegradationRemovalModel | Non
         )
     if args.degradation_removal_layers is not None:
         requested["layers_per_block"] = args.degradation_removal_layers
+    if args.degradation_removal_noise_level:
+        requested["noise_level_input"] = True
     if base_stage is None:
         stage = DegradationRemovalModel(**requested)
         logger.info(f"Training a new degradation removal stage: {dict(stage.config)}.")
         return stage
-    flags = {"block_out_channels": "degradation_removal_channels", "layers_per_block": "degradation_removal_layers"}
+    flags = {
+        "block_out_channels": "degradation_removal_channels",
+        "layers_per_block": "degradation_removal_layers",
+        "noise_level_input": "degradation_removal_noise_level",
+    }
     for key, value in requested.items():
-        existing = base_stage.config[key]
+        existing = base_stage.config.get(key, False)
         if (tuple(existing) if key == "block_out_channels" else existing) != value:
             shown = ",".join(map(str, existing)) if key == "block_out_channels" else existing
+            given = "" if key == "noise_level_input" else f" {getattr(args, flags[key])}"
             raise ValueError(
-                f"--{flags[key]} {getattr(args, flags[key])} contradicts the degradation removal stage of "
+                f"--{flags[key]}{given} contradicts the degradation removal stage of "
                 f"{args.pretrained_model_name_or_path} ({key} {shown}). Leave it out to train that stage further; "
                 "a stage of another architecture starts from a pipeline without one."
             )

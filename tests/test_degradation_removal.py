@@ -9,7 +9,7 @@ import torch
 from diffusers import SanaPipeline
 
 from diffusers_restore import SanaRestorationPipeline
-from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+from diffusers_restore.models.degradation_removal import DegradationRemovalModel, estimate_noise_level
 from diffusers_restore.testing import get_tiny_components
 
 TINY = dict(block_out_channels=(8, 16), layers_per_block=1)
@@ -146,3 +146,63 @@ def test_evaluate_reports_the_first_stage_alone(tmp_path):
     reference = torch.from_numpy(np.asarray(clean)).permute(2, 0, 1)[None].float() / 255.0
     assert rows[STAGE_METHOD]["psnr"] == pytest.approx(float(psnr(stage, reference)), abs=1e-4)
     assert rows[STAGE_METHOD]["psnr"] != pytest.approx(rows["input"]["psnr"], abs=1e-3)  # the stage did something
+
+
+# ------------------------------------------------------------------------------------------ noise level input
+
+
+def test_noise_level_estimate_follows_added_gaussian_noise():
+    """Donoho's estimator on a smooth image plus gaussian noise of known sigma recovers sigma (independent reference:
+    the sigma the noise was drawn with); a smooth image alone gives about 0."""
+    generator = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 160), indexing="ij")
+    smooth = torch.stack([0.2 + 0.6 * x, 0.5 + 0.3 * torch.sin(6 * y), 0.4 * x * y + 0.3])[None]
+    assert estimate_noise_level(smooth).item() < 1e-3
+    for sigma in (5 / 255, 25 / 255, 50 / 255):
+        noisy = smooth + sigma * torch.randn(smooth.shape, generator=generator)
+        assert estimate_noise_level(noisy).item() == pytest.approx(sigma, rel=0.05)
+    batch = torch.cat([smooth, smooth + 0.1 * torch.randn(smooth.shape, generator=generator)])
+    assert estimate_noise_level(batch).shape == (2,)
+    with pytest.raises(ValueError, match="images"):
+        estimate_noise_level(torch.rand(1, 3, 1, 8))
+
+
+def test_noise_level_input_is_the_identity_untrained_and_conditions_the_output():
+    model = DegradationRemovalModel(**TINY, noise_level_input=True)
+    assert model.conv_in.in_channels == 4 * 4
+    images = torch.rand(2, 3, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(model(images), images)
+        trained = _trained_like(model)
+        estimated, explicit = trained(images), trained(images, noise_level=estimate_noise_level(images))
+        other = trained(images, noise_level=torch.tensor([0.0, 0.3]))
+    assert torch.allclose(estimated, explicit)
+    assert not torch.allclose(estimated, other)
+    with pytest.raises(ValueError, match="noise_level"):
+        trained(images, noise_level=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="noise_level_input"):
+        DegradationRemovalModel(**TINY)(images, noise_level=torch.tensor([0.1, 0.1]))
+
+
+def test_tiles_of_a_noise_conditioned_stage_get_the_whole_image_level():
+    """Tiled removal passes the whole image's noise level to every tile, so a tile's result is the one the whole
+    image's level gives (not its own estimate)."""
+    pipe = _pipeline(with_stage=False)
+    stage = _trained_like(DegradationRemovalModel(**TINY, noise_level_input=True))
+    pipe.register_modules(degradation_removal=stage)
+    pixels = torch.rand(1, 3, 150, 300)
+    pixels[:, :, :, 150:] = 0.5  # half noise, half flat: a tile's own estimate differs from the image's
+    seen = []
+    forward = stage.forward
+
+    def spy(sample, noise_level=None):
+        seen.append(noise_level)
+        return forward(sample, noise_level=noise_level)
+
+    stage.forward = spy
+    tiled = pipe.remove_degradations(pixels, tile_size=64)
+    whole = pipe.remove_degradations(pixels, tile_size=0)
+    assert len(seen) > 2 and seen[-1] is None
+    level = estimate_noise_level(pixels)
+    assert all(torch.equal(value, level) for value in seen[:-1])
+    assert (whole - tiled).abs().mean() < 2e-3

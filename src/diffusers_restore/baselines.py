@@ -37,13 +37,14 @@ def gaussian_blur(image: Image.Image, sigma: float) -> Image.Image:
 
 
 def estimate_noise_sigma(array: np.ndarray) -> float:
-    """Gaussian noise level of an HWC float image in [0, 1]: Donoho's robust estimator, median(|HH|) / 0.6745 on the
-    finest diagonal Haar detail coefficients, averaged over channels. (scikit-image's `estimate_sigma` does the same
-    with a Daubechies wavelet but needs PyWavelets.)"""
-    height, width = (array.shape[0] // 2) * 2, (array.shape[1] // 2) * 2
-    blocks = array[:height, :width]
-    diagonal = (blocks[0::2, 0::2] - blocks[0::2, 1::2] - blocks[1::2, 0::2] + blocks[1::2, 1::2]) / 2.0
-    return float(np.mean(np.median(np.abs(diagonal.reshape(-1, array.shape[-1])), axis=0) / 0.6745))
+    """Gaussian noise level of an HWC float image in [0, 1] (`models.degradation_removal.estimate_noise_level`, the
+    estimator the learned stage is conditioned on; scikit-image's `estimate_sigma` does the same with a Daubechies
+    wavelet but needs PyWavelets)."""
+    import torch
+
+    from .models.degradation_removal import estimate_noise_level
+
+    return float(estimate_noise_level(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).permute(2, 0, 1)[None]))
 
 
 def known_noise_sigma(records: Sequence[dict]) -> float | None:

@@ -17,6 +17,13 @@ field of about 100 px (enough to tell noise and JPEG blocks from texture)::
 
 The last convolution starts at zero, so an untrained model is the identity (it never makes an image worse before
 training). The output is not clamped: values slightly outside [0, 1] are kept for the next stage, which clamps.
+
+Noise level input (FFDNet's noise-level map, made blind), opt-in with `noise_level_input=True`: the image's gaussian
+noise level is estimated (`estimate_noise_level`: Donoho's robust estimator on the finest diagonal Haar coefficients)
+and given to the network as a constant extra input channel. A blind network must otherwise learn on its own to tell
+noise from texture and from its absence; the estimate is a statistic the learned network is conditioned on, not a
+filter, and the restoration stays the network's. The level is one number per image: pass it explicitly
+(`noise_level=`) when processing an image in tiles, so that every tile sees the whole image's level.
 """
 
 from __future__ import annotations
@@ -42,6 +49,26 @@ class _ResBlock(nn.Module):
         return hidden_states + self.conv2(self.act(self.conv1(hidden_states)))
 
 
+def estimate_noise_level(images: torch.Tensor) -> torch.Tensor:
+    """The gaussian noise standard deviation of each image, on the scale of its values: Donoho's robust estimator,
+    `median(|HH|) / 0.6745`, on the finest diagonal Haar detail coefficients `HH = (a - b - c + d) / 2` of each 2x2
+    block, averaged over channels. Image content barely reaches these coefficients, so on photographs the estimate
+    follows the noise (a noise-free photo gives about 0).
+
+    Args:
+        images (`torch.Tensor` of shape `(batch, channels, height, width)`): images of at least 2 x 2 pixels.
+
+    Returns:
+        `torch.Tensor` of shape `(batch,)`, float32.
+    """
+    if images.ndim != 4 or images.shape[-2] < 2 or images.shape[-1] < 2:
+        raise ValueError(f"`images` must have shape (batch, channels, height >= 2, width >= 2), got {tuple(images.shape)}.")
+    height, width = (images.shape[-2] // 2) * 2, (images.shape[-1] // 2) * 2
+    blocks = images[..., :height, :width].float()
+    diagonal = (blocks[..., 0::2, 0::2] - blocks[..., 0::2, 1::2] - blocks[..., 1::2, 0::2] + blocks[..., 1::2, 1::2]) / 2
+    return (diagonal.abs().flatten(2).median(dim=2).values / 0.6745).mean(dim=1)
+
+
 class DegradationRemovalModel(ModelMixin, ConfigMixin):
     r"""
     Pixel-space degradation removal (the first stage of a two-stage restorer); see the module docstring.
@@ -52,6 +79,10 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
             works at `1 / 2 ** (i + 1)` of the input resolution.
         layers_per_block (`int`, defaults to 2): Residual blocks per level, on the way down and again on the way up
             (the deepest level has `2 * layers_per_block`).
+        noise_level_input (`bool`, defaults to False): Give the network the image's noise level (estimated by
+            `estimate_noise_level` unless passed to `forward`) as an extra constant input channel.
+        noise_level_scale (`float`, defaults to 4.0): That channel's value is the noise level times this (levels up to
+            about 0.2 on the [0, 1] scale become values up to about 0.8, the range of the image's own channels).
 
     Input and output: `(batch, in_channels, height, width)` images in [0, 1] (any height and width).
     """
@@ -62,6 +93,8 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
         in_channels: int = 3,
         block_out_channels: tuple[int, ...] = (48, 96, 192),
         layers_per_block: int = 2,
+        noise_level_input: bool = False,
+        noise_level_scale: float = 4.0,
     ):
         super().__init__()
         if len(block_out_channels) < 1 or any(c < 1 for c in block_out_channels):
@@ -69,7 +102,7 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
         if layers_per_block < 1:
             raise ValueError(f"`layers_per_block` must be >= 1, got {layers_per_block}.")
         widths = list(block_out_channels)
-        self.conv_in = nn.Conv2d(in_channels * 4, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d((in_channels + int(noise_level_input)) * 4, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         for level, width in enumerate(widths):
@@ -91,10 +124,13 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
         """Inputs are padded internally to a multiple of this many pixels per side."""
         return 2 ** len(self.config.block_out_channels)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, noise_level: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             sample (`torch.Tensor` of shape `(batch, in_channels, height, width)`): degraded images in [0, 1].
+            noise_level (`torch.Tensor` of shape `(batch,)`, *optional*): With `noise_level_input`, each image's noise
+                level on the [0, 1] scale; estimated from `sample` when not given (give it for tiles of a larger
+                image: the whole image's level). Refused without `noise_level_input`.
 
         Returns:
             `torch.Tensor` of the same shape: the restored images (not clamped).
@@ -111,7 +147,17 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
             mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
             padded = F.pad(sample, (0, pad_right, 0, pad_bottom), mode=mode)
 
-        hidden_states = self.conv_in(F.pixel_unshuffle(padded, 2))
+        network_input = padded
+        if self.config.noise_level_input:
+            if noise_level is None:
+                noise_level = estimate_noise_level(sample)
+            elif noise_level.shape != (sample.shape[0],):
+                raise ValueError(f"`noise_level` must have shape ({sample.shape[0]},), got {tuple(noise_level.shape)}.")
+            level = (noise_level.to(padded.device, padded.dtype) * self.config.noise_level_scale)[:, None, None, None]
+            network_input = torch.cat([padded, level.expand(-1, 1, *padded.shape[-2:])], dim=1)
+        elif noise_level is not None:
+            raise ValueError("`noise_level` was given to a DegradationRemovalModel without `noise_level_input`.")
+        hidden_states = self.conv_in(F.pixel_unshuffle(network_input, 2))
         skips = []
         for level, block in enumerate(self.down_blocks):
             hidden_states = block(hidden_states)

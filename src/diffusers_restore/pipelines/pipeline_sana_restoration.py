@@ -58,7 +58,7 @@ from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.degradation_removal import DegradationRemovalModel
+from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
@@ -1042,8 +1042,12 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             padded = pad_to_multiple(pixels, multiple)
             tile = max(tile_px // multiple, 1) * multiple
 
+            # a stage conditioned on the noise level gets the whole image's in every tile
+            level = estimate_noise_level(pixels) if model.config.get("noise_level_input") else None
+
             def clean_tile(top: int, left: int, tile_height: int, tile_width: int) -> torch.Tensor:
-                return model(padded[:, :, top : top + tile_height, left : left + tile_width].to(dtype)).float()
+                tile_pixels = padded[:, :, top : top + tile_height, left : left + tile_width].to(dtype)
+                return (model(tile_pixels) if level is None else model(tile_pixels, noise_level=level)).float()
 
             cleaned = blend_tiles(clean_tile, padded.shape[-2:], tile, tile // 4, align=multiple)[:, :, :height, :width]
         _check_finite(cleaned, "the degradation removal stage's output", _NON_FINITE_ADVICE)
