@@ -64,8 +64,8 @@ CONDITION_PROJECTION_WEIGHT_NAME = "condition_projection.safetensors"
 #: Name of the projection weight in a LoRA state dict relative to this model (a pipeline LoRA file stores it as
 #: `transformer.projection.weight`).
 PROJECTION_KEY = "projection.weight"
-# Weight files this package never loads (pickle): named in the error for a folder that holds only these.
-_PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+#: Weight files this package never downloads nor loads (pickles, and framework formats that are not safetensors).
+UNSAFE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot")
 # Hub download arguments shared by `load_lora_adapter`, the pipeline's `lora_state_dict` and the sidecar fetch.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
@@ -77,6 +77,25 @@ def refuse_pickle(use_safetensors: bool | None, what: str) -> None:
         raise ValueError(
             f"`use_safetensors=False` is not supported: {what} load from safetensors only (unpickling a weight file "
             "can run arbitrary code)."
+        )
+
+
+def refuse_pickle_only_folder(folder: str | os.PathLike) -> None:
+    """Raise a `ValueError` saying how to convert `folder` when it holds weights in `UNSAFE_WEIGHT_PATTERNS` and no
+    `.safetensors` file (instead of diffusers' generic "no file named ... .safetensors"); otherwise do nothing."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
+        return
+    pickled = sorted(
+        os.path.basename(file) for pattern in UNSAFE_WEIGHT_PATTERNS for file in glob.glob(os.path.join(folder, pattern))
+    )
+    if pickled:
+        raise ValueError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}), and weights load from safetensors only "
+            "(unpickling can run arbitrary code). Convert the folder once, in an environment you trust with that "
+            "file: load it there with `from_pretrained(folder, use_safetensors=False)` (diffusers' own class, or "
+            "an older diffusers-restore) and write it back with `save_pretrained(new_folder, "
+            "safe_serialization=True)`."
         )
 
 
@@ -317,7 +336,7 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         refuse_pickle(kwargs.get("use_safetensors"), "model weights")
         kwargs["use_safetensors"] = True
-        cls._refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
         transformer = SanaTransformer2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_transformer(transformer, condition_channels=condition_channels)
 
@@ -346,27 +365,9 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             condition_channels = kwargs.pop("condition_channels", None)
             return cls.from_sana_pretrained(pretrained_model_name_or_path, condition_channels, **kwargs)
-        cls._refuse_pickle_only_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    @staticmethod
-    def _refuse_pickle_only_folder(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None) -> None:
-        """A local folder with pickled weights and no safetensors file: say how to convert it instead of the
-        generic "no file named ... .safetensors" error."""
-        folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
-        if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
-            return
-        pickled = sorted(
-            os.path.basename(file) for pattern in _PICKLE_WEIGHT_PATTERNS for file in glob.glob(os.path.join(folder, pattern))
-        )
-        if pickled:
-            raise ValueError(
-                f"{folder} holds only pickled weights ({', '.join(pickled)}), and weights load from safetensors only "
-                "(unpickling can run arbitrary code). Convert the folder once, in an environment you trust with that "
-                "file: load it there with `from_pretrained(folder, use_safetensors=False)` (diffusers' own class, or "
-                "an older diffusers-restore) and write it back with `save_pretrained(new_folder, "
-                "safe_serialization=True)`."
-            )
 
     # ------------------------------------------------------------------ inference-time fusion
 

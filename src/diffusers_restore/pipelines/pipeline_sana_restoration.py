@@ -59,7 +59,11 @@ from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
-from ..models.transformer_sana_concat import ConcatConditionedTransformer
+from ..models.transformer_sana_concat import (
+    UNSAFE_WEIGHT_PATTERNS,
+    ConcatConditionedTransformer,
+    refuse_pickle_only_folder,
+)
 from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
@@ -108,8 +112,6 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
     "fidelity": 0.0,
 }
 
-# Weight files that are never downloaded nor loaded: this package never unpickles.
-_UNSAFE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot"]
 _MODEL_COMPONENTS = ("text_encoder", "vae", "transformer", "degradation_removal")
 
 EXAMPLE_DOC_STRING = """
@@ -324,7 +326,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 cache_dir=kwargs.pop("cache_dir", None),
                 local_files_only=bool(kwargs.pop("local_files_only", False)),
                 force_download=kwargs.pop("force_download", False),
-                ignore_patterns=_UNSAFE_WEIGHT_PATTERNS,
+                ignore_patterns=list(UNSAFE_WEIGHT_PATTERNS),
             )
         else:
             for key in ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies"):
@@ -403,16 +405,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                         "again."
                     ) from None
             if name in _MODEL_COMPONENTS and not safetensors_files:
-                pickled = sorted(
-                    os.path.basename(f) for pattern in _UNSAFE_WEIGHT_PATTERNS for f in glob.glob(os.path.join(folder, pattern))
-                )
-                if pickled:
-                    raise ValueError(
-                        f"{folder} holds pickled weights only ({', '.join(pickled)}), and this package never unpickles "
-                        "(a pickle can run arbitrary code). Convert them once in an environment you trust: load the "
-                        "component with its class's `from_pretrained(..., use_safetensors=False)` and "
-                        "`save_pretrained(folder, safe_serialization=True)`."
-                    )
+                refuse_pickle_only_folder(folder)
                 raise ValueError(f"{folder} has no weights (*.safetensors): the pipeline folder is incomplete.")
 
     @staticmethod
