@@ -3,7 +3,7 @@
 """Fine-tune SANA into an image restorer on (clean, degraded) image pairs, with 🤗 Accelerate.
 
     accelerate launch examples/train_paired.py \\
-        --pretrained_model_name_or_path Efficient-Large-Model/Sana_1600M_1024px_diffusers \\
+        --pretrained_model_name_or_path Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers \\
         --train_data_csv pairs.csv --resolution 512 --output_dir sana-restore
 
 The model is SANA's transformer wrapped in a `ConcatConditionedTransformer`: the degraded image's latent is
