@@ -331,7 +331,7 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         `torch_dtype`, `revision`, `variant`, ...). Example::
 
             model = ConcatConditionedTransformer.from_sana_pretrained(
-                "Efficient-Large-Model/Sana_1600M_1024px_diffusers", subfolder="transformer", torch_dtype=torch.bfloat16
+                "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", subfolder="transformer", torch_dtype=torch.bfloat16
             )
         """
         refuse_pickle(kwargs.get("use_safetensors"), "model weights")

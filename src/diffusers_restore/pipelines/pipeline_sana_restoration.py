@@ -279,7 +279,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         [`~SanaRestorationPipeline.from_sana_pipeline`]. Example::
 
             pipe = SanaRestorationPipeline.from_pretrained_sana(
-                "Efficient-Large-Model/Sana_1600M_1024px_diffusers", torch_dtype=torch.bfloat16
+                "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", torch_dtype=torch.bfloat16
             )
         """
         if kwargs.get("use_safetensors", True) is False:
