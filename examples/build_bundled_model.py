@@ -174,7 +174,6 @@ def build_base_pipeline(vae_dir: str, output_dir: str, seed: int) -> str:
 def write_training_photos(corpus: str, folder: str) -> str:
     """The corpus's training split as BMP files in `folder` (photos with a short side above `MAX_PHOTO_SIDE` halved by
     2x2 box averaging until they fit). Written to a temporary folder and renamed, so a complete folder is final."""
-    from PIL import Image
 
     from diffusers_restore.image_io import find_images, load_rgb
 

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

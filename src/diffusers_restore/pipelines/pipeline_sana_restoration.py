@@ -822,7 +822,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     # ----------------------------------------------------------------------------------------------- checks
 
-
     def check_inputs(
         self,
         prompt,
