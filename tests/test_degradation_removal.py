@@ -62,6 +62,23 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(model(images), loaded(images))
 
 
+def test_weights_are_saved_and_loaded_as_safetensors_only(tmp_path):
+    model = _trained_like(DegradationRemovalModel(**TINY))
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        model.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
+    assert not (tmp_path / "unsafe").exists()
+    model.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        DegradationRemovalModel.from_pretrained(tmp_path / "fp16", variant="fp16", use_safetensors=False)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "fp16" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"only pickled weights.*safe_serialization=True"):
+        DegradationRemovalModel.from_pretrained(pickled)
+
+
 def _pipeline(with_stage: bool) -> SanaRestorationPipeline:
     pipe = SanaRestorationPipeline.from_sana_pipeline(SanaPipeline(**get_tiny_components(0)))
     pipe.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
