@@ -134,8 +134,8 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
                           help="Colour correction toward the input (pipeline default: wavelet).")
     sampling.add_argument("--tile-size", type=_number(int, 0, hint=" (0 = never tile)"), default=None,
-                          help="Tile side in pixels, a multiple of the VAE factor (default: automatic; 0 = never "
-                               "tile).")
+                          help="Tile side in pixels, a multiple of the VAE factor x the transformer's patch size "
+                               "(default: automatic; 0 = never tile).")
     sampling.add_argument("--tile-overlap", type=_number(int, 0), default=None,
                           help="Tile overlap in pixels (default: a quarter of the tile).")
     sampling.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
