@@ -29,6 +29,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from diffusers_restore.data.paired_dataset import PairedDataError  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 SCRIPT = EXAMPLES_DIR / "train_paired.py"
@@ -236,6 +237,22 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
 def test_parse_args_rejects_bad_combinations(tiny_base, pair_data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path / "out", *extra))
+
+
+def test_multiline_captions_are_refused_unless_the_flag_allows_them(tiny_base, pair_data, tmp_path):
+    multiline = tmp_path / "multiline.csv"
+    multiline.write_text(
+        "image_path,condition_image_path,caption\n"
+        f'{pair_data / "clean" / "0.png"},{pair_data / "noisy0.png"},"a caption\nover two lines"\n'
+        f'{pair_data / "clean" / "1.png"},{pair_data / "noisy1.png"},next\n',
+        encoding="utf-8",
+    )
+    args = _base_args(tiny_base, pair_data, tmp_path / "out")
+    args[args.index("--train_data_csv") + 1] = str(multiline)
+    with pytest.raises(PairedDataError, match="multiline.csv.*line 2: broken quoting"):
+        train_paired.build_train_dataset(train_paired.parse_args(args), seed=0)
+    dataset = train_paired.build_train_dataset(train_paired.parse_args([*args, "--allow_multiline_captions"]), seed=0)
+    assert [row.caption for row in dataset.rows] == ["a caption\nover two lines", "next"]
 
 
 def test_validation_counts_are_checked(tiny_base, pair_data, tmp_path):

@@ -232,6 +232,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Skip unreadable images (logged) instead of stopping with an error naming the file.",
     )
     parser.add_argument(
+        "--allow_multiline_captions",
+        action="store_true",
+        help="Accept quoted captions that hold line breaks (valid CSV). Without it a field spanning lines is refused "
+        "with the file and line, since it is usually an unclosed quote swallowing the rows after it.",
+    )
+    parser.add_argument(
         "--dataloader_num_workers",
         type=int,
         default=0,
@@ -982,6 +988,7 @@ def build_train_dataset(args, seed: int) -> PairedDataset:
         random_flip=args.random_flip,
         center_crop=args.center_crop,
         on_error="skip" if args.skip_bad_samples else "raise",
+        allow_multiline_captions=args.allow_multiline_captions,
     )
     if args.max_train_samples is not None:
         dataset.rows = dataset.rows[: args.max_train_samples]
