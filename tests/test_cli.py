@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 
 from diffusers_restore import cli, cli_common
@@ -227,12 +228,14 @@ def test_hub_id_while_offline_exits_2(tmp_path, capsys, monkeypatch):
     assert "offline" in line and "someone/not-cached-restorer" in line
 
 
-@pytest.mark.parametrize("damage", ["truncated transformer weights", "no transformer folder"])
+@pytest.mark.parametrize("damage", ["truncated transformer weights", "no transformer folder", "garbage model_index"])
 def test_broken_local_model_folder_says_what_is_broken(tmp_path, capsys, tiny_pipeline_dir, damage):
     broken = tmp_path / "broken-restorer"
     shutil.copytree(tiny_pipeline_dir, broken)
     if damage == "no transformer folder":
         shutil.rmtree(broken / "transformer")
+    elif damage == "garbage model_index":
+        (broken / "model_index.json").write_text('{"_class_name": "SanaRestorationPipeline", "transformer": [')
     else:
         weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -240,7 +243,7 @@ def test_broken_local_model_folder_says_what_is_broken(tmp_path, capsys, tiny_pi
     assert main(["restore", images[0], "-o", str(tmp_path / "out"), "--model", str(broken)]) == 2
     line = _error_line(capsys)
     assert "offline" not in line and "Hub" not in line
-    assert str(broken) in line and "transformer" in line
+    assert str(broken) in line and ("model_index.json" if damage == "garbage model_index" else "transformer") in line
 
 
 def test_model_bundled_missing_says_how_to_rebuild(monkeypatch, tmp_path, capsys, no_model_loading):
@@ -264,6 +267,8 @@ def test_unusable_output_folder_is_one_line_exit_2_before_loading(tmp_path, caps
     if where == "under /proc" and not os.path.isdir("/proc"):
         pytest.skip("no /proc on this system")
     assert main(["restore", images[0], "-o", str(output), "--model", tiny_pipeline_dir]) == 2
+    assert str(output) in _error_line(capsys)
+    assert main(["evaluate", "--images", str(tmp_path / "in"), "-o", str(output), "--model", tiny_pipeline_dir]) == 2
     assert str(output) in _error_line(capsys)
     assert (tmp_path / "file.txt").read_text() == "not a folder"
 
@@ -309,6 +314,26 @@ def test_an_image_the_model_cannot_take_does_not_stop_the_folder(tmp_path, capsy
     err = capsys.readouterr().err
     assert "a_small.png" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path / "out")) == ["b_fine.png", "c_fine.png"]
+
+
+def test_a_model_with_non_finite_weights_writes_nothing_and_exits_1(tmp_path, capsys, tiny_pipeline_dir):
+    """A pipeline saved from a diverged run (NaN weights) must not turn photos into black PNGs."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    weights_file = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights = {name: torch.full_like(tensor, float("nan")) if tensor.is_floating_point() else tensor
+               for name, tensor in weights.items()}
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    _write_images(tmp_path / "in", names=["a.png", "b.png"])
+    code = main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(broken),
+                 "--steps", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "a.png" in err and "b.png" in err and "NaN or infinite" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
 def test_restore_into_input_folder_never_overwrites(tmp_path, tiny_pipeline_dir):
