@@ -50,7 +50,9 @@ from diffusers import AutoencoderDC
 from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock, ResBlock
 from diffusers.optimization import get_scheduler
 
+from diffusers_restore.data.paired_dataset import image_to_tensor
 from diffusers_restore.image_io import find_images, load_rgb
+from diffusers_restore.metrics import psnr
 from diffusers_restore.sample_photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, center_crop, load_photo
 
 
@@ -288,12 +290,6 @@ def zero_init_residual_branches(vae: AutoencoderDC) -> None:
                 norm.weight.zero_()
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor `(3, H, W)` in [-1, 1] (the diffusers VAE convention)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
 def load_photos(folder: str | None, default_names: tuple[str, ...]) -> list[tuple[str, Image.Image]]:
     """`(name, RGB image)` for every photo in `folder` (recursively, EXIF-orientated), or scikit-image's photos
     `default_names` when no folder is given."""
@@ -367,10 +363,8 @@ def pixel_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> tor
 
 def psnr_uint8(restored: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR in dB between two `(3, H, W)` images in [-1, 1], after rounding both to 8 bits (what a saved image holds)."""
-    a = ((restored.clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    b = ((reference.clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    mse = (a.double() - b.double()).square().mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    a, b = (((image.clamp(-1.0, 1.0) + 1.0) * 127.5).round().double()[None] for image in (restored, reference))
+    return float(psnr(a, b, data_range=255.0)[0])
 
 
 @torch.no_grad()

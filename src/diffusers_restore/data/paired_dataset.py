@@ -58,9 +58,17 @@ __all__ = [
     "PairedDataError",
     "PairedDataset",
     "collate_fn",
+    "image_to_tensor",
     "read_paired_csv",
     "validate_paired_csv",
 ]
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a float32 tensor of shape `(3, H, W)` in [-1, 1], the diffusers VAE convention."""
+    # numpy does the arithmetic: single-threaded, so no intra-op thread pool is woken per sample
+    array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 class PairedDataError(ValueError):
@@ -527,12 +535,6 @@ class PairedDataset(torch.utils.data.Dataset):
             out.append(image)
         return out
 
-    @staticmethod
-    def _to_tensor(image: Image.Image) -> torch.Tensor:
-        # numpy does the arithmetic: single-threaded, so no intra-op thread pool is woken per sample
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0)
-        return torch.from_numpy(np.ascontiguousarray(array))
-
     def _make_item(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         augmentation_rng, degradation_rng = self.sample_rngs(index)
@@ -550,8 +552,8 @@ class PairedDataset(torch.utils.data.Dataset):
             prompt = row.caption or GENERIC_PROMPT
             record_json = "[]"
         return {
-            "pixel_values": self._to_tensor(clean),
-            "conditioning_pixel_values": self._to_tensor(degraded),
+            "pixel_values": image_to_tensor(clean),
+            "conditioning_pixel_values": image_to_tensor(degraded),
             "prompt": prompt,
             "index": index,
             "degradation": record_json,
