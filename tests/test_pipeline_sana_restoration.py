@@ -959,7 +959,8 @@ def test_encode_prompt_on_a_pipeline_with_only_the_text_components(pipe, saved):
     for got, want in zip((embeds, mask, negative, negative_mask), expected):
         assert torch.equal(got, want)
     loaded = SanaRestorationPipeline.from_pretrained(saved, vae=None, transformer=None, scheduler=None)
-    assert torch.equal(loaded.encode_prompt("denoise", False)[0], embeds)
+    # Same weights; with transformers 5.0 the reloaded encoder differs in the last bits (5.18 gives identical ones).
+    torch.testing.assert_close(loaded.encode_prompt("denoise", False)[0], embeds, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no `vae`"):
         loaded(_photo(16, 16))
 
