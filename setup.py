@@ -15,11 +15,11 @@ with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
 #                       with a config value (`sampling_defaults`) does not load (KeyError); 0.39 refuses to load
 #                       LoRA weights from a local folder offline without `weight_name`. The APIs used need 0.34
 #                       (stochastic_sampling, LoRA adapter `metadata`) and 0.35 (training_utils.offload_models);
-#                       0.41 needs torch >= 2.6 (torch.accelerator)
+#                       0.41 needs torch >= 2.6 (torch.accelerator); 0.40 itself requires huggingface-hub >= 1.23
+#                       and safetensors >= 0.8, the floors below
 #   transformers 5.0    GemmaTokenizer(vocab=..., merges=...) builds the tokenizer without `tokenizer.model`
-#                       (the bundled model and the test kit ship none); brings huggingface-hub >= 1.3 and
-#                       safetensors >= 0.4.3, the floors below, and tokenizers >= 0.22 (0.22.0 itself pins
-#                       huggingface-hub < 1, so 0.22.1 is the oldest that installs beside it)
+#                       (the bundled model and the test kit ship none); brings tokenizers >= 0.22 (0.22.0
+#                       itself pins huggingface-hub < 1, so 0.22.1 is the oldest that installs beside it)
 #   numpy 1.26.4        the oldest the suite runs against (scikit-image's SciPy needs it); older is untested
 #   torch 2.5           transformers >= 5.18 disables an older torch (as if not installed); torch.OutOfMemoryError
 #                       (the tiled VAE fallback) exists from 2.4
@@ -34,8 +34,8 @@ install_requires = [
     "torch>=2.5.0",
     "accelerate>=1.2.0",
     "peft>=0.18.0",
-    "safetensors>=0.4.3",
-    "huggingface-hub>=1.3.0",
+    "safetensors>=0.8.0",
+    "huggingface-hub>=1.23.0",
     "pillow>=10.0.0",
     "numpy>=1.26.4",
     "tokenizers>=0.22.1",

@@ -10,7 +10,7 @@ names gets the oldest release that its floor and every other constraint allow (a
 package's requirements, and the script prints each package above its floor). Two venvs:
 
 * ``dev`` (``<venv>-dev``): ``-e .[dev]``, every extra included, then ``pytest tests examples``.
-* ``core`` (``<venv>-core``): ``-e .`` at the ``install_requires`` floors (transformers 5.0, huggingface-hub 1.3,
+* ``core`` (``<venv>-core``): ``-e .`` at the ``install_requires`` floors (transformers 5.0, huggingface-hub 1.23,
   ...) plus the test tools at their floors, then ``pytest tests``. The tests' offline Hub (``tests/hub_server.py``)
   needs huggingface-hub 2, so the tests that use it are skipped there by this file acting as a pytest plugin
   (``-p check_min_versions``); ``examples/`` needs the ``train`` extra and runs in ``dev`` only.
