@@ -29,6 +29,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
 from diffusers_restore.data.paired_dataset import PairedDataError  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent

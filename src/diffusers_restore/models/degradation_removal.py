@@ -28,9 +28,6 @@ filter, and the restoration stays the network's. The level is one number per ima
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +35,7 @@ from torch import nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .transformer_sana_concat import refuse_pickle, refuse_pickle_only_folder
+from .safe_weights import SafetensorsOnlyModelMixin
 
 
 class _ResBlock(nn.Module):
@@ -74,7 +71,7 @@ def estimate_noise_level(images: torch.Tensor) -> torch.Tensor:
     return (diagonal.abs().flatten(2).median(dim=2).values / 0.6745).mean(dim=1)
 
 
-class DegradationRemovalModel(ModelMixin, ConfigMixin):
+class DegradationRemovalModel(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin):
     r"""
     Pixel-space degradation removal (the first stage of a two-stage restorer); see the module docstring.
 
@@ -175,41 +172,3 @@ class DegradationRemovalModel(ModelMixin, ConfigMixin):
             hidden_states = block(hidden_states)
         residual = F.pixel_shuffle(self.conv_out(hidden_states), 2)
         return (padded + residual)[:, :, :height, :width]
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        """`ModelMixin.from_pretrained` from safetensors only: `use_safetensors=False` is refused and a folder that
-        holds only pickled weights gets an error that says how to convert it (unpickling can run arbitrary code)."""
-        refuse_pickle(kwargs.get("use_safetensors"), "model weights")
-        kwargs["use_safetensors"] = True
-        refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        save_function: Callable | None = None,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str = "10GB",
-        push_to_hub: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """`ModelMixin.save_pretrained` in safetensors only (`safe_serialization=False` is refused: this package never
-        loads a pickle); `variant` and `max_shard_size` are spelled out so a pipeline passes them on to this model."""
-        if not safe_serialization:
-            raise ValueError(
-                "`safe_serialization=False` is not supported: DegradationRemovalModel saves safetensors only (a pickled "
-                "file could not be loaded again, since unpickling can run arbitrary code)."
-            )
-        super().save_pretrained(
-            save_directory,
-            is_main_process=is_main_process,
-            save_function=save_function,
-            safe_serialization=True,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=push_to_hub,
-            **kwargs,
-        )

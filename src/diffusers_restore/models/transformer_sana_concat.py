@@ -15,7 +15,6 @@ channel-space twin of InstructPix2Pix's zero-initialised ``conv_in`` expansion).
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +28,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import logging
+
+from .safe_weights import SafetensorsOnlyModelMixin, refuse_pickle, safetensors_only_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -64,39 +65,8 @@ CONDITION_PROJECTION_WEIGHT_NAME = "condition_projection.safetensors"
 #: Name of the projection weight in a LoRA state dict relative to this model (a pipeline LoRA file stores it as
 #: `transformer.projection.weight`).
 PROJECTION_KEY = "projection.weight"
-#: Weight files this package never downloads nor loads (pickles, and framework formats that are not safetensors).
-UNSAFE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot")
 # Hub download arguments shared by `load_lora_adapter`, the pipeline's `lora_state_dict` and the sidecar fetch.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
-
-
-def refuse_pickle(use_safetensors: bool | None, what: str) -> None:
-    """Raise if a caller asks to load `what` from a pickle (`use_safetensors=False`): weights load from
-    safetensors only, because unpickling a downloaded file can run arbitrary code."""
-    if use_safetensors is False:
-        raise ValueError(
-            f"`use_safetensors=False` is not supported: {what} load from safetensors only (unpickling a weight file "
-            "can run arbitrary code)."
-        )
-
-
-def refuse_pickle_only_folder(folder: str | os.PathLike) -> None:
-    """Raise a `ValueError` saying how to convert `folder` when it holds weights in `UNSAFE_WEIGHT_PATTERNS` and no
-    `.safetensors` file (instead of diffusers' generic "no file named ... .safetensors"); otherwise do nothing."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
-        return
-    pickled = sorted(
-        os.path.basename(file) for pattern in UNSAFE_WEIGHT_PATTERNS for file in glob.glob(os.path.join(folder, pattern))
-    )
-    if pickled:
-        raise ValueError(
-            f"{folder} holds only pickled weights ({', '.join(pickled)}), and weights load from safetensors only "
-            "(unpickling can run arbitrary code). Convert the folder once, in an environment you trust with that "
-            "file: load it there with `from_pretrained(folder, use_safetensors=False)` (diffusers' own class, or "
-            "an older diffusers-restore) and write it back with `save_pretrained(new_folder, "
-            "safe_serialization=True)`."
-        )
 
 
 def fetch_condition_projection(
@@ -186,7 +156,7 @@ class _LoraProjections:
         return self.enabled and any(name in self.projections and name not in self.fused for name in self.active)
 
 
-class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A [`SanaTransformer2DModel`] that takes a condition latent (the degraded image) concatenated to its input.
 
@@ -334,9 +304,7 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", subfolder="transformer", torch_dtype=torch.bfloat16
             )
         """
-        refuse_pickle(kwargs.get("use_safetensors"), "model weights")
-        kwargs["use_safetensors"] = True
-        refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
+        kwargs = safetensors_only_kwargs(pretrained_model_name_or_path, kwargs)
         transformer = SanaTransformer2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_transformer(transformer, condition_channels=condition_channels)
 
@@ -350,8 +318,7 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         [`~ConcatConditionedTransformer.from_sana_pretrained`] (identity projection), instead of being loaded with
         mismatched weight names.
         """
-        refuse_pickle(kwargs.get("use_safetensors"), "model weights")
-        kwargs["use_safetensors"] = True
+        refuse_pickle(kwargs.get("use_safetensors"), "model weights")  # before anything is read
         config_kwargs = {
             key: kwargs[key]
             for key in ("subfolder", "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -365,8 +332,7 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
             condition_channels = kwargs.pop("condition_channels", None)
             return cls.from_sana_pretrained(pretrained_model_name_or_path, condition_channels, **kwargs)
-        refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # SafetensorsOnlyModelMixin's
 
 
     # ------------------------------------------------------------------ inference-time fusion
@@ -421,28 +387,19 @@ class ConcatConditionedTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_flashpack: bool = False,
         **kwargs: Any,
     ) -> None:
-        """`ModelMixin.save_pretrained`, with its arguments spelled out so that a pipeline's `save_pretrained` and
-        `push_to_hub` pass `variant` and `max_shard_size` on to this model (diffusers looks for them in the
-        signature).
-
-        Refuses a fused model (its weights no longer match its config: call `unfuse_projection()` first),
-        `safe_serialization=False` and `use_flashpack=True`: the weights are written as safetensors only, the one
-        format this package loads.
+        """[`SafetensorsOnlyModelMixin.save_pretrained`] (safetensors only, diffusers' arguments spelled out so that a
+        pipeline passes `variant` and `max_shard_size` on), refusing also a fused model (its weights no longer match
+        its config: call `unfuse_projection()` first) and `use_flashpack=True`.
         """
         if self.is_projection_fused:
             raise ValueError("The projection is fused into SANA's patch embedding: call `unfuse_projection()` first.")
-        if not safe_serialization:
-            raise ValueError(
-                "`safe_serialization=False` is not supported: ConcatConditionedTransformer saves safetensors only "
-                "(a pickled checkpoint could not be loaded again, since unpickling can run arbitrary code)."
-            )
         if use_flashpack:
             raise ValueError("`use_flashpack=True` is not supported: ConcatConditionedTransformer saves safetensors only.")
         super().save_pretrained(
             save_directory,
             is_main_process=is_main_process,
             save_function=save_function,
-            safe_serialization=True,
+            safe_serialization=safe_serialization,
             variant=variant,
             max_shard_size=max_shard_size,
             push_to_hub=push_to_hub,

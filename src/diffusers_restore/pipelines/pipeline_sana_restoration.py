@@ -59,11 +59,8 @@ from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
-from ..models.transformer_sana_concat import (
-    UNSAFE_WEIGHT_PATTERNS,
-    ConcatConditionedTransformer,
-    refuse_pickle_only_folder,
-)
+from ..models.safe_weights import UNSAFE_WEIGHT_PATTERNS, refuse_pickle, refuse_pickle_only_folder
+from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
@@ -282,8 +279,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", torch_dtype=torch.bfloat16
             )
         """
-        if kwargs.get("use_safetensors", True) is False:
-            raise ValueError("`use_safetensors=False` is not supported: weights load from safetensors only.")
+        refuse_pickle(kwargs.get("use_safetensors"), "pipeline weights")
         kwargs["use_safetensors"] = True
         sana_pipeline = SanaPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_sana_pipeline(sana_pipeline, condition_channels=condition_channels, scheduler=scheduler)
@@ -308,11 +304,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         (`*.bin`, `*.pt`, ...: convert them with `save_pretrained(..., safe_serialization=True)` in a trusted
         environment; this package never unpickles).
         """
-        if kwargs.get("use_safetensors", True) is False:
-            raise ValueError(
-                "`use_safetensors=False` is not supported: SanaRestorationPipeline loads weights from safetensors only "
-                "(pickled weights can run arbitrary code)."
-            )
+        refuse_pickle(kwargs.get("use_safetensors"), "pipeline weights")
         kwargs["use_safetensors"] = True
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
@@ -439,7 +431,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         `condition_projection.safetensors` and the LoRA file no projection, the projection is added as
         `transformer.projection.weight`. Returns the state dict, and the metadata too with `return_lora_metadata=True`.
         """
-        from ..models.transformer_sana_concat import HUB_KWARGS, PROJECTION_KEY, fetch_condition_projection, refuse_pickle
+        from ..models.transformer_sana_concat import HUB_KWARGS, PROJECTION_KEY, fetch_condition_projection
 
         refuse_pickle(kwargs.pop("use_safetensors", None), "LoRA weights")
         return_metadata = kwargs.pop("return_lora_metadata", False)
