@@ -46,6 +46,10 @@ class _ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.act = nn.SiLU()
+        # Each block starts as the identity: without normalisation, blocks that add full-size random residuals make
+        # the activations grow with depth and training diverge at the learning rates a small network wants.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.conv2(self.act(self.conv1(hidden_states)))
