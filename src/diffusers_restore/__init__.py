@@ -13,6 +13,8 @@ __version__ = "0.1.0.dev0"
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES = {
     "ConcatConditionedTransformer": "models.transformer_sana_concat",
+    "DCUpscaleDecoder": "models.upscale_decoder",
+    "install_decoder": "pipelines.install_decoder",
     "RestorationGuidedFlowScheduler": "schedulers.scheduling_restoration_guided_flow",
     "RestorationGuidedFlowSchedulerOutput": "schedulers.scheduling_restoration_guided_flow",
     "SanaRestorationPipeline": "pipelines.pipeline_sana_restoration",
@@ -27,6 +29,8 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.transformer_sana_concat import ConcatConditionedTransformer
+    from .models.upscale_decoder import DCUpscaleDecoder
+    from .pipelines.install_decoder import install_decoder
     from .pipelines.pipeline_sana_restoration import SanaRestorationPipeline, SanaRestorationPipelineOutput
     from .schedulers.scheduling_restoration_guided_flow import (
         RestorationGuidedFlowScheduler,

@@ -605,6 +605,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+# --------------------------------------------------------------------------------------------------- install-decoder
+
+
+def cmd_install_decoder(args: argparse.Namespace) -> int:
+    from .pipelines.install_decoder import install_decoder
+
+    try:
+        output = install_decoder(args.pipeline, args.decoder, args.output, overwrite=args.overwrite)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    print(f"wrote {output}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -682,6 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Denoising steps (default: the model's own).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
     demo.set_defaults(func=cmd_demo)
+
+    install = commands.add_parser(
+        "install-decoder", help="Copy a pipeline folder with a decoder trained by examples/train_decoder.py.",
+        description="Writes a new pipeline folder (the inputs are never modified): a fine-tuned VAE (train_decoder.py "
+                    "--upscale 1) replaces the pipeline's vae, whose encoder it must share; an upscale decoder "
+                    "(--upscale 2) becomes the pipeline's upscale_decoder, used by upscale=2. The model card records "
+                    "the decoder.")
+    install.add_argument("pipeline", help="Restoration pipeline folder.")
+    install.add_argument("decoder", help="train_decoder.py output folder (or the vae/ or upscale_decoder/ folder).")
+    install.add_argument("-o", "--output", required=True, help="New pipeline folder.")
+    install.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    install.set_defaults(func=cmd_install_decoder)
     return parser
 
 

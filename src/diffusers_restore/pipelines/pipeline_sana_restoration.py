@@ -61,6 +61,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
 from ..models.safe_weights import UNSAFE_WEIGHT_PATTERNS, refuse_pickle, refuse_pickle_only_folder
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
+from ..models.upscale_decoder import DCUpscaleDecoder
 from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
@@ -109,7 +110,7 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
     "fidelity": 0.0,
 }
 
-_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer", "degradation_removal")
+_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer", "degradation_removal", "upscale_decoder")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -131,6 +132,14 @@ EXAMPLE_DOC_STRING = """
         >>> upscaled = pipe(degraded, upscale=2).images[0]
         ```
 """
+
+
+def _resize_alphas(alphas: list[torch.Tensor | None], size: tuple[int, int]) -> list[torch.Tensor | None]:
+    """Alpha channels `(1, H, W)` (or None) resized bicubically to `size`, clamped to [0, 1]."""
+    return [
+        None if alpha is None else F.interpolate(alpha[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0.0, 1.0)
+        for alpha in alphas
+    ]
 
 
 @dataclass
@@ -167,6 +176,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         degradation_removal ([`DegradationRemovalModel`], *optional*): a pixel-space first stage (as in DiffBIR and
             PASD) applied to the degraded image before it is encoded; its output is also the colour-fix reference.
             `examples/train_paired.py --train_degradation_removal` trains it.
+        upscale_decoder ([`DCUpscaleDecoder`], *optional*): a decoder whose output is `upscale_factor` times larger
+            than the VAE's. A call with that `upscale` then encodes the image at its own size and decodes with it,
+            instead of resizing the image first (4x fewer latent pixels to denoise at 2x). `examples/train_decoder.py
+            --upscale 2` trains it; `diffusers_restore.install_decoder` adds it to a pipeline folder.
         sampling_defaults (`dict`, *optional*):
             The recommended call of this model: values for `num_inference_steps`, `guidance_scale`,
             `guidance_scale_start`, `restoration_guidance` and `strength`, used when a call leaves them at `None`.
@@ -177,8 +190,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     or without them when prompt embeddings are passed in); each method says which components it needs.
     """
 
-    model_cpu_offload_seq = "text_encoder->degradation_removal->transformer->vae"
-    _optional_components = ["tokenizer", "text_encoder", "degradation_removal"]
+    model_cpu_offload_seq = "text_encoder->degradation_removal->transformer->vae->upscale_decoder"
+    _optional_components = ["tokenizer", "text_encoder", "degradation_removal", "upscale_decoder"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "condition_latents"]
 
     # Prompt encoding is SanaPipeline's (Gemma-2, SANA's token selection); these are borrowed, not re-implemented.
@@ -198,6 +211,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         scheduler: RestorationGuidedFlowScheduler | FlowMatchEulerDiscreteScheduler,
         degradation_removal: DegradationRemovalModel | None = None,
         sampling_defaults: dict[str, Any] | None = None,
+        upscale_decoder: DCUpscaleDecoder | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -207,6 +221,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             transformer=transformer,
             scheduler=scheduler,
             degradation_removal=degradation_removal,
+            upscale_decoder=upscale_decoder,
         )
         self.register_to_config(sampling_defaults=self._checked_sampling_defaults(sampling_defaults or {}))
         self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
@@ -996,12 +1011,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if upscale != 1:
             size = (max(1, round(height * upscale)), max(1, round(width * upscale)))
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
-            alphas = [
-                None
-                if alpha is None
-                else F.interpolate(alpha[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0.0, 1.0)
-                for alpha in alphas
-            ]
+            alphas = _resize_alphas(alphas, size)
         if min(pixels.shape[-2:]) < self.vae_scale_factor:
             raise ValueError(
                 f"`image` is too small: {height}x{width} px (x{upscale} = {pixels.shape[-2]}x{pixels.shape[-1]}); "
@@ -1069,20 +1079,32 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             warnings.warn(_OOM_ADVICE.format(stage="encoding the image"))
             raise
 
-    def _vae_decode(self, latents: torch.Tensor, tiling) -> torch.Tensor:
-        """Scaled latents -> images `(batch, 3, H, W)` in [0, 1] float32."""
+    def _vae_decode(self, latents: torch.Tensor, tiling, upscale_decoder: bool = False) -> torch.Tensor:
+        """Scaled latents -> images `(batch, 3, H, W)` in [0, 1] float32, decoded by the VAE or, with
+        `upscale_decoder`, by `self.upscale_decoder` (then `upscale_factor` times larger)."""
+        if upscale_decoder:
+            decoder, factor = self.upscale_decoder, self.vae_scale_factor * self.upscale_decoder.config.upscale_factor
+
+            def decode(part: torch.Tensor) -> torch.Tensor:
+                shift = self.vae.config.get("shift_factor") or 0.0
+                unscaled = part / self.vae.config.scaling_factor + shift
+                return decoder(unscaled.to(decoder.dtype), return_dict=False)[0].float()
+        else:
+            factor = self.vae_scale_factor
+
+            def decode(part: torch.Tensor) -> torch.Tensor:
+                return decode_latents(self.vae, part)
+
         try:
             if tiling is None:
-                decoded = decode_latents(self.vae, latents)
+                decoded = decode(latents)
             else:
                 tile, overlap = tiling
 
                 def decode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
-                    return decode_latents(self.vae, latents[:, :, top : top + height, left : left + width])
+                    return decode(latents[:, :, top : top + height, left : left + width])
 
-                decoded = blend_tiles(
-                    decode_tile, latents.shape[-2:], tile, overlap, self.vae_scale_factor, align=self._patch_size
-                )
+                decoded = blend_tiles(decode_tile, latents.shape[-2:], tile, overlap, factor, align=self._patch_size)
         except torch.OutOfMemoryError:
             warnings.warn(_OOM_ADVICE.format(stage="decoding the latents"))
             raise
@@ -1309,9 +1331,13 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 degradation removal stage, `fidelity=1` keeps all of that stage's detail and adds what the
                 transformer changed, like the fidelity weight of StableSR's feature wrapping. Without such a stage
                 the reference is the degraded input, whose noise it would bring back: leave it at 0 there. Costs one
-                extra VAE decode. Default: the model's `sampling_defaults` (0).
+                extra VAE decode. Default: the model's `sampling_defaults` (0). Not available when an
+                `upscale_decoder` decodes (there is no reference at its resolution): the default is then ignored and
+                an explicit value > 0 is refused.
             upscale (`float`, defaults to 1.0):
-                Super-resolution factor >= 1: the input is resized (bicubic) by it before encoding.
+                Super-resolution factor >= 1: the input is resized (bicubic) by it before encoding. When the pipeline
+                has an `upscale_decoder` and `upscale` is its `upscale_factor`, the input is encoded at its own size
+                and that decoder produces the larger image instead.
             num_images_per_prompt (`int`, defaults to 1):
                 Restorations per input image (consecutive in the output).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
@@ -1384,6 +1410,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         )
         num_inference_steps, guidance_scale = sampling["num_inference_steps"], sampling["guidance_scale"]
         guidance_scale_start, restoration_guidance = sampling["guidance_scale_start"], sampling["restoration_guidance"]
+        fidelity_given = fidelity is not None
         strength, fidelity = sampling["strength"], sampling["fidelity"]
 
         # 1. Check inputs
@@ -1423,13 +1450,27 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self._interrupt = False
         device = self._execution_device
 
-        # 2. Images: RGB in [0, 1], cleaned by the degradation removal stage (if any), upscaled
-        pixels, alphas = self.prepare_image(image, upscale, device, remove_degradations=True, tile_size=tile_size)
+        # 2. Images: RGB in [0, 1], cleaned by the degradation removal stage (if any), upscaled (by the upscale
+        # decoder at the end when there is one for this factor, else resized now)
+        decoder_upscale = 1
+        if self.upscale_decoder is not None and upscale == self.upscale_decoder.config.upscale_factor:
+            decoder_upscale = self.upscale_decoder.config.upscale_factor
+            if fidelity > 0 and fidelity_given:
+                raise ValueError(
+                    f"`fidelity` ({fidelity}) needs the reference image at the output's resolution, which does not "
+                    f"exist when the upscale decoder produces the x{decoder_upscale} image: pass `fidelity=0`."
+                )
+            fidelity = 0.0
+        pixels, alphas = self.prepare_image(
+            image, upscale / decoder_upscale, device, remove_degradations=True, tile_size=tile_size
+        )
         batch_size = pixels.shape[0]
         self._check_batch(batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if isinstance(prompt, str):
             prompt = [prompt] * batch_size
-        out_height, out_width = pixels.shape[-2:]
+        out_height, out_width = pixels.shape[-2] * decoder_upscale, pixels.shape[-1] * decoder_upscale
+        if decoder_upscale > 1:
+            alphas = _resize_alphas(alphas, (out_height, out_width))
 
         # 3. Text: prompt, and the negative-quality prompt when any step uses guidance (cached across calls)
         lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
@@ -1553,9 +1594,13 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if output_type == "latent":
             images = latents
         else:
-            restored = self._vae_decode(latents, tiling)[:, :, :out_height, :out_width]
+            restored = self._vae_decode(latents, tiling, upscale_decoder=decoder_upscale > 1)
+            restored = restored[:, :, :out_height, :out_width]
             _check_finite(restored, "the decoded image", _NON_FINITE_ADVICE)
-            reference = pixels.repeat_interleave(num_images_per_prompt, dim=0)
+            reference = pixels
+            if decoder_upscale > 1:  # the colour-fix reference at the output's size
+                reference = F.interpolate(pixels, size=(out_height, out_width), mode="bicubic", align_corners=False)
+            reference = reference.repeat_interleave(num_images_per_prompt, dim=0)
             if fidelity > 0:
                 # what the VAE loses of the reference: reference - decode(encode(reference))
                 round_trip = self._vae_decode(reference_latents, tiling)[:, :, :out_height, :out_width]
