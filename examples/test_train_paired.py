@@ -1308,3 +1308,85 @@ def test_the_latent_cache_records_the_stage(tiny_base, pair_data, tmp_path):
         with torch.no_grad():
             expected = encode_latents(vae, _shifted(degraded))[0]
         torch.testing.assert_close(item["conditioning_latents"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- negative-quality samples
+
+
+def _record_training_targets(patch) -> list[dict]:
+    """Record, per step, the target latents and prompt embeddings flow_matching_loss receives."""
+    seen = []
+    original = train_paired.flow_matching_loss
+
+    def recording(model, latents, condition_latents, prompt_embeds, prompt_attention_mask, *args, **kwargs):
+        seen.append({"latents": latents.clone(), "conditions": condition_latents.clone(),
+                     "embeds": prompt_embeds.clone()})
+        return original(model, latents, condition_latents, prompt_embeds, prompt_attention_mask, *args, **kwargs)
+
+    patch.setattr(train_paired, "flow_matching_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_negative_samples_train_the_degraded_image_under_the_negative_prompt(tiny_base, pair_data, tmp_path, cache):
+    pipe = train_paired.SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    negative_embeds, _, _, _ = pipe.encode_prompt(
+        train_paired.DEFAULT_NEGATIVE_PROMPT, do_classifier_free_guidance=False, max_sequence_length=16
+    )
+    extra = ["--max_train_steps", 2, "--negative_sample_prob", 1.0] + (["--cache_latents"] if cache else [])
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _record_training_targets(patch)
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out", *extra))
+    assert len(seen) == 2
+    for step in seen:
+        # every example's target is its own degraded image's latent, and its prompt the negative one
+        torch.testing.assert_close(step["latents"], step["conditions"], rtol=0, atol=1e-5)
+        for row in step["embeds"]:
+            torch.testing.assert_close(row, negative_embeds[0], rtol=0, atol=1e-5)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "negative-quality samples" in card
+
+
+def test_without_negative_samples_the_target_is_the_clean_image(tiny_base, pair_data, tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _record_training_targets(patch)
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out", "--max_train_steps", 1))
+    assert not torch.allclose(seen[0]["latents"], seen[0]["conditions"], atol=1e-3)
+
+
+def test_negative_sample_prob_is_checked(tiny_base, pair_data, tmp_path):
+    with pytest.raises(ValueError, match="--negative_sample_prob must be in"):
+        train_paired.parse_args(_base_args(tiny_base, pair_data, tmp_path, "--negative_sample_prob", 1.5))
+
+
+def test_negative_samples_with_a_stage_target_the_raw_degraded_image(tiny_base, pair_data, tmp_path):
+    """With a degradation removal stage the condition is the cleaned image; a negative sample's target stays the
+    degraded image as given (its own latent), and a latent cache (which holds cleaned latents) is refused."""
+    from diffusers_restore import SanaRestorationPipeline
+
+    base = tmp_path / "base"
+    pipe = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    pipe.register_modules(degradation_removal=_shifted_stage())
+    pipe.save_pretrained(str(base))
+    encoded = []
+    original_encode = train_paired.encode_latents
+
+    def recording_encode(vae, pixels):
+        latents = original_encode(vae, pixels)
+        encoded.append((pixels.detach().clone(), latents.detach().clone()))
+        return latents
+
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _record_training_targets(patch)
+        patch.setattr(train_paired, "encode_latents", recording_encode)
+        _run(_base_args(base, pair_data, tmp_path / "out", "--max_train_steps", 1, "--negative_sample_prob", 1.0,
+                        "--checkpointing_steps", 100))
+    (both, _), (raw, raw_latents) = encoded[-2:]  # [clean, cleaned condition], then the raw degraded images
+    cleaned = both.chunk(2)[1]
+    # the stage adds 0.25 on the [0, 1] scale: the condition was cleaned, the target was not
+    torch.testing.assert_close(cleaned, ((raw + 1) / 2 + 0.25).clamp(0, 1) * 2 - 1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen[0]["latents"], raw_latents, rtol=0, atol=0)
+    _reset_accelerate()
+    with pytest.raises(ValueError, match="cache holds the cleaned ones"):
+        _run(_base_args(base, pair_data, tmp_path / "out2", "--max_train_steps", 1, "--negative_sample_prob", 0.5,
+                        "--cache_latents", "--checkpointing_steps", 100))

@@ -82,6 +82,7 @@ from diffusers.utils.hub_utils import populate_model_card
 from diffusers.utils.torch_utils import is_compiled_module
 
 from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline
+from diffusers_restore.pipelines.pipeline_sana_restoration import DEFAULT_NEGATIVE_PROMPT
 from diffusers_restore.data.degradations import GENERIC_PROMPT as DEFAULT_VALIDATION_PROMPT
 from diffusers_restore.data.degradations import load_rgb, parse_degradation_spec
 from diffusers_restore.data.latents import (
@@ -147,7 +148,7 @@ DEFAULT_DEGRADATION_REMOVAL_LAYERS = int(_STAGE_DEFAULTS["layers_per_block"].def
 TRANSFORMER_ONLY_FLAGS = (
     "use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "cache_latents", "latent_cache_dir",
     "training_objective", "pixel_loss_weight", "fidelity", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-    "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max",
+    "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max", "negative_sample_prob",
     "gradient_checkpointing", "offload",
 )
 DEGRADATION_REMOVAL_FLAGS = (
@@ -385,6 +386,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="Probability (per example) of training on the empty prompt, so that classifier-free guidance works.",
+    )
+    parser.add_argument(
+        "--negative_sample_prob",
+        type=float,
+        default=0.0,
+        help="SUPIR's negative-quality samples: with this probability (per example) the target is the example's "
+        "degraded image and the prompt the negative-quality prompt (--negative_sample_prompt), so that classifier-"
+        "free guidance with that negative prompt at inference pushes away from what was learned as low quality.",
+    )
+    parser.add_argument(
+        "--negative_sample_prompt",
+        type=str,
+        default=DEFAULT_NEGATIVE_PROMPT,
+        help="The prompt of the negative-quality samples; default: the pipeline's default negative prompt.",
     )
     parser.add_argument(
         "--conditioning_dropout_prob",
@@ -689,6 +704,8 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
     if args.flow_shift is not None and args.flow_shift <= 0:
         raise ValueError(f"--flow_shift must be > 0, got {args.flow_shift}.")
 
+    if not 0.0 <= args.negative_sample_prob <= 1.0:
+        raise ValueError(f"--negative_sample_prob must be in [0, 1], got {args.negative_sample_prob}.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
     if args.conditioning_dropout_prob is not None:
@@ -1217,6 +1234,10 @@ def save_model_card(
             "pixel loss weight": args.pixel_loss_weight,
             "fidelity (VAE residual of the condition added to the output)": args.fidelity,
             "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
+            "negative-quality samples (degraded target, negative prompt)": (
+                f"{args.negative_sample_prob:g} of the examples, prompt \"{args.negative_sample_prompt}\""
+                if args.negative_sample_prob else "no"
+            ),
             "latent condition noise": (
                 f"sigma ~ U[0, {args.condition_noise_max:g}]" if args.condition_noise_max else "no"
             ),
@@ -2048,6 +2069,15 @@ def main(args: argparse.Namespace) -> None:
     condition_models = [vae] + ([condition_stage] if condition_stage is not None else [])
     if args.cache_latents:
         empty_embeds, empty_mask = encode_prompts(pipeline, [""], args, complex_human_instruction, accelerator)
+        if args.negative_sample_prob > 0:
+            if condition_stage is not None:
+                raise ValueError(
+                    "--negative_sample_prob with --cache_latents needs the degraded images' own latents, but with a "
+                    "degradation removal stage the cache holds the cleaned ones: train without --cache_latents."
+                )
+            negative_embeds, negative_mask = encode_prompts(
+                pipeline, [args.negative_sample_prompt], args, complex_human_instruction, accelerator
+            )
 
     # ------------------------------------------------------------------ training loop
     window_finite = True  # every loss of the current accumulation window was finite
@@ -2096,8 +2126,24 @@ def main(args: argparse.Namespace) -> None:
                             fidelity_residual = conditions.float() - decode_latents(vae, condition_latents)
                     bsz = latents.shape[0]
 
-                    # 2. conditioning dropout (classifier-free guidance) and latent-space degradation
+                    # 2. negative-quality samples, conditioning dropout (classifier-free guidance) and latent-space
+                    #    degradation
                     prompts = list(batch["prompt"])
+                    negative = torch.zeros(bsz, dtype=torch.bool, device=accelerator.device)
+                    if args.negative_sample_prob > 0:
+                        draw = torch.rand(bsz, device=accelerator.device, generator=generator)
+                        negative = draw < args.negative_sample_prob
+                    if negative.any():
+                        # the target is the degraded image itself (as given: before any degradation removal stage)
+                        if args.cache_latents:
+                            degraded_latents = batch["conditioning_latents"].to(accelerator.device, torch.float32)
+                        elif condition_stage is not None:
+                            with torch.no_grad(), offload_models(vae, device=accelerator.device, offload=args.offload):
+                                degraded = batch["conditioning_pixel_values"].to(accelerator.device)
+                                degraded_latents = encode_latents(vae, degraded.to(vae.dtype)).float()
+                        else:
+                            degraded_latents = condition_latents
+                        latents = torch.where(negative[:, None, None, None], degraded_latents, latents)
                     keep_image = torch.ones(bsz, device=accelerator.device)
                     if image_dropout:
                         q = args.conditioning_dropout_prob
@@ -2109,8 +2155,12 @@ def main(args: argparse.Namespace) -> None:
                         drop_prompt = draw < empty_prompt_rate
                     else:
                         drop_prompt = torch.zeros(bsz, dtype=torch.bool, device=accelerator.device)
+                    drop_prompt = drop_prompt & ~negative  # a negative sample always carries its prompt
                     prompts = [
-                        "" if dropped else prompt for prompt, dropped in zip(prompts, drop_prompt.tolist(), strict=True)
+                        args.negative_sample_prompt if is_negative else "" if dropped else prompt
+                        for prompt, dropped, is_negative in zip(
+                            prompts, drop_prompt.tolist(), negative.tolist(), strict=True
+                        )
                     ]
                     if args.condition_noise_max > 0:
                         condition_latents = degrade_latents(
@@ -2129,6 +2179,9 @@ def main(args: argparse.Namespace) -> None:
                         prompt_attention_mask = torch.where(
                             keep[:, None], batch["prompt_attention_mask"].to(accelerator.device), empty_mask
                         )
+                        if negative.any():
+                            prompt_embeds = torch.where(negative[:, None, None], negative_embeds, prompt_embeds)
+                            prompt_attention_mask = torch.where(negative[:, None], negative_mask, prompt_attention_mask)
                     else:
                         prompt_embeds, prompt_attention_mask = encode_prompts(
                             pipeline, prompts, args, complex_human_instruction, accelerator
@@ -2166,6 +2219,9 @@ def main(args: argparse.Namespace) -> None:
                     # 5. optional pixel loss through the frozen decoder (the clean pixels are in the batch)
                     if args.pixel_loss_weight > 0:
                         target_pixels = batch["pixel_values"].to(accelerator.device)
+                        if negative.any():
+                            degraded_pixels = batch["conditioning_pixel_values"].to(accelerator.device)
+                            target_pixels = torch.where(negative[:, None, None, None], degraded_pixels, target_pixels)
                         if fidelity_residual is not None:  # the output is decode(x0) + f * r: aim decode(x0) at the rest
                             target_pixels = target_pixels - args.fidelity * fidelity_residual
                         loss = loss + args.pixel_loss_weight * pixel_loss(vae, pred_original_sample, target_pixels)
