@@ -605,6 +605,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+# --------------------------------------------------------------------------------------------------- caption
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .captioning import DEFAULT_CAPTION_INSTRUCTION, DEFAULT_PROMPT_TEMPLATE, ImageCaptioner
+    from .data.captions import caption_cache_file, caption_pairs
+
+    try:
+        captioner = ImageCaptioner(
+            args.caption_model, instruction=args.instruction or DEFAULT_CAPTION_INSTRUCTION,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
+            cache_file=caption_cache_file(args.output),
+        )
+        count = caption_pairs(args.pairs, args.output, captioner, source=args.source,
+                              template=args.template or DEFAULT_PROMPT_TEMPLATE)
+    except (ValueError, OSError) as error:
+        raise CLIError(str(error)) from None
+    print(f"{args.output}: {count} rows captioned by {args.caption_model} ({args.source} images)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- install-decoder
 
 
@@ -696,6 +717,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Denoising steps (default: the model's own).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
     demo.set_defaults(func=cmd_demo)
+
+    caption = commands.add_parser(
+        "caption", help="Add content captions from a vision-language model to a pairs CSV.",
+        description="Writes a new pairs CSV whose captions are '<content caption>. <degradation prompt>' (--template). "
+                    "Any transformers image-text-to-text model works (AutoProcessor + AutoModelForImageTextToText); "
+                    "captions are cached by image content in OUTPUT.captions.jsonl, so an interrupted run resumes.")
+    caption.add_argument("pairs", help="Pairs CSV (image_path,condition_image_path,caption).")
+    caption.add_argument("-o", "--output", required=True, help="CSV to write (never the input).")
+    caption.add_argument("--caption-model", required=True, metavar="ID", help="Hub id or folder of the model.")
+    caption.add_argument("--source", choices=["degraded", "clean"], default="degraded",
+                         help="Which image is described (default: the degraded one, which exists at inference).")
+    caption.add_argument("--template", default=None, help="Default '{caption}. {prompt}'.")
+    caption.add_argument("--instruction", default=None, help="What the model is asked (default: one short sentence).")
+    caption.add_argument("--max-new-tokens", type=_number(int, 1), default=40)
+    caption.add_argument("--batch-size", type=_number(int, 1), default=8)
+    caption.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu).")
+    caption.set_defaults(func=cmd_caption)
 
     install = commands.add_parser(
         "install-decoder", help="Copy a pipeline folder with a decoder trained by examples/train_decoder.py.",

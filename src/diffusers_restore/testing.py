@@ -219,3 +219,43 @@ def save_tiny_sana_pipeline(path: str | os.PathLike, seed: int = 0) -> str:
     pipe = SanaPipeline(**get_tiny_components(seed))
     pipe.save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def save_tiny_captioning_model(path: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny random LLaVA (a 1-layer CLIP vision tower and a 1-layer Llama over :func:`tiny_vocab` plus an
+    ``<image>`` token) with its processor and a chat template to ``path``; it loads with transformers'
+    ``AutoProcessor`` and ``AutoModelForImageTextToText`` and generates (meaningless) text offline. Used to test
+    captioning, where no real vision-language model can be downloaded.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = get_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+    processor.save_pretrained(str(path))
+    model.save_pretrained(str(path))
+    return str(path)

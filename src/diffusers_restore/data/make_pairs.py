@@ -343,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="Redo outputs made with other settings instead of stopping.")
     parser.add_argument("--quiet", action="store_true", help="No progress lines.")
+    captions = parser.add_argument_group("content captions (optional)")
+    captions.add_argument("--caption-model", default=None, metavar="ID",
+                          help="A transformers image-text-to-text model (Hub id or folder): each caption becomes "
+                               "'<content caption>. <degradation prompt>' (see `sana-restore caption`).")
+    captions.add_argument("--caption-source", choices=["degraded", "clean"], default="degraded",
+                          help="Which image is described (default: the degraded one, which exists at inference).")
+    captions.add_argument("--caption-template", default=None,
+                          help="How the caption and the prompt combine (default '{caption}. {prompt}').")
+    captions.add_argument("--caption-batch-size", type=int, default=8, help="Images per generate call (8).")
     return parser
 
 
@@ -362,6 +371,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for path, error in result.failures:
         print(f"sana-restore make-pairs: failed: {path}: {error}", file=sys.stderr)
+    if args.caption_model is not None and os.path.isfile(result.csv_path):
+        from ..captioning import DEFAULT_PROMPT_TEMPLATE, ImageCaptioner
+        from .captions import caption_cache_file, caption_pairs
+
+        try:
+            captioner = ImageCaptioner(args.caption_model, batch_size=args.caption_batch_size,
+                                       cache_file=caption_cache_file(result.csv_path))
+            count = caption_pairs(result.csv_path, result.csv_path, captioner, source=args.caption_source,
+                                  template=args.caption_template or DEFAULT_PROMPT_TEMPLATE, replace_input=True)
+        except (ValueError, OSError) as error:
+            print(f"sana-restore make-pairs: error: captions: {error}", file=sys.stderr)
+            return 2
+        print(f"{result.csv_path}: {count} captions from {args.caption_model} ({args.caption_source} images)")
     redone = f" ({result.num_redone} redone: their photo changed)" if result.num_redone else ""
     print(f"{result.csv_path}: {result.num_written + result.num_resumed} pairs ({result.num_written} written{redone}, "
           f"{result.num_resumed} already done, {len(result.failures)} failed) in {result.seconds:.1f} s")
