@@ -182,3 +182,20 @@ def test_metrics_file_and_base_metrics(restorer, photos, tmp_path):
     assert metrics["base"] == base and metrics["upscale"] == 1
     # more latent noise decodes worse, with the base decoder
     assert base["psnr_sigma_0"] > base["psnr_sigma_0.12"]
+
+
+def test_push_to_hub_uploads_the_decoder_without_checkpoints(restorer, photos, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hub_server import LocalHubServer, hub_endpoint
+
+    output_dir = tmp_path / "robust-decoder"
+    with LocalHubServer(require_token=True) as server, hub_endpoint(server.url):
+        train_decoder.main(_args(restorer, photos, output_dir, "--max_train_steps", "2", "--push_to_hub",
+                                 "--hub_token", "hf_test"))
+        repo = server.repo_path("local-user/robust-decoder")
+        uploaded = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+        assert not server.errors
+    local = {p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()}
+    assert "checkpoint-2/training_state.json" in local
+    assert uploaded == {path for path in local if not path.startswith("checkpoint-")}
+    assert {"README.md", "vae/diffusion_pytorch_model.safetensors", "decoder_metrics.json"} <= uploaded
