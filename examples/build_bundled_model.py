@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the restorer bundled in the package (`diffusers_restore/bundled/sana-restore-tiny`) from scratch, offline.
 
-    python examples/build_bundled_model.py                      # about 1.5 hours on 2 CPU cores
+    python examples/build_bundled_model.py                      # about 1 h 50 min on 2 CPU cores
     python examples/build_bundled_model.py --work_dir build     # keep the intermediate folders there (resumable)
 
 The stages use the project's own scripts (the same ones users run); each is skipped when its output is complete and
