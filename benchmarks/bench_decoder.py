@@ -33,16 +33,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 
 def _crops(folder: str, crop: int) -> list[tuple[str, torch.Tensor]]:
-    from diffusers_restore.data.paired_dataset import image_to_tensor
-    from diffusers_restore.image_io import find_images, load_rgb
+    """Every photo's centre crop (train_decoder.py's validation crops: sides a multiple of 64) as `(1, 3, H, W)`
+    in [-1, 1]."""
+    from accelerate import PartialState
 
-    crops = []
-    for path in find_images(folder):
-        photo = load_rgb(path)
-        side = min(crop, min(photo.size)) // 64 * 64
-        left, top = (photo.width - side) // 2, (photo.height - side) // 2
-        crops.append((os.path.basename(path), image_to_tensor(photo.crop((left, top, left + side, top + side)))[None]))
-    return crops
+    from diffusers_restore.data.paired_dataset import image_to_tensor
+    from train_decoder import load_validation_images
+
+    PartialState()  # the script's accelerate logger (which reports skipped photos) needs a process state
+    return [(name, image_to_tensor(photo)[None]) for name, photo in load_validation_images(folder, sys.maxsize, crop, 64)]
 
 
 def _score(output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -86,20 +85,19 @@ def robustness(args) -> dict:
 @torch.no_grad()
 def upscale(args) -> dict:
     from diffusers_restore import SanaRestorationPipeline
-    from diffusers_restore.models.vae_latents import decode_latents, encode_latents
+    from diffusers_restore.models.vae_latents import decode_latents, encode_latents, unscale_latents
 
     pipe = SanaRestorationPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     if pipe.upscale_decoder is None:
         raise SystemExit(f"{args.pipeline} has no upscale_decoder (install one with sana-restore install-decoder).")
-    scaling = pipe.vae.config.scaling_factor
     scores: dict[str, list] = {}
     for _, target in _crops(args.images, args.crop):
         low = F.avg_pool2d(target, 2)  # the area-downsampled input
         latents = encode_latents(pipe.vae, low)
         decoded_low = decode_latents(pipe.vae, latents)
         candidates = {
-            "upscale decoder": pipe.upscale_decoder(latents / scaling).sample,
+            "upscale decoder": pipe.upscale_decoder(unscale_latents(pipe.vae, latents)).sample,
             "decoded half-size image, bicubic x2": F.interpolate(decoded_low, scale_factor=2, mode="bicubic"),
             "decoded half-size image, nearest x2 (area inverse)": F.interpolate(decoded_low, scale_factor=2),
             "input, bicubic x2 (no model)": F.interpolate(low, scale_factor=2, mode="bicubic"),

@@ -73,11 +73,12 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 from diffusers_restore.data.degradations import area_downsample_pair
+from diffusers_restore.data.latents import degrade_latents
 from diffusers_restore.data.paired_dataset import image_to_tensor
 from diffusers_restore.image_io import find_images, load_rgb
 from diffusers_restore.metrics import MetricUnavailable, load_lpips_model, psnr, ssim
 from diffusers_restore.models.upscale_decoder import DCUpscaleDecoder, run_dc_decoder
-from diffusers_restore.models.vae_latents import encode_latents
+from diffusers_restore.models.vae_latents import encode_latents, unscale_latents
 from diffusers_restore.training_utils import (
     EpochShuffleSampler,
     NonFiniteError,
@@ -388,16 +389,14 @@ def adaptive_gan_weight(reconstruction_loss: torch.Tensor, generator_loss: torch
     return weight.clamp(0.0, 1e4).detach()
 
 
-def degrade_latents(args, latents: torch.Tensor, inputs: torch.Tensor, generator: torch.Generator, restorer):
+def degrade_input_latents(args, latents: torch.Tensor, inputs: torch.Tensor, generator: torch.Generator, restorer):
     """Scaled latents `(B, C, h, w)` degraded as --latent_degradation says; `inputs` are the encoded images in [-1, 1].
     Returns the degraded latents and the per-sample sigma (or strength)."""
     batch = latents.shape[0]
     if args.latent_degradation == "none":
         return latents, torch.zeros(batch)
     if args.latent_degradation == "noise":
-        sigma = torch.rand(batch, generator=generator) * args.latent_noise_max
-        noise = torch.randn(latents.shape, generator=generator)
-        return latents + sigma.view(-1, 1, 1, 1).to(latents) * noise.to(latents), sigma
+        return degrade_latents(latents, args.latent_noise_max, generator, return_sigmas=True)
     strength = torch.rand(batch, generator=generator) * args.restorer_strength_max
     degraded = []
     for index in range(batch):
@@ -418,7 +417,6 @@ def evaluate_decoder(vae: AutoencoderDC, decode, photos, upscale: int, device, n
                      seed: int = 0) -> tuple[dict[str, float], list[Image.Image]]:
     """PSNR/SSIM of `decode(encode(input) + sigma * noise)` against the HQ crop for each sigma (scaled latent space),
     over the validation crops; also one grid per photo (columns: input, decoded at each sigma, target)."""
-    scaling = vae.config.scaling_factor
     metrics: dict[str, list[float]] = {}
     grids = []
     generator = torch.Generator().manual_seed(seed)
@@ -429,7 +427,7 @@ def evaluate_decoder(vae: AutoencoderDC, decode, photos, upscale: int, device, n
         row = [photo.resize((source.shape[-1], source.shape[-2]), Image.Resampling.BOX) if upscale == 2 else photo]
         for sigma in noise_levels:
             noisy = latents + sigma * torch.randn(latents.shape, generator=generator).to(latents)
-            decoded = ((decode(noisy / scaling).float() + 1) / 2).clamp(0, 1)[..., : target.shape[-2], : target.shape[-1]]
+            decoded = ((decode(unscale_latents(vae, noisy)).float() + 1) / 2).clamp(0, 1)[..., : target.shape[-2], : target.shape[-1]]
             reference = (target + 1) / 2
             metrics.setdefault(f"psnr_sigma_{sigma:g}", []).append(float(psnr(decoded, reference)))
             metrics.setdefault(f"ssim_sigma_{sigma:g}", []).append(float(ssim(decoded, reference)))
@@ -722,7 +720,6 @@ def main(args: argparse.Namespace) -> dict:
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    scaling = vae.config.scaling_factor
     last_checkpoint = None
     final_metrics: dict = {}
     epoch = first_epoch
@@ -738,9 +735,9 @@ def main(args: argparse.Namespace) -> dict:
                 target = batch["target"].float()
                 with torch.no_grad():
                     latents = encode_latents(vae, batch["input"].float())
-                    degraded, _ = degrade_latents(args, latents, batch["input"], generator, restorer)
+                    degraded, _ = degrade_input_latents(args, latents, batch["input"], generator, restorer)
                 with accelerator.autocast():
-                    prediction = model(degraded / scaling).float()
+                    prediction = model(unscale_latents(vae, degraded)).float()
                 prediction = prediction[..., : target.shape[-2], : target.shape[-1]]
                 reconstruction = F.l1_loss(prediction, target)
                 perceptual = torch.zeros((), device=prediction.device)

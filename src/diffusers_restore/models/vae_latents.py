@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_latents", "encode_latents", "vae_spatial_factor"]
+__all__ = ["decode_latents", "encode_latents", "unscale_latents", "vae_spatial_factor"]
 
 
 def _config_value(vae: torch.nn.Module, key: str):
@@ -50,9 +50,17 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return (latents.float() - shift) * scaling
 
 
+def unscale_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents back to what the VAE's decoder takes: ``latents / scaling_factor + shift_factor`` (the shift is
+    0 unless the VAE config defines one). Any decoder of that VAE's latent space (e.g. a `DCUpscaleDecoder`) takes
+    these."""
+    shift = _config_value(vae, "shift_factor") or 0.0
+    return latents / _config_value(vae, "scaling_factor") + shift
+
+
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`encode_latents`: images in [-1, 1] (not clamped) from scaled latents, decoding
-    ``latents / scaling_factor + shift_factor`` in the VAE's dtype. Differentiable with respect to `latents`.
+    :func:`unscale_latents` in the VAE's dtype. Differentiable with respect to `latents`.
 
     Args:
         vae: a diffusers autoencoder whose config has `scaling_factor`.
@@ -61,9 +69,7 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     Returns:
         `(batch, 3, h * f, w * f)` float32 images.
     """
-    shift = _config_value(vae, "shift_factor") or 0.0
-    unscaled = latents / _config_value(vae, "scaling_factor") + shift
-    return vae.decode(unscaled.to(vae.dtype), return_dict=False)[0].float()
+    return vae.decode(unscale_latents(vae, latents).to(vae.dtype), return_dict=False)[0].float()
 
 
 def vae_spatial_factor(vae: torch.nn.Module) -> int:

@@ -20,6 +20,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+from ..image_io import read_json
 from ..models.upscale_decoder import DCUpscaleDecoder
 
 __all__ = ["install_decoder"]
@@ -31,10 +32,9 @@ def _read_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{what}: {path} does not exist.")
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what}: {path} is not valid JSON ({error}).") from None
+        value = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what}: {path} does not hold a JSON object.")
     return value

@@ -62,7 +62,7 @@ from ..models.degradation_removal import DegradationRemovalModel, estimate_noise
 from ..models.safe_weights import UNSAFE_WEIGHT_PATTERNS, refuse_pickle, refuse_pickle_only_folder
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.upscale_decoder import DCUpscaleDecoder
-from ..models.vae_latents import decode_latents, encode_latents, vae_spatial_factor
+from ..models.vae_latents import decode_latents, encode_latents, unscale_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
 from .image_processing_restoration import (
     COLOR_FIX_METHODS,
@@ -1086,9 +1086,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             decoder, factor = self.upscale_decoder, self.vae_scale_factor * self.upscale_decoder.config.upscale_factor
 
             def decode(part: torch.Tensor) -> torch.Tensor:
-                shift = self.vae.config.get("shift_factor") or 0.0
-                unscaled = part / self.vae.config.scaling_factor + shift
-                return decoder(unscaled.to(decoder.dtype), return_dict=False)[0].float()
+                return decoder(unscale_latents(self.vae, part).to(decoder.dtype), return_dict=False)[0].float()
         else:
             factor = self.vae_scale_factor
 
