@@ -1390,3 +1390,114 @@ def test_negative_samples_with_a_stage_target_the_raw_degraded_image(tiny_base, 
     with pytest.raises(ValueError, match="cache holds the cleaned ones"):
         _run(_base_args(base, pair_data, tmp_path / "out2", "--max_train_steps", 1, "--negative_sample_prob", 0.5,
                         "--cache_latents", "--checkpointing_steps", 100))
+
+
+# ------------------------------------------------------------------------------------------- precision, optimiser, nodes
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_base, pair_data, tmp_path, monkeypatch):
+    """`--mixed_precision bf16` runs on a CPU: the transformer's forward runs under bf16 autocast, the weights stay
+    float32, the saved pipeline is float32 and finite, and a checkpoint resumes."""
+    from diffusers_restore import ConcatConditionedTransformer
+
+    seen = []
+    forward = ConcatConditionedTransformer.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), self.projection.weight.dtype))
+        output = forward(self, *args, **kwargs)
+        seen[-1] += (output[0].dtype if isinstance(output, tuple) else output.sample.dtype,)
+        return output
+
+    monkeypatch.setattr(ConcatConditionedTransformer, "forward", recording_forward)
+    output_dir = tmp_path / "bf16"
+    _run(_base_args(tiny_base, pair_data, output_dir, "--mixed_precision", "bf16", "--max_train_steps", 2,
+                    "--checkpointing_steps", 1))
+    # one forward per training step under bf16 autocast (float32 weights, bf16 output: the matmuls ran in bf16)
+    autocast_calls = [call for call in seen if call[0]]
+    assert len(autocast_calls) == 2
+    assert all(call[1:] == (torch.bfloat16, torch.float32, torch.bfloat16) for call in autocast_calls)
+    weights = _weights(output_dir / "transformer")
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in weights.values())
+    initial = _weights(Path(tiny_base) / "transformer")
+    assert all(f"transformer.{key}" in weights for key in initial)  # the base is a plain SANA transformer
+    assert any(not torch.equal(weights[f"transformer.{key}"], initial[key]) for key in initial)
+    assert "bf16" in (output_dir / "README.md").read_text()
+
+    _reset_accelerate()
+    _run(_base_args(tiny_base, pair_data, output_dir, "--mixed_precision", "bf16", "--max_train_steps", 2,
+                    "--checkpointing_steps", 1, "--resume_from_checkpoint", "checkpoint-1"))
+    _assert_same_weights(_weights(output_dir / "transformer"), weights)
+
+
+def test_8bit_adam_runs_on_cpu_and_resumes_exactly(tiny_base, pair_data, tmp_path, monkeypatch):
+    """bitsandbytes' AdamW8bit works on a CPU (its CPU backend): the optimizer state in the checkpoint is 8-bit, and a
+    run resumed from step 1 ends with the uninterrupted run's weights. (AdamW8bit keeps tensors under
+    `min_8bit_size` = 4096 elements in 32 bits, which is every tensor of the tiny model: lowered here to 16.)"""
+    import functools
+
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "__init__",
+                        functools.partialmethod(bnb.optim.AdamW8bit.__init__, min_8bit_size=16))
+    output_dir = tmp_path / "adam8"
+    args = _base_args(tiny_base, pair_data, output_dir, "--use_8bit_adam", "--max_train_steps", 2,
+                      "--checkpointing_steps", 1)
+    _run(args)
+    uninterrupted = _weights(output_dir / "transformer")
+    state = torch.load(output_dir / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
+    first_moments = [entry["__bnb_optimizer_quant_state__"]["state1"] for entry in state.values()]
+    assert sum(moment.dtype == torch.uint8 for moment in first_moments) > len(first_moments) // 2
+    assert "AdamW 8-bit" in (output_dir / "README.md").read_text()
+
+    _reset_accelerate()
+    shutil.rmtree(output_dir / "checkpoint-2")
+    _run(args + ["--resume_from_checkpoint", "latest"])
+    _assert_same_weights(_weights(output_dir / "transformer"), uninterrupted)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
+    """Two "machines" on this one: `accelerate launch --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1`,
+    one process each, as a real two-node launch runs it (rank 0's machine hosts the rendezvous). Both end with the
+    same weights, each process sees its own part of every batch, and only machine 0 writes the pipeline."""
+    output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
+    port = _free_port()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launches = []
+    for machine_rank in (0, 1):
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "static",
+            "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(SCRIPT),
+            *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
+                        "--checkpointing_steps", 2, "--weights_checksum_dir", checksums),
+        ]
+        launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = []
+    try:
+        for launch in launches:
+            outputs.append(launch.communicate(timeout=300)[0])
+    finally:
+        for launch in launches:
+            launch.kill()
+    for launch, output in zip(launches, outputs):
+        assert launch.returncode == 0, output[-4000:]
+    assert "DistributedType.MULTI_CPU" in outputs[0]
+    rank0 = (checksums / "rank-0.sha256").read_text().strip()
+    assert (checksums / "rank-1.sha256").read_text().strip() == rank0
+    from diffusers_restore import ConcatConditionedTransformer
+
+    saved = ConcatConditionedTransformer.from_pretrained(str(output_dir), subfolder="transformer")
+    assert train_paired.weights_digest(saved) == rank0
+    state = json.loads((output_dir / "checkpoint-2" / "training_state.json").read_text())
+    assert state["num_processes"] == 2

@@ -104,11 +104,15 @@ from diffusers_restore.training_utils import (
     all_processes_finite,
     check_finite_weights,
     check_resume_argument,
+    create_ema,
+    gather_full_state_dict,
     list_checkpoints,
+    load_ema_checkpoint,
     remove_unfinished_checkpoints,
     ema_weights,
     prepare_hub_repo,
     resolve_checkpoint,
+    save_ema_checkpoint,
 )
 
 logger = get_logger(__name__)
@@ -311,7 +315,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
+    parser.add_argument("--use_8bit_adam", action="store_true",
+                        help="bitsandbytes' 8-bit AdamW (CUDA or CPU; tensors under 4096 elements keep 32-bit states).")
     parser.add_argument("--adam_beta1", type=float, default=0.9)
     parser.add_argument("--adam_beta2", type=float, default=0.999)
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -1453,23 +1458,6 @@ def load_lora_checkpoint(model: ConcatConditionedTransformer, lora_dir: str) -> 
         model.projection.weight.copy_(projection)
 
 
-def load_ema_checkpoint(
-    ema_model: EMAModel, ema_dir: str, model_cls: type[ModelMixin] = ConcatConditionedTransformer
-) -> None:
-    """Load the EMA that `EMAModel.save_pretrained` wrote into `ema_model`: the weights (of a `model_cls`, the trained
-    model's class) from safetensors only (`EMAModel.from_pretrained` would fall back to pickled files) and the counters
-    (decay, optimization_step, ...) from the same config.json."""
-    loaded = model_cls.from_pretrained(ema_dir, use_safetensors=True)
-    config = model_cls.load_config(ema_dir)
-    state = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params" and key in config}
-    state["shadow_params"] = [parameter.detach() for parameter in loaded.parameters()]
-    if len(state["shadow_params"]) != len(ema_model.shadow_params):
-        raise ValueError(
-            f"{ema_dir} holds {len(state['shadow_params'])} tensors but the EMA tracks {len(ema_model.shadow_params)}."
-        )
-    ema_model.load_state_dict(state)
-
-
 def read_base_model_index(args) -> dict:
     """The base's model_index.json (which components it has, its recorded sampling defaults); {} for a folder without
     one (component subfolders only)."""
@@ -1812,14 +1800,12 @@ def main(args: argparse.Namespace) -> None:
         f"{sum(p.numel() for p in model.parameters()):,}."
     )
 
+    # The EMA is built from the parameters as training will see them: after `accelerator.prepare` (under FSDP2 each
+    # shadow is then a DTensor shard beside its parameter's shard), except under DeepSpeed, whose ZeRO-3 partitions
+    # the parameters in `prepare` (diffusers' EMAModel gathers them in `step` from a full copy made before).
     ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_decay,
-            model_cls=model_cls,
-            model_config=model.config,
-        )
+    if args.use_ema and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ema_model = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=model_cls, model_config=model.config)
         ema_model.to(accelerator.device)
 
     # One pipeline object for prompt encoding (its encode_prompt caches repeated prompts), validation and saving.
@@ -1867,6 +1853,9 @@ def main(args: argparse.Namespace) -> None:
     component = trained_component(args)  # the checkpoint subfolder of the trained model (and <component>_ema)
 
     def save_model_hook(models, weights, output_dir):
+        # called on every process: gathering a sharded EMA is a collective
+        if ema_model is not None:
+            save_ema_checkpoint(ema_model, os.path.join(output_dir, f"{component}_ema"), accelerator.is_main_process)
         if accelerator.is_main_process:
             for saved_model in models:
                 unwrapped = unwrap_model(saved_model)
@@ -1876,8 +1865,6 @@ def main(args: argparse.Namespace) -> None:
                     unwrapped.save_pretrained(os.path.join(output_dir, component))
                 if weights and not native_model_checkpoints:
                     weights.pop()  # saved above: accelerate must not save it again
-            if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(output_dir, f"{component}_ema"))
 
     def load_model_hook(models, input_dir):
         if not native_model_checkpoints:
@@ -1892,7 +1879,6 @@ def main(args: argparse.Namespace) -> None:
                     del loaded
         if ema_model is not None:
             load_ema_checkpoint(ema_model, os.path.join(input_dir, f"{component}_ema"), model_cls)
-            ema_model.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1970,6 +1956,14 @@ def main(args: argparse.Namespace) -> None:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
+    if args.use_ema and ema_model is None:
+        if accelerator.distributed_type == DistributedType.FSDP and not training_utils.is_sharded(unwrap_model(model)):
+            raise ValueError(
+                "--use_ema under FSDP needs FSDP2 (per-parameter DTensor shards): set `fsdp_version: 2` in the "
+                "accelerate config (examples/accelerate_configs/fsdp.yaml); FSDP1's flattened parameters cannot be "
+                "averaged parameter by parameter."
+            )
+        ema_model = create_ema(unwrap_model(model), args.ema_decay)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -2298,10 +2292,15 @@ def main(args: argparse.Namespace) -> None:
     # ------------------------------------------------------------------ save the pipeline
     accelerator.wait_for_everyone()
     check_finite_weights(accelerator, named_weights(), f"the final pipeline (step {global_step})")
-    full_state_dict = accelerator.get_state_dict(model) if native_model_checkpoints else None
     final_model = unwrap_model(model)
-    if ema_model is not None:
+    if ema_model is not None:  # before gathering: the saved pipeline holds the averaged weights
         ema_model.copy_to(final_model.parameters())
+    full_state_dict = None
+    if native_model_checkpoints:  # every process takes part in gathering the shards
+        if training_utils.is_sharded(final_model):
+            full_state_dict = gather_full_state_dict(final_model)
+        else:
+            full_state_dict = accelerator.get_state_dict(model)
     if args.weights_checksum_dir is not None:
         os.makedirs(args.weights_checksum_dir, exist_ok=True)
         checksum_path = os.path.join(args.weights_checksum_dir, f"rank-{accelerator.process_index}.sha256")

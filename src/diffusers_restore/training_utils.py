@@ -2,6 +2,11 @@
 """Checkpoint and divergence helpers shared by the training scripts in `examples/` (`train_paired.py`,
 `train_decoder.py`). Inference code never imports this module.
 
+Sharded training (FSDP2, `torch.distributed.fsdp.fully_shard`, which accelerate uses with `fsdp_version: 2`) turns
+each parameter into a `DTensor` that holds this process's shard. The helpers below that touch weights (`local_tensor`,
+`full_tensor`, `gather_full_state_dict`, `check_finite_weights`, `save_ema_checkpoint`, `load_ema_checkpoint`) work
+on plain, data-parallel and sharded models alike; the ones that gather are collectives that every process must call.
+
 Checkpoints are folders `output_dir/checkpoint-<step>` written by accelerate's `save_state` plus a
 `training_state.json`. They are written atomically (into `checkpoint-<step>.tmp`, renamed when complete), pruned
 atomically (renamed to `.pruned.tmp` before deletion), and never written when a weight is NaN or infinite, so that
@@ -22,7 +27,8 @@ from typing import Any
 
 import torch
 from huggingface_hub import create_repo
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import Sampler
 
 
@@ -113,6 +119,31 @@ def read_training_state(checkpoint: str) -> dict[str, Any]:
         return json.load(handle)
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of `tensor`: its shard for a `DTensor` (FSDP2), else `tensor` itself. Local, no
+    communication."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of `module` is a `DTensor` (the module was sharded with FSDP2's `fully_shard`)."""
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole, as a detached CPU copy: gathered from every process's shard for a `DTensor` (a collective:
+    every process must call it, for the same tensors in the same order), copied otherwise."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu", copy=True)
+
+
+def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with every tensor whole and on the CPU, on every process (see `full_tensor`): what a
+    sharded model's `save_pretrained` needs. Every process must call it."""
+    return {name: full_tensor(tensor) for name, tensor in module.state_dict().items()}
+
+
 def sum_over_processes(accelerator, value: float) -> float:
     """`value` summed over all processes; every process must call this."""
     if accelerator.num_processes == 1:
@@ -143,7 +174,7 @@ def check_finite_weights(accelerator, named_tensors: list[tuple[str, torch.Tenso
     """
     bad = []
     if named_tensors:
-        finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in named_tensors]).tolist()
+        finite = [bool(torch.isfinite(local_tensor(tensor).detach()).all()) for _, tensor in named_tensors]
         bad = [name for (name, _), ok in zip(named_tensors, finite, strict=True) if not ok]
     count = int(sum_over_processes(accelerator, float(len(bad))))
     if count > 0:
@@ -232,6 +263,94 @@ def prepare_hub_repo(args, accelerator) -> str | None:
             f"--push_to_hub: could not create the repo {args.hub_model_id or Path(args.output_dir).name!r} on "
             f"{constants.ENDPOINT} ({type(error).__name__}: {error}). Check the token and the network."
         ) from error
+
+
+def save_ema_checkpoint(ema_model, ema_dir: str, is_main_process: bool = True) -> None:
+    """Write `ema_model` (a diffusers `EMAModel`) as `EMAModel.save_pretrained` does: a model folder of its
+    `model_cls` with the averaged weights and the EMA's counters (decay, optimization_step, ...) in its config.json.
+
+    Sharded shadows (the EMA of an FSDP2 model holds `DTensor` shards, see `create_ema`) are gathered first, so the
+    folder is the same whatever the sharding and a run can resume on another number of processes. Every process must
+    call this; only the main one writes.
+    """
+    shadows = ema_model.shadow_params
+    if not any(isinstance(shadow, DTensor) for shadow in shadows):
+        if is_main_process:
+            ema_model.save_pretrained(ema_dir)
+        return
+    whole = [full_tensor(shadow) for shadow in shadows]
+    if not is_main_process:
+        return
+    model = ema_model.model_cls.from_config(ema_model.model_config)
+    counters = ema_model.state_dict()
+    counters.pop("shadow_params")
+    model.register_to_config(**counters)
+    with torch.no_grad():
+        for parameter, value in zip(model.parameters(), whole, strict=True):
+            parameter.copy_(value)
+    model.save_pretrained(ema_dir)
+
+
+def load_ema_checkpoint(ema_model, ema_dir: str, model_cls: type | None = None) -> None:
+    """Load what `save_ema_checkpoint` (or `EMAModel.save_pretrained`) wrote into `ema_model`, in place.
+
+    The weights are read from safetensors only (`EMAModel.from_pretrained` would fall back to pickled files), the
+    counters (decay, optimization_step, ...) from the same config.json. Sharded shadows receive their shard of the
+    saved weights, whatever the number of processes that wrote them (every process must call this then).
+
+    Args:
+        ema_model: the `EMAModel` to load into (its shadows keep their device, dtype and sharding).
+        ema_dir: the folder written by `save_ema_checkpoint`.
+        model_cls: the class of the averaged model (default: `ema_model.model_cls`).
+    """
+    model_cls = model_cls or ema_model.model_cls
+    weights_path = os.path.join(ema_dir, "diffusion_pytorch_model.safetensors")
+    index_path = weights_path + ".index.json"  # a large model's weights in shards
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            shard_files = sorted(set(json.load(handle)["weight_map"].values()))
+        saved = {}
+        for shard_file in shard_files:
+            saved.update(load_file(os.path.join(ema_dir, shard_file)))
+    elif os.path.isfile(weights_path):
+        saved = load_file(weights_path)
+    else:
+        raise FileNotFoundError(f"{ema_dir} has no diffusion_pytorch_model.safetensors: not an EMA checkpoint.")
+    config = model_cls.load_config(ema_dir)
+    with torch.device("meta"):  # the parameter names and order only, without allocating the model
+        names = [name for name, _ in model_cls.from_config(config).named_parameters()]
+    if len(names) != len(ema_model.shadow_params) or any(name not in saved for name in names):
+        missing = [name for name in names if name not in saved]
+        raise ValueError(
+            f"{ema_dir} does not match the EMA: it holds {len(saved)} tensors for {len(names)} parameters "
+            f"(missing: {missing[:3]}), the EMA tracks {len(ema_model.shadow_params)}."
+        )
+    with torch.no_grad():
+        for name, shadow in zip(names, ema_model.shadow_params, strict=True):
+            value = saved[name].to(dtype=shadow.dtype)
+            if isinstance(shadow, DTensor):
+                value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
+            else:
+                value = value.to(shadow.device)
+            if value.shape != shadow.shape:
+                raise ValueError(f"{ema_dir}: {name} has shape {tuple(value.shape)}, the EMA's is {tuple(shadow.shape)}.")
+            shadow.copy_(value)
+    counters = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params" and key in config}
+    for key, value in counters.items():
+        setattr(ema_model, key, value)
+
+
+def create_ema(model: torch.nn.Module, decay: float):
+    """A diffusers `EMAModel` of `model`'s parameters, as they are now: build it after the model is sharded (FSDP2),
+    so that each shadow is a `DTensor` shard beside its parameter's shard (an EMA built from the unsharded weights
+    would be stepped with mismatched tensors) and costs each process only its share of memory. For a plain or DDP
+    model it is the usual full copy."""
+    from diffusers.training_utils import EMAModel
+    from torch.distributed.fsdp import FSDPModule
+
+    # fully_shard gives the module a new class (FSDP<Name>, a subclass of FSDPModule and <Name>): save as <Name>
+    model_cls = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    return EMAModel(list(model.parameters()), decay=decay, model_cls=model_cls, model_config=model.config)
 
 
 @contextlib.contextmanager
