@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Gemma2Model
 
 import diffusers
-from diffusers import AutoencoderDC, DiffusionPipeline, ModelMixin, SanaPipeline
+from diffusers import AutoencoderDC, DiffusionPipeline, SanaPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
