@@ -28,6 +28,9 @@ Both parts run the real training script in this process (`main(parse_args([...])
    meaningful figure is the real-size one. `--scale real` uses SANA 1.6B's widths (hidden 2240, caption 2304,
    32 latent channels) with all 20 layers on CUDA, and 2 of them on CPU (a 1.6B full fine-tune does not fit a small
    CPU machine; fewer layers make the overhead look larger, not smaller). Target <= 1.10 at real size.
+3. Training throughput (real scale): samples/s and model TFLOP/s (6 x parameters x tokens per sample) at SANA
+   1024 px's and 512 px's token counts (32 x 32 and 16 x 16 latents; batch 4 and 16 on a GPU), and on a GPU the MFU
+   against its dense bf16 peak (`PEAK_BF16_FLOPS`).
 """
 
 from __future__ import annotations
@@ -296,6 +299,7 @@ class StepTimer:
         self.forward_starts: list[float] = []
         self.forward_seconds: list[float] = []
         self.backward_seconds: list[float] = []
+        self.parameters = 0  # the trained transformer's parameter count (for the model-FLOPs estimate)
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -313,6 +317,8 @@ class StepTimer:
         def timed_forward(module, *args, **kwargs):
             if not torch.is_grad_enabled():  # validation or checks: not a training step
                 return forward(module, *args, **kwargs)
+            if not timer.parameters:
+                timer.parameters = sum(parameter.numel() for parameter in module.parameters())
             timer._sync()
             start = time.perf_counter()
             timer.forward_starts.append(start)
@@ -335,12 +341,29 @@ class StepTimer:
             ConcatConditionedTransformer.forward, Accelerator.backward = forward, backward
 
 
-def overhead(train_paired, root: str, base: str, scale: str, device: str, steps: int) -> list[dict]:
+# Dense bf16 peak of the GPUs a session may be lent (vendor figures, FLOP/s), for the MFU estimate.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def overhead(train_paired, root: str, base: str, scale: str, device: str, steps: int,
+             latent_size: int | None = None) -> list[dict]:
+    """Train `steps` steps on cached latents and report the step overhead and the throughput. `latent_size`: the
+    latent's side in tokens (default: 16 at tiny scale; 32 at real scale, SANA 1024 px's token count; 16 is SANA
+    512 px's); the test kit's VAE encodes 4 px per token."""
     from diffusers_restore.sample_photos import TRAIN_PHOTOS, load_photo
 
     data_dir = os.path.join(root, "overhead-data")
     os.makedirs(data_dir, exist_ok=True)
-    resolution = RESOLUTION if scale == "tiny" else 128  # real: a 32 x 32 latent, SANA 1024 px's token count
+    if latent_size is None:
+        latent_size = RESOLUTION // 4 if scale == "tiny" else 32
+    resolution = 4 * latent_size
     for name in TRAIN_PHOTOS:
         photo = load_photo(name)
         scale_factor = 2 * resolution / min(photo.size)
@@ -348,6 +371,8 @@ def overhead(train_paired, root: str, base: str, scale: str, device: str, steps:
             os.path.join(data_dir, f"{name}.png")
         )
     batch_size = 8 if scale == "tiny" else (4 if device != "cpu" else 1)  # real: the recipe's batch of 4 on a GPU
+    if scale == "real" and device != "cpu" and latent_size <= 16:
+        batch_size = 16  # 512 px: the batch a 1.6B fine-tune uses on one GPU
     args = [
         "--pretrained_model_name_or_path", base,
         "--train_data_dir", data_dir,
@@ -363,7 +388,7 @@ def overhead(train_paired, root: str, base: str, scale: str, device: str, steps:
         "--checkpointing_steps", str(10 * steps),
         "--report_to", "none",
         "--seed", "0",
-        "--output_dir", os.path.join(root, "overhead-run"),
+        "--output_dir", os.path.join(root, f"overhead-run-{latent_size}"),
     ]
     if device.startswith("cuda"):
         args += ["--mixed_precision", "bf16", "--gradient_checkpointing"]
@@ -379,16 +404,30 @@ def overhead(train_paired, root: str, base: str, scale: str, device: str, steps:
     model = float(np.median(model_seconds))
     print(f"  step {step * 1e3:.1f} ms, forward+backward {model * 1e3:.1f} ms (medians over {len(intervals)} steps): "
           f"overhead ratio {step / model:.3f}, {1e3 * (step - model):.1f} ms per step outside the model")
-    return [
+    # Model FLOPs of a training step: 6 x parameters x tokens (forward 2, backward 4; SANA's linear attention adds
+    # no term quadratic in the tokens). MFU = those FLOPs per second / the device's dense bf16 peak.
+    tokens = latent_size * latent_size
+    model_flops = 6.0 * timer.parameters * tokens * batch_size / step
+    peak = peak_flops(device)
+    label = f"{latent_size} x {latent_size} latent [{scale}, {device}]"
+    throughput = [
+        {"metric": f"training samples/s, batch {batch_size}, {label}", "value": batch_size / step,
+         "unit": "samples/s", "target": None, "better": "higher"},
+        {"metric": f"training model TFLOP/s (6 N T), {label}", "value": model_flops / 1e12, "unit": "TFLOP/s",
+         "target": None, "better": "higher"},
+    ]
+    if peak is not None:
+        throughput.append({"metric": f"training MFU, {label}", "value": model_flops / peak, "unit": "",
+                           "target": None, "better": "higher"})
+    if latent_size != (RESOLUTION // 4 if scale == "tiny" else 32):  # the extra throughput run: no overhead rows
+        return throughput
+    return throughput + [
         {"metric": f"step time / (forward+backward) [{scale}]", "value": step / model, "unit": "",
          "target": 1.10 if scale == "real" else None, "better": "lower"},
         {"metric": f"time per step outside forward+backward [{scale}]", "value": 1e3 * (step - model), "unit": "ms",
          "target": None, "better": "lower"},
         {"metric": f"forward+backward per step [{scale}]", "value": 1e3 * model, "unit": "ms", "target": None,
          "better": "lower"},
-        {"metric": f"training samples/s, batch {batch_size}, {resolution // 4} x {resolution // 4} latent "
-                   f"[{scale}, {device}]", "value": batch_size / step, "unit": "samples/s", "target": None,
-         "better": "higher"},
     ]
 
 
@@ -417,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += learning_check(train_paired, root, args.steps, args.device)
         overhead_steps = args.overhead_steps or (40 if args.scale == "tiny" or args.device != "cpu" else 8)
         rows += overhead(train_paired, root, base, args.scale, args.device, overhead_steps)
+        if args.scale == "real":  # SANA 512 px's token count: the throughput of the first fine-tuning stage
+            rows += overhead(train_paired, root, base, args.scale, args.device, overhead_steps, latent_size=16)
     emit_results([{**row, "benchmark": "train"} for row in rows])
     return 0
 

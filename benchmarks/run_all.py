@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --scale real              # SANA 1.6B / DC-AE f32c32 shapes, random weights
     python benchmarks/run_all.py --scale real --device cuda
     python benchmarks/run_all.py --only pipeline data      # a subset
-    python benchmarks/run_all.py --scale tiny --skip-learning   # about 3 minutes: no 1500-step learning check
+    python benchmarks/run_all.py --scale tiny --skip-learning   # a few minutes: no 1500-step learning check
 
 Each benchmark is a script beside this one, run in its own process (so peak-RSS figures do not mix), that ends its
 output with one line ``BENCHMARK_RESULTS_JSON: [...]``: a list of rows
@@ -27,7 +27,9 @@ BENCHMARKS = {
     "pipeline": "bench_pipeline.py",
     "data": "bench_data.py",
     "train": "bench_train.py",
+    "sharding": "bench_sharding.py",
 }
+CPU_ONLY = {"sharding"}  # gloo processes on the CPU: left out of a --device cuda run unless named in --only
 
 
 def emit_results(rows: list[dict]) -> None:
@@ -62,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (absolute GPU figures need cuda)")
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None,
+                        help="a subset (default: all; with --device cuda, all but the CPU-only sharding benchmark)")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
     parser.add_argument("--skip-learning", action="store_true",
                         help="train: skip the learning check (1500 CPU steps at tiny scale), keep the overhead run")
     args = parser.parse_args(argv)
 
+    if args.only is None:
+        args.only = [name for name in sorted(BENCHMARKS) if args.device == "cpu" or name not in CPU_ONLY]
     all_rows, failures = [], []
     for name in args.only:
         print(f"running {name} ({args.scale}, {args.device}) ...", flush=True)

@@ -1501,3 +1501,87 @@ def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
     assert train_paired.weights_digest(saved) == rank0
     state = json.loads((output_dir / "checkpoint-2" / "training_state.json").read_text())
     assert state["num_processes"] == 2
+
+
+# ------------------------------------------------------------------------------------------- streaming data
+
+
+def test_tar_shards_stream_and_resume_exactly(tiny_base, pair_data, tmp_path):
+    """--train_data_shards: training streams the shards make-pairs writes; a run resumed from step 1 ends with the
+    uninterrupted run's weights (each reader skips the pairs it had given)."""
+    from diffusers_restore.data.paired_dataset import read_paired_csv
+    from diffusers_restore.data.streaming import write_pair_shards
+
+    rows, _ = read_paired_csv(str(pair_data / "pairs.csv"))
+    write_pair_shards(rows, tmp_path / "shards", 2)
+    pattern = str(tmp_path / "shards" / "pairs-{000000..000001}.tar")
+    output_dir = tmp_path / "out"
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                      "--shuffle_buffer_size", 4)
+    args[args.index("--train_data_csv"):args.index("--train_data_csv") + 2] = ["--train_data_shards", pattern]
+    _run(args)
+    uninterrupted = _weights(output_dir / "transformer")
+    assert "streamed from the tar shards" in (output_dir / "README.md").read_text()
+
+    _reset_accelerate()
+    for step in (2, 3):
+        shutil.rmtree(output_dir / f"checkpoint-{step}")
+    _run(args + ["--resume_from_checkpoint", "latest"])
+    _assert_same_weights(_weights(output_dir / "transformer"), uninterrupted)
+
+
+def test_streaming_sources_need_a_step_count_and_refuse_random_access_flags(tiny_base, pair_data, tmp_path):
+    shards = str(tmp_path / "none-{000000..000001}.tar")
+    base = _base_args(tiny_base, pair_data, tmp_path / "out")
+    base[base.index("--train_data_csv"):base.index("--train_data_csv") + 2] = ["--train_data_shards", shards]
+    with pytest.raises(ValueError, match="endless stream: give the run's length with --max_train_steps"):
+        _run(base)
+    with pytest.raises(ValueError, match="--cache_latents needs a dataset with a length"):
+        _run(base + ["--max_train_steps", "2", "--cache_latents"])
+    with pytest.raises(ValueError, match="--streaming applies to --dataset_name"):
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out2", "--streaming", "--max_train_steps", 2))
+
+
+def test_hf_dataset_streams_offline(tiny_base, pair_data, tmp_path):
+    """--dataset_name <local imagefolder> --streaming: trained from the stream, nothing exported to files."""
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    lines = ["file_name,text"]
+    for index in range(6):
+        shutil.copy(pair_data / "clean" / f"{index}.png", folder / f"{index}.png")
+        lines.append(f"{index}.png,{CAPTIONS[index % 2]}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    output_dir = tmp_path / "out"
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--caption_column", "text",
+                      "--streaming", "--degradation", "gaussian_noise:25")
+    args[args.index("--train_data_csv"):args.index("--train_data_csv") + 2] = ["--dataset_name", str(folder)]
+    _run(args)
+    assert (output_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (output_dir / "dataset_export").exists()
+    assert "streamed" in (output_dir / "README.md").read_text()
+
+
+def test_two_processes_build_the_latent_cache_together(tiny_base, pair_data, tmp_path):
+    """--cache_latents on 2 processes: each encodes its share of the shards (3 shards of 2 pairs), the main process
+    merges them; the merged cache holds every pair once, and training on it gives both ranks the same weights."""
+    output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        str(SCRIPT),
+        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
+                    "--cache_latents", "--latent_cache_shard_size", 2, "--weights_checksum_dir", checksums),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cache = output_dir / "latent_cache"
+    index = json.loads((cache / "index.json").read_text())
+    assert [entry["num_samples"] for entry in index["shards"]] == [2, 2, 2]
+    assert not [name for name in os.listdir(cache) if name.startswith("progress")]
+    from diffusers_restore.data.latents import CachedLatentDataset
+
+    cached = CachedLatentDataset(str(cache))
+    assert sorted(int(cached[i]["index"]) for i in range(len(cached))) == list(range(6))
+    assert (checksums / "rank-0.sha256").read_text() == (checksums / "rank-1.sha256").read_text()

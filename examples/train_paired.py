@@ -94,6 +94,7 @@ from diffusers_restore.data.latents import (
     vae_fingerprint,
 )
 from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
+from diffusers_restore.data.streaming import StreamingPairDataset, expand_shard_pattern
 from diffusers_restore.metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid, psnr, ssim
 from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 from diffusers_restore import training_utils
@@ -151,6 +152,7 @@ DEFAULT_DEGRADATION_REMOVAL_LAYERS = int(_STAGE_DEFAULTS["layers_per_block"].def
 # would do nothing). The VAE, the text encoder and the transformer stay off the device in that mode anyway (--offload).
 TRANSFORMER_ONLY_FLAGS = (
     "use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "cache_latents", "latent_cache_dir",
+    "latent_cache_shard_size",
     "training_objective", "pixel_loss_weight", "fidelity", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "flow_shift", "proportion_empty_prompts", "conditioning_dropout_prob", "condition_noise_max", "negative_sample_prob",
     "gradient_checkpointing", "offload",
@@ -202,6 +204,26 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="A 🤗 datasets dataset (Hub id or local folder) with image columns; needs `pip install datasets`.",
+    )
+    parser.add_argument(
+        "--train_data_shards",
+        type=str,
+        default=None,
+        help="WebDataset tar shards of pairs, e.g. 'pairs-{000000..000099}.tar' (written by `sana-restore make-pairs "
+        "--shards N`): streamed, never held in memory; shards are dealt to the processes (and dataloader workers) "
+        "round-robin. Needs --max_train_steps.",
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="With --dataset_name: stream the dataset (`load_dataset(..., streaming=True)`), split across processes by "
+        "datasets, instead of exporting it to files first. Needs --max_train_steps.",
+    )
+    parser.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="Pairs in each reader's shuffle buffer when streaming (--train_data_shards, --streaming).",
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration name.")
     parser.add_argument("--image_column", type=str, default="image", help="--dataset_name column with clean images.")
@@ -269,6 +291,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Where --cache_latents writes its safetensors shards (default: <output_dir>/latent_cache).",
+    )
+    parser.add_argument(
+        "--latent_cache_shard_size",
+        type=int,
+        default=1024,
+        help="Pairs per latent cache shard; with several processes each encodes its share of the shards.",
     )
 
     # output and logging
@@ -663,10 +691,11 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
                 "--train_degradation_removal (a stage in the base pipeline is used as it is when the transformer "
                 "is trained)."
             )
-    sources = [name for name in ("train_data_csv", "train_data_dir", "dataset_name") if getattr(args, name)]
+    sources = [name for name in ("train_data_csv", "train_data_dir", "dataset_name", "train_data_shards")
+               if getattr(args, name)]
     if len(sources) != 1:
         raise ValueError(
-            "Specify exactly one data source: --train_data_csv, --train_data_dir or --dataset_name"
+            "Specify exactly one data source: --train_data_csv, --train_data_dir, --dataset_name or --train_data_shards"
             + (f" (got {', '.join('--' + s for s in sources)})." if sources else ".")
         )
     if args.train_data_csv and not os.path.isfile(args.train_data_csv):
@@ -677,6 +706,20 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
         for name in ("dataset_config_name", "conditioning_image_column", "caption_column"):
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name} only applies to --dataset_name.")
+        if args.streaming:
+            raise ValueError("--streaming applies to --dataset_name (tar shards always stream).")
+    if is_streaming(args):
+        source = "--train_data_shards" if args.train_data_shards else "--dataset_name --streaming"
+        if args.max_train_steps is None:
+            raise ValueError(f"{source} is an endless stream: give the run's length with --max_train_steps.")
+        refused = {"cache_latents": args.cache_latents, "max_train_samples": args.max_train_samples is not None,
+                   "repeats": args.repeats != 1, "skip_bad_samples": args.skip_bad_samples}
+        for name, given in refused.items():
+            if given:
+                raise ValueError(f"--{name} needs a dataset with a length and random access, not {source}: "
+                                 "train from a pairs CSV, or leave it out.")
+        if args.shuffle_buffer_size < 0:
+            raise ValueError(f"--shuffle_buffer_size must be >= 0, got {args.shuffle_buffer_size}.")
 
     try:
         parse_degradation_spec(args.degradation)
@@ -686,6 +729,7 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
     if args.resolution <= 0:
         raise ValueError(f"--resolution must be a positive number of pixels, got {args.resolution}.")
     for name in ("repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+                 "latent_cache_shard_size",
                  "validation_steps", "num_validation_images", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -829,6 +873,39 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------------- data
+
+
+def is_streaming(args) -> bool:
+    """Whether the training pairs stream (tar shards, or a 🤗 dataset with --streaming): no length, no random access."""
+    return bool(args.train_data_shards) or bool(args.dataset_name and args.streaming)
+
+
+def build_streaming_dataset(args, seed: int, process_index: int, num_processes: int) -> StreamingPairDataset:
+    """The endless, per-process stream of training pairs from tar shards or a 🤗 streaming dataset."""
+    common = dict(
+        resolution=args.resolution, degradation=args.degradation, seed=seed, random_flip=args.random_flip,
+        center_crop=args.center_crop, process_index=process_index, num_processes=num_processes,
+        shuffle_buffer=args.shuffle_buffer_size, batch_size=args.train_batch_size,
+    )
+    if args.train_data_shards:
+        dataset = StreamingPairDataset(shards=expand_shard_pattern(args.train_data_shards), **common)
+        dataset.check_readers(args.dataloader_num_workers)
+        return dataset
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("--dataset_name needs the `datasets` package: pip install datasets") from error
+    stream = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                   split="train", streaming=True)
+    columns = list(stream.column_names or [])
+    for flag in ("image_column", "conditioning_image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column is not None and columns and column not in columns:
+            raise ValueError(f"--{flag} '{column}' is not a column of {args.dataset_name} (columns: {columns}).")
+    return StreamingPairDataset(
+        hf_dataset=stream, image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
+        caption_column=args.caption_column, **common,
+    )
 
 
 def build_train_dataset(args, seed: int) -> PairedDataset:
@@ -1149,7 +1226,7 @@ def save_model_card(
     args,
     repo_id: str,
     validation: dict | None,
-    train_dataset_size: int,
+    train_dataset_size: int | None,
     total_batch_size: int,
     global_step: int,
     flow_shift: float,
@@ -1171,7 +1248,7 @@ def save_model_card(
     base_is_hub_id = not os.path.isdir(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
     licence = base_model_license(args)
 
-    unique = train_dataset_size // args.repeats
+    unique = train_dataset_size // args.repeats if train_dataset_size is not None else None
     repeats = ""
     if args.repeats > 1:
         repeats = f", each repeated {args.repeats} times per epoch with its own crop and degradation"
@@ -1179,6 +1256,10 @@ def save_model_card(
         data = f"pairs listed in `{os.path.basename(args.train_data_csv)}` ({unique} examples{repeats})"
     elif args.train_data_dir:
         data = f"a folder of {unique} clean images{repeats}, degraded on the fly"
+    elif args.train_data_shards:
+        data = f"pairs streamed from the tar shards `{os.path.basename(args.train_data_shards)}`"
+    elif args.streaming:
+        data = f"the 🤗 dataset `{args.dataset_name}`, streamed"
     else:
         data = f"the 🤗 dataset `{args.dataset_name}` ({unique} examples{repeats})"
     if validation and validation.get("grid"):
@@ -1523,7 +1604,8 @@ def cache_latents(
 ) -> CachedLatentDataset:
     """Encode every pair (and every unique prompt) once into safetensors shards; return the dataset reading them.
 
-    The main process builds the cache (reused when it exists with the same settings); the others wait and read it.
+    Every process encodes its share of the latent shards, the main one merges them and encodes the prompt table (a
+    cache that exists with the same settings is reused).
     One crop, flip and degradation draw (epoch 0's) is frozen per example. When the pipeline has a degradation removal
     stage, the degraded images are encoded through it (`clean_conditions`) and the cache records that stage (class,
     config and weights hash), so that a cache built without it, or with another one, is refused.
@@ -1537,33 +1619,38 @@ def cache_latents(
         "complex_human_instruction": complex_human_instruction,
     }
     settings_file = os.path.join(cache_dir, "text_encoding.json")
-    if accelerator.is_main_process:
-        if os.path.isfile(settings_file):
-            with open(settings_file, encoding="utf-8") as handle:
-                recorded = json.load(handle)
-            if recorded != text_settings:
-                raise ValueError(
-                    f"The latent cache in {cache_dir} holds prompt embeddings made with {recorded}, not "
-                    f"{text_settings}: delete it or pass another --latent_cache_dir."
-                )
-        storage_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        condition_models = [pipeline.vae] + ([stage] if stage is not None else [])
-        with offload_models(pipeline.text_encoder, *condition_models, device=accelerator.device, offload=args.offload):
-            build_latent_cache(
-                dataset,
-                pipeline.vae,
-                cache_dir,
-                batch_size=args.train_batch_size,
-                encode_prompt_fn=lambda prompts: encode_prompts(
-                    pipeline, prompts, args, complex_human_instruction, accelerator
-                ),
-                dtype=storage_dtype,
-                device=accelerator.device,
-                num_workers=args.dataloader_num_workers,
-                # the class / config / weights identity the cache records for its VAE, here for the stage
-                condition_transform=None if stage is None else lambda pixels: clean_conditions(pipeline, pixels),
-                extra_metadata=None if stage is None else {"degradation_removal": vae_fingerprint(stage)},
+    if os.path.isfile(settings_file):  # every process checks, so that all stop together
+        with open(settings_file, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        if recorded != text_settings:
+            raise ValueError(
+                f"The latent cache in {cache_dir} holds prompt embeddings made with {recorded}, not "
+                f"{text_settings}: delete it or pass another --latent_cache_dir."
             )
+    storage_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    condition_models = [pipeline.vae] + ([stage] if stage is not None else [])
+    # every process encodes its share of the latent shards; the main one merges them and encodes the prompts
+    with offload_models(pipeline.text_encoder, *condition_models, device=accelerator.device, offload=args.offload):
+        build_latent_cache(
+            dataset,
+            pipeline.vae,
+            cache_dir,
+            batch_size=args.train_batch_size,
+            shard_size=args.latent_cache_shard_size,
+            encode_prompt_fn=lambda prompts: encode_prompts(
+                pipeline, prompts, args, complex_human_instruction, accelerator
+            ),
+            dtype=storage_dtype,
+            device=accelerator.device,
+            num_workers=args.dataloader_num_workers,
+            # the class / config / weights identity the cache records for its VAE, here for the stage
+            condition_transform=None if stage is None else lambda pixels: clean_conditions(pipeline, pixels),
+            extra_metadata=None if stage is None else {"degradation_removal": vae_fingerprint(stage)},
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            wait_for_everyone=accelerator.wait_for_everyone,
+        )
+    if accelerator.is_main_process:
         with open(settings_file, "w", encoding="utf-8") as handle:
             json.dump(text_settings, handle, indent=2)
     accelerator.wait_for_everyone()
@@ -1907,10 +1994,14 @@ def main(args: argparse.Namespace) -> None:
     )
 
     # ------------------------------------------------------------------ data
-    with accelerator.main_process_first():
-        train_dataset = build_train_dataset(args, seed=data_seed)
-    if len(train_dataset) == 0:
-        raise ValueError("The training data holds no example.")
+    streaming = is_streaming(args)
+    if streaming:
+        train_dataset = build_streaming_dataset(args, data_seed, accelerator.process_index, accelerator.num_processes)
+    else:
+        with accelerator.main_process_first():
+            train_dataset = build_train_dataset(args, seed=data_seed)
+        if len(train_dataset) == 0:
+            raise ValueError("The training data holds no example.")
     if args.cache_latents:
         train_dataset = cache_latents(args, accelerator, pipeline, train_dataset, complex_human_instruction)
         # the VAE, the text encoder (and a stage) are not needed for training steps any more (only "" and validation)
@@ -1923,7 +2014,8 @@ def main(args: argparse.Namespace) -> None:
         validation_offload = [text_encoder, vae, transformer]
     elif args.offload or args.cache_latents:
         validation_offload = [text_encoder, vae] + ([condition_stage] if condition_stage is not None else [])
-    sampler = EpochShuffleSampler(len(train_dataset), seed=data_seed)
+    # a stream is split across processes by the dataset itself (and never passes through accelerate's sharding)
+    sampler = None if streaming else EpochShuffleSampler(len(train_dataset), seed=data_seed)
     train_dataloader = DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -1953,9 +2045,12 @@ def main(args: argparse.Namespace) -> None:
         power=args.lr_power,
     )
 
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
+    if streaming:
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, lr_scheduler
+        )
     if args.use_ema and ema_model is None:
         if accelerator.distributed_type == DistributedType.FSDP and not training_utils.is_sharded(unwrap_model(model)):
             raise ValueError(
@@ -1965,7 +2060,10 @@ def main(args: argparse.Namespace) -> None:
             )
         ema_model = create_ema(unwrap_model(model), args.ema_decay)
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    # a stream has no epochs: one pass of the loop below runs to --max_train_steps
+    num_update_steps_per_epoch = (
+        args.max_train_steps if streaming else math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    )
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
@@ -1977,8 +2075,11 @@ def main(args: argparse.Namespace) -> None:
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}")
-    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
+    if streaming:
+        logger.info(f"  Streaming {train_dataset!r}")
+    else:
+        logger.info(f"  Num examples = {len(train_dataset)}")
+        logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
     logger.info(f"  Num Epochs = {args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
@@ -2038,6 +2139,9 @@ def main(args: argparse.Namespace) -> None:
                 )
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+            if streaming:  # each reader skips the pairs it had given (read, not decoded)
+                train_dataset.consumed_batches = global_step * args.gradient_accumulation_steps
+                first_epoch, resume_batches = 0, 0
 
     progress_bar = tqdm(
         range(0, args.max_train_steps),
@@ -2079,13 +2183,14 @@ def main(args: argparse.Namespace) -> None:
         if global_step >= args.max_train_steps:  # resumed at the end: a finished run stays as it is
             break
         model.train()
-        sampler.set_epoch(epoch)
-        if hasattr(train_dataset, "set_epoch"):  # a latent cache is fixed
-            train_dataset.set_epoch(epoch)
         epoch_loader = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        epoch_loader.set_epoch(epoch)
+        if not streaming:
+            sampler.set_epoch(epoch)
+            if hasattr(train_dataset, "set_epoch"):  # a latent cache is fixed
+                train_dataset.set_epoch(epoch)
+            if epoch == first_epoch and resume_batches > 0:
+                epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            epoch_loader.set_epoch(epoch)
 
         for batch in epoch_loader:
             with accelerator.accumulate(model):
@@ -2343,7 +2448,7 @@ def main(args: argparse.Namespace) -> None:
             args,
             repo_id=repo_id or Path(args.output_dir).name,
             validation=last_validation,
-            train_dataset_size=len(train_dataset),
+            train_dataset_size=None if streaming else len(train_dataset),
             total_batch_size=total_batch_size,
             global_step=global_step,
             flow_shift=flow_shift,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -240,3 +241,87 @@ def test_caches_from_other_settings_are_refused(photo_folder, tmp_path):
     assert metadata["dataset_length"] == 5 and metadata["seed"] == 0 and metadata["vae"]["scaling_factor"] == 0.41407
     with pytest.raises(LatentCacheError, match="no cache index"):
         CachedLatentDataset(tmp_path / "nothing")
+
+
+def _assert_same_shards(folder_a, index_a, folder_b, index_b):
+    """Same shard files with the same tensors and metadata (safetensors orders header metadata arbitrarily, so the
+    bytes, hence the sha256, may differ between equal files)."""
+    from safetensors import safe_open
+
+    assert [entry["file"] for entry in index_a["shards"]] == [entry["file"] for entry in index_b["shards"]]
+    for entry in index_a["shards"]:
+        with safe_open(str(folder_a / entry["file"]), "pt") as a, safe_open(str(folder_b / entry["file"]), "pt") as b:
+            assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (entry["file"], key)
+
+
+def test_processes_build_their_shares_and_the_merge_is_the_single_process_cache(photo_folder, tmp_path):
+    """Two processes (threads with a barrier here), each encoding its share of the shards into its own progress
+    file, then process 0 merging: the same files and index as one process writes; resumable with another count."""
+    import threading
+
+    dataset = PairedDataset(photo_folder, resolution=32, seed=4, degradation="gaussian_noise:20")
+    vae = get_tiny_vae()
+    single = build_latent_cache(dataset, vae, tmp_path / "single", batch_size=2, shard_size=2,
+                                encode_prompt_fn=_prompt_encoder([]))
+
+    def build(folder, num_processes):
+        barrier = threading.Barrier(num_processes)
+        results, errors = [None] * num_processes, []
+
+        def run(rank):
+            try:
+                results[rank] = build_latent_cache(
+                    dataset, vae, folder, batch_size=2, shard_size=2, encode_prompt_fn=_prompt_encoder([]),
+                    process_index=rank, num_processes=num_processes, wait_for_everyone=barrier.wait)
+            except Exception as error:  # noqa: BLE001 - re-raised in the test thread
+                errors.append(error)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(num_processes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        if errors:
+            raise errors[0]
+        return results
+
+    counters = {}
+    encode = vae.encode
+
+    def counting_encode(pixels):  # which "process" (thread) encoded how many batches
+        name = threading.current_thread().name
+        counters[name] = counters.get(name, 0) + 1
+        return encode(pixels)
+
+    vae.encode = counting_encode
+    merged = build(tmp_path / "two", 2)
+    del vae.encode
+    assert merged[0] == merged[1]
+    _assert_same_shards(tmp_path / "two", merged[0], tmp_path / "single", single)
+    assert merged[0]["prompts"] == single["prompts"]
+    assert sorted(counters.values()) == [1, 2]  # one thread: shards 0 and 2 (2 + 1 samples, batch 2); one: shard 1
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "single"))  # no progress files left
+    cached, reference = CachedLatentDataset(tmp_path / "two", vae=vae), CachedLatentDataset(tmp_path / "single")
+    for number in range(len(dataset)):
+        assert torch.equal(cached[number]["latents"], reference[number]["latents"])
+
+    # interrupted after process 1 wrote its shard: a single process finishes it without re-encoding that shard
+    partial = tmp_path / "partial"
+    build(partial, 2)
+    os.remove(partial / "index.json")
+    shutil.copy(tmp_path / "two" / "latents-00001-of-00003.safetensors", partial)
+    for name in os.listdir(partial):
+        if name.startswith("latents-0000") and name != "latents-00001-of-00003.safetensors":
+            os.remove(partial / name)
+    entry = next(e for e in merged[0]["shards"] if e["file"] == "latents-00001-of-00003.safetensors")
+    (partial / "progress-1.json").write_text(json.dumps({"metadata": merged[0]["metadata"],
+                                                         "shards": {entry["file"]: entry}, "prompt_shards": {}}))
+    counters.clear()
+    vae.encode = counting_encode
+    resumed = build_latent_cache(dataset, vae, partial, batch_size=2, shard_size=2, encode_prompt_fn=_prompt_encoder([]))
+    del vae.encode
+    assert sum(counters.values()) == 2  # shards 0 and 2 only (2 + 1 samples, batch 2)
+    _assert_same_shards(partial, resumed, tmp_path / "single", single)

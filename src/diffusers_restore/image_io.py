@@ -269,8 +269,18 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
             or is too large to decode safely. Subclass of ``OSError``; the message starts with the path.
     """
     path = os.fspath(path)
+    return _decode(path, path, exif_transpose)
+
+
+def decode_rgb(data: bytes, name: str, exif_transpose: bool = True) -> Image.Image:
+    """:func:`load_rgb` for an encoded image held in memory (e.g. a member of a tar shard); `name` is what an
+    `ImageReadError` names (e.g. ``"pairs-000003.tar:000000042.clean.png"``)."""
+    return to_rgb(_decode(io.BytesIO(data), name, exif_transpose))
+
+
+def _decode(source: Any, name: str, exif_transpose: bool) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             if exif_transpose:
                 ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to rotate
@@ -278,7 +288,7 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as error:
-        raise _read_error(path, error) from None
+        raise _read_error(name, error) from None
 
 
 _ORIENTATION_TAG = 0x0112

@@ -242,8 +242,17 @@ def build_latent_cache(
     hash_weights: bool = True,
     condition_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Encode every pair of `dataset` once and write a latent cache (see the module docstring for the layout).
+
+    With several processes (`num_processes` > 1, every process calling this with the same arguments and its own
+    `process_index`), each encodes its share of the latent shards (shard `n` goes to process `n mod num_processes`)
+    and records them in its own ``progress-<rank>.json``; after `wait_for_everyone`, process 0 merges them: it checks
+    every shard, encodes the prompt table and writes ``index.json``, the same cache a single process writes. A build
+    interrupted with one number of processes resumes with another (every process's progress file is read).
 
     Args:
         dataset: a map-style dataset whose items have ``pixel_values`` and ``conditioning_pixel_values`` ([3, H, W]
@@ -269,6 +278,9 @@ def build_latent_cache(
             stage; it must return the same shape and range. Needs `extra_metadata` saying what it is.
         extra_metadata: JSON-serialisable settings of the caller recorded in the cache's identity (under ``extra``)
             and compared like the others, so that a cache is not reused by a caller with other settings.
+        process_index, num_processes: this process's rank and the number of processes building together.
+        wait_for_everyone: a barrier over those processes (e.g. ``accelerator.wait_for_everyone``); required when
+            `num_processes` > 1.
 
     Returns:
         The index (as written to ``index.json``).
@@ -281,6 +293,12 @@ def build_latent_cache(
         raise ValueError("batch_size, shard_size, prompt_batch_size and prompt_shard_size must be >= 1.")
     if len(dataset) == 0:
         raise ValueError("dataset is empty.")
+    if num_processes > 1 and wait_for_everyone is None:
+        raise ValueError("num_processes > 1 needs wait_for_everyone (a barrier over the building processes).")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is not in [0, {num_processes}).")
+    barrier = wait_for_everyone or (lambda: None)
+    is_main = process_index == 0
     if condition_transform is not None and extra_metadata is None:
         raise ValueError("condition_transform needs extra_metadata recording what it is (the cache must not be reused "
                          "by a run without it).")
@@ -296,7 +314,100 @@ def build_latent_cache(
     index_path, progress_path = os.path.join(output_dir, INDEX_FILE), os.path.join(output_dir, PROGRESS_FILE)
 
     # ---- an existing cache: reuse it if it matches, refuse (or clear) otherwise
-    for path in (index_path, progress_path):
+    index = _reusable_index(output_dir, metadata, overwrite, is_main, barrier)
+    if index is not None:
+        return index
+    # every process's progress: the shards already written, by whichever process wrote them
+    progress = {"metadata": metadata, "shards": {}, "prompt_shards": {}}
+    for path in _progress_files(output_dir):
+        recorded = _read_cache_json(path)
+        progress["shards"].update(recorded.get("shards", {}))
+        if os.path.basename(path) == PROGRESS_FILE:
+            progress["prompt_shards"].update(recorded.get("prompt_shards", {}))
+    if num_processes > 1:
+        progress_path = os.path.join(output_dir, f"progress-{process_index}.json")
+
+    # ---- latent shards (this process's share)
+    num_samples = len(dataset)
+    num_shards = (num_samples + shard_size - 1) // shard_size
+    for number in range(process_index, num_shards, num_processes):
+        name = _shard_name("latents", number, num_shards)
+        path = os.path.join(output_dir, name)
+        start, stop = number * shard_size, min(num_samples, (number + 1) * shard_size)
+        entry = progress["shards"].get(name)
+        if entry is not None and _still_intact(path, entry):
+            continue
+        progress["shards"][name] = _encode_shard(
+            dataset, vae, path, start, stop, batch_size, num_workers, condition_transform, device, vae_dtype, dtype)
+        atomic_write_json(progress_path, {**progress, "prompt_shards": {}} if num_processes > 1 else progress)
+    barrier()
+    if not is_main:
+        barrier()  # process 0 merges and writes the index
+        return _read_cache_json(index_path)
+
+    # ---- merge: every shard, whoever wrote it, must be there and intact
+    for path in _progress_files(output_dir):
+        progress["shards"].update(_read_cache_json(path).get("shards", {}))
+    shard_entries = []
+    for number in range(num_shards):
+        name = _shard_name("latents", number, num_shards)
+        entry = progress["shards"].get(name)
+        if entry is None or not _still_intact(os.path.join(output_dir, name), entry):
+            raise LatentCacheError(f"{os.path.join(output_dir, name)} is missing or damaged after the build: a "
+                                   "process failed; run the build again to redo it.")
+        shard_entries.append(entry)
+    progress_path = os.path.join(output_dir, PROGRESS_FILE)
+    atomic_write_json(progress_path, progress)
+    for path in _progress_files(output_dir):
+        if os.path.basename(path) != PROGRESS_FILE:
+            os.remove(path)
+    index = _finish_index(output_dir, metadata, num_samples, shard_entries, progress, progress_path,
+                          encode_prompt_fn, dtype, prompt_batch_size, prompt_shard_size)
+    barrier()
+    return index
+
+
+def _progress_files(output_dir: str) -> list[str]:
+    """progress.json (a single process's build, or a merge) and every progress-<rank>.json."""
+    names = sorted(name for name in os.listdir(output_dir)
+                   if name == PROGRESS_FILE or (name.startswith("progress-") and name.endswith(".json")))
+    return [os.path.join(output_dir, name) for name in names]
+
+
+def _reusable_index(output_dir: str, metadata: dict[str, Any], overwrite: bool, is_main: bool,
+                    barrier: Callable[[], None]) -> dict[str, Any] | None:
+    """The index of a finished cache of these settings (every file intact), or None after clearing what must go.
+
+    Process 0 refuses (or, with `overwrite`, clears) a cache of other settings and removes stray temporary files;
+    every process then sees the same folder."""
+    index_path = os.path.join(output_dir, INDEX_FILE)
+    if is_main:
+        _check_existing(output_dir, metadata, overwrite)
+    barrier()
+    if not os.path.isfile(index_path):
+        return None
+    index = _read_cache_json(index_path)
+    intact = True
+    try:
+        for entry in index["shards"] + index["prompt_shards"]:
+            _verify_file(os.path.join(output_dir, entry["file"]), entry, checksum=True)
+    except LatentCacheError as error:
+        intact = False
+        if is_main:
+            logger.warning("rebuilding the damaged parts of the cache: %s", error)
+    barrier()
+    if intact:
+        return index
+    if is_main:
+        os.remove(index_path)
+        progress = {"metadata": metadata, "shards": {e["file"]: e for e in index["shards"]}, "prompt_shards": {}}
+        atomic_write_json(os.path.join(output_dir, PROGRESS_FILE), progress)
+    barrier()
+    return None
+
+
+def _check_existing(output_dir: str, metadata: dict[str, Any], overwrite: bool) -> None:
+    for path in [os.path.join(output_dir, INDEX_FILE)] + _progress_files(output_dir):
         if not os.path.isfile(path):
             continue
         try:
@@ -313,72 +424,50 @@ def build_latent_cache(
             )
         if differences:
             _clear_cache_files(output_dir)
-    if os.path.isfile(index_path):
-        index = _read_cache_json(index_path)
-        try:
-            for entry in index["shards"] + index["prompt_shards"]:
-                _verify_file(os.path.join(output_dir, entry["file"]), entry, checksum=True)
-            return index
-        except LatentCacheError as error:
-            logger.warning("rebuilding the damaged parts of the cache: %s", error)
-            os.remove(index_path)
-            progress = {"metadata": metadata, "shards": {e["file"]: e for e in index["shards"]},
-                        "prompt_shards": {}}
-            atomic_write_json(progress_path, progress)
-
+            break
     remove_stray_temp_files(output_dir)
-    progress = {"metadata": metadata, "shards": {}, "prompt_shards": {}}
-    if os.path.isfile(progress_path):
-        progress = _read_cache_json(progress_path)
 
-    # ---- latent shards
-    num_samples = len(dataset)
-    num_shards = (num_samples + shard_size - 1) // shard_size
-    shard_entries = []
-    for number in range(num_shards):
-        name = _shard_name("latents", number, num_shards)
-        path = os.path.join(output_dir, name)
-        start, stop = number * shard_size, min(num_samples, (number + 1) * shard_size)
-        entry = progress["shards"].get(name)
-        if entry is not None and _still_intact(path, entry):
-            shard_entries.append(entry)
-            continue
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, stop)),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=_batch_items,
-        )
-        latents, conditioning, indices, prompts, degradations = [], [], [], [], []
-        for batch in loader:
-            degraded = batch["conditioning_pixel_values"]
-            if condition_transform is not None:
-                degraded = condition_transform(degraded.to(device=device, dtype=torch.float32))
-            pixels = torch.cat([batch["pixel_values"].to(device), degraded.to(device)])
-            encoded = encode_latents(vae, pixels.to(dtype=vae_dtype)).to("cpu", dtype)
-            count = batch["pixel_values"].shape[0]
-            latents.append(encoded[:count])
-            conditioning.append(encoded[count:])
-            indices.append(batch["index"])
-            prompts += batch["prompt"]
-            degradations += batch["degradation"]
-        tensors = {
-            "latents": torch.cat(latents).contiguous(),
-            "conditioning_latents": torch.cat(conditioning).contiguous(),
-            "indices": torch.cat(indices).contiguous(),
-        }
-        blob = safetensors_save(
-            tensors, metadata={"prompts": json.dumps(prompts), "degradations": json.dumps(degradations)}
-        )
-        atomic_write(path, blob)
-        entry = {"file": name, "start": start, "num_samples": stop - start, "size": len(blob),
-                 "sha256": hashlib.sha256(blob).hexdigest()}
-        progress["shards"][name] = entry
-        atomic_write_json(progress_path, progress)
-        shard_entries.append(entry)
 
-    # ---- the prompt table and its embeddings (one row per unique prompt)
+def _encode_shard(dataset, vae, path: str, start: int, stop: int, batch_size: int, num_workers: int,
+                  condition_transform, device, vae_dtype: torch.dtype, dtype: torch.dtype) -> dict[str, Any]:
+    """Encode samples [start, stop) of `dataset` into the latent shard `path`; return its progress entry."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(start, stop)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_batch_items,
+    )
+    latents, conditioning, indices, prompts, degradations = [], [], [], [], []
+    for batch in loader:
+        degraded = batch["conditioning_pixel_values"]
+        if condition_transform is not None:
+            degraded = condition_transform(degraded.to(device=device, dtype=torch.float32))
+        pixels = torch.cat([batch["pixel_values"].to(device), degraded.to(device)])
+        encoded = encode_latents(vae, pixels.to(dtype=vae_dtype)).to("cpu", dtype)
+        count = batch["pixel_values"].shape[0]
+        latents.append(encoded[:count])
+        conditioning.append(encoded[count:])
+        indices.append(batch["index"])
+        prompts += batch["prompt"]
+        degradations += batch["degradation"]
+    tensors = {
+        "latents": torch.cat(latents).contiguous(),
+        "conditioning_latents": torch.cat(conditioning).contiguous(),
+        "indices": torch.cat(indices).contiguous(),
+    }
+    blob = safetensors_save(
+        tensors, metadata={"prompts": json.dumps(prompts), "degradations": json.dumps(degradations)}
+    )
+    atomic_write(path, blob)
+    return {"file": os.path.basename(path), "start": start, "num_samples": stop - start, "size": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def _finish_index(output_dir: str, metadata: dict[str, Any], num_samples: int, shard_entries: list[dict[str, Any]],
+                  progress: dict[str, Any], progress_path: str, encode_prompt_fn: PromptEncoder | None,
+                  dtype: torch.dtype, prompt_batch_size: int, prompt_shard_size: int) -> dict[str, Any]:
+    """The prompt table and its embeddings (one row per unique prompt), then index.json (written last)."""
     unique_prompts: list[str] = []
     seen: set[str] = set()
     for entry in shard_entries:
@@ -394,6 +483,7 @@ def build_latent_cache(
             prompt_shard_size,
         )
 
+    index_path = os.path.join(output_dir, INDEX_FILE)
     index = {
         "format_version": FORMAT_VERSION,
         "metadata": metadata,
@@ -467,7 +557,8 @@ def _prompts_hash(prompts: list[str]) -> str:
 def _clear_cache_files(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         is_cache_file = name.endswith(".safetensors") and name.startswith(("latents-", "prompt_embeds-"))
-        if is_cache_file or name in (INDEX_FILE, PROGRESS_FILE) or name.startswith(TEMP_PREFIX):
+        is_progress = name == PROGRESS_FILE or (name.startswith("progress-") and name.endswith(".json"))
+        if is_cache_file or is_progress or name == INDEX_FILE or name.startswith(TEMP_PREFIX):
             os.remove(os.path.join(output_dir, name))
 
 

@@ -352,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--caption-template", default=None,
                           help="How the caption and the prompt combine (default '{caption}. {prompt}').")
     captions.add_argument("--caption-batch-size", type=int, default=8, help="Images per generate call (8).")
+    parser.add_argument("--shards", type=int, default=None, metavar="N",
+                        help="Also pack the pairs (after captioning) into N WebDataset tar shards "
+                        "<output-dir>/shards/pairs-000000.tar ... for train_paired.py --train_data_shards "
+                        "(streamed, split across processes). Existing shards are never overwritten.")
     return parser
 
 
@@ -384,6 +388,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sana-restore make-pairs: error: captions: {error}", file=sys.stderr)
             return 2
         print(f"{result.csv_path}: {count} captions from {args.caption_model} ({args.caption_source} images)")
+    if args.shards is not None and os.path.isfile(result.csv_path):
+        from .paired_dataset import read_paired_csv
+        from .streaming import write_pair_shards
+
+        shard_dir = os.path.join(args.output_dir, "shards")
+        try:
+            rows, _ = read_paired_csv(result.csv_path)
+            paths = write_pair_shards(rows, shard_dir, args.shards)
+        except (ValueError, OSError) as error:
+            print(f"sana-restore make-pairs: error: shards: {error}", file=sys.stderr)
+            return 2
+        last = len(paths) - 1
+        print(f"{shard_dir}: {len(rows)} pairs in {len(paths)} shards: --train_data_shards "
+              f"'{os.path.join(shard_dir, 'pairs-{' + f'{0:06d}..{last:06d}' + '}.tar')}'")
     redone = f" ({result.num_redone} redone: their photo changed)" if result.num_redone else ""
     print(f"{result.csv_path}: {result.num_written + result.num_resumed} pairs ({result.num_written} written{redone}, "
           f"{result.num_resumed} already done, {len(result.failures)} failed) in {result.seconds:.1f} s")

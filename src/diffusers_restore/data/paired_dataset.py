@@ -498,66 +498,17 @@ class PairedDataset(torch.utils.data.Dataset):
         if row.condition_image_path is None:
             return clean, None
         degraded = self._load(row.condition_image_path, row, "condition image")
-        if not _aspect_ratios_agree(clean.size, degraded.size):
-            raise PairedDataError(
-                f"aspect ratios disagree: image {clean.width}x{clean.height}, condition image "
-                f"{degraded.width}x{degraded.height}.",
-                row.location,
-            )
-        if degraded.size != clean.size:
-            degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
-        return clean, degraded
-
-    def _augment(
-        self, images: Sequence[Image.Image | None], rng: np.random.Generator
-    ) -> list[Image.Image | None]:
-        """One crop box and one flip draw, applied to every image (all of the same size)."""
-        width, height = images[0].size
-        short = min(width, height)
-        if short < self.resolution:  # upscale so that the short side is `resolution`
-            scale = self.resolution / short
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            images = [None if im is None else im.resize(size, Image.Resampling.BICUBIC) for im in images]
-            width, height = size
-        if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
-        else:
-            left = int(rng.integers(0, width - self.resolution + 1))
-            top = int(rng.integers(0, height - self.resolution + 1))
-        flip = bool(rng.uniform() < 0.5) and self.random_flip
-        box = (left, top, left + self.resolution, top + self.resolution)
-        out = []
-        for image in images:
-            if image is not None:
-                image = image.crop(box)
-                if flip:
-                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(image)
-        return out
+        return clean, match_pair_sizes(clean, degraded, row.location)
 
     def _make_item(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         augmentation_rng, degradation_rng = self.sample_rngs(index)
         clean, degraded = self._load_pair(row)
-        clean, degraded = self._augment([clean, degraded], augmentation_rng)
-        if degraded is None:
-            degraded, records = self._degrade(clean, degradation_rng)
-            if degraded.mode != "RGB":
-                degraded = degraded.convert("RGB")
-            if degraded.size != clean.size:
-                degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
-            prompt = row.caption or degradation_prompt(records, degradation_rng, self.generic_prompt_probability)
-            record_json = records_to_json(records)
-        else:
-            prompt = row.caption or GENERIC_PROMPT
-            record_json = "[]"
-        return {
-            "pixel_values": image_to_tensor(clean),
-            "conditioning_pixel_values": image_to_tensor(degraded),
-            "prompt": prompt,
-            "index": index,
-            "degradation": record_json,
-        }
+        return make_pair_item(
+            clean, degraded, row.caption, index, augmentation_rng, degradation_rng, resolution=self.resolution,
+            degrade=self._degrade, random_flip=self.random_flip, center_crop=self.center_crop,
+            generic_prompt_probability=self.generic_prompt_probability,
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -581,6 +532,93 @@ class PairedDataset(torch.utils.data.Dataset):
             f"{type(self).__name__}(source={self.source!r}, pairs={len(self)}, resolution={self.resolution}, "
             f"degradation={self.degradation!r}, seed={self.seed}, epoch={self.epoch}, skipped={self.num_skipped})"
         )
+
+
+def augment_pair(
+    images: Sequence[Image.Image | None], rng: np.random.Generator, resolution: int, random_flip: bool = True,
+    center_crop: bool = False,
+) -> list[Image.Image | None]:
+    """One crop box and one flip draw, applied to every image (all of the same size; None entries stay None).
+
+    An image whose short side is under `resolution` is first upscaled (bicubic) so that it is `resolution`.
+    """
+    width, height = images[0].size
+    short = min(width, height)
+    if short < resolution:  # upscale so that the short side is `resolution`
+        scale = resolution / short
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        images = [None if im is None else im.resize(size, Image.Resampling.BICUBIC) for im in images]
+        width, height = size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(rng.integers(0, width - resolution + 1))
+        top = int(rng.integers(0, height - resolution + 1))
+    flip = bool(rng.uniform() < 0.5) and random_flip
+    box = (left, top, left + resolution, top + resolution)
+    out = []
+    for image in images:
+        if image is not None:
+            image = image.crop(box)
+            if flip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(image)
+    return out
+
+
+def make_pair_item(
+    clean: Image.Image,
+    degraded: Image.Image | None,
+    caption: str | None,
+    index: int,
+    augmentation_rng: np.random.Generator,
+    degradation_rng: np.random.Generator,
+    *,
+    resolution: int,
+    degrade: Callable[..., Any],
+    random_flip: bool = True,
+    center_crop: bool = False,
+    generic_prompt_probability: float = 0.1,
+) -> dict[str, Any]:
+    """One training item from a loaded pair, as :class:`PairedDataset` and the streaming datasets make it.
+
+    Both images get the same crop and flip (`augmentation_rng`); without a degraded image the crop is degraded on the
+    fly by `degrade(image, rng)` (returning ``(image, records)``, see `get_degradation_fn`) with `degradation_rng`, and
+    the prompt describes what was applied unless a caption is given. `degraded`, when given, has `clean`'s size.
+    Returns the item dict documented on :class:`PairedDataset`.
+    """
+    clean, degraded = augment_pair([clean, degraded], augmentation_rng, resolution, random_flip, center_crop)
+    if degraded is None:
+        degraded, records = degrade(clean, degradation_rng)
+        if degraded.mode != "RGB":
+            degraded = degraded.convert("RGB")
+        if degraded.size != clean.size:
+            degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
+        prompt = caption or degradation_prompt(records, degradation_rng, generic_prompt_probability)
+        record_json = records_to_json(records)
+    else:
+        prompt = caption or GENERIC_PROMPT
+        record_json = "[]"
+    return {
+        "pixel_values": image_to_tensor(clean),
+        "conditioning_pixel_values": image_to_tensor(degraded),
+        "prompt": prompt,
+        "index": index,
+        "degradation": record_json,
+    }
+
+
+def match_pair_sizes(clean: Image.Image, degraded: Image.Image, location: str) -> Image.Image:
+    """`degraded` at `clean`'s size (bicubic); `PairedDataError` at `location` when their aspect ratios disagree."""
+    if not _aspect_ratios_agree(clean.size, degraded.size):
+        raise PairedDataError(
+            f"aspect ratios disagree: image {clean.width}x{clean.height}, condition image "
+            f"{degraded.width}x{degraded.height}.",
+            location,
+        )
+    if degraded.size != clean.size:
+        degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
+    return degraded
 
 
 def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
