@@ -1585,3 +1585,57 @@ def test_two_processes_build_the_latent_cache_together(tiny_base, pair_data, tmp
     cached = CachedLatentDataset(str(cache))
     assert sorted(int(cached[i]["index"]) for i in range(len(cached))) == list(range(6))
     assert (checksums / "rank-0.sha256").read_text() == (checksums / "rank-1.sha256").read_text()
+
+
+# ------------------------------------------------------------------------------------------- degrade direction
+
+
+def test_degrade_direction_item_swaps_the_images_and_prompts_the_measured_severity(pair_data):
+    from diffusers_restore import degrade_prompt
+    from diffusers_restore.data.degradations import severity
+
+    dataset = train_paired.PairedDataset(str(pair_data / "clean"), resolution=32, degradation="gaussian_noise:25")
+    item = dataset[0]
+    swapped = train_paired.degrade_direction_item(item)
+    assert torch.equal(swapped["pixel_values"], item["conditioning_pixel_values"])
+    assert torch.equal(swapped["conditioning_pixel_values"], item["pixel_values"])
+
+    def as_uint8(pixels):
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+    measured = severity(as_uint8(item["pixel_values"]), as_uint8(item["conditioning_pixel_values"]))
+    assert measured["mu_bin"] > 0
+    assert swapped["prompt"] == degrade_prompt("gaussian_noise", measured["mu_bin"], measured["sigma_bin"])
+
+
+def test_degrade_direction_trains_a_degradation_pipeline(tiny_base, pair_data, tmp_path, monkeypatch):
+    """--direction degrade: trained on (clean -> degraded) with degrade prompts, saved as a SanaDegradationPipeline
+    whose folder a restoration pipeline refuses; restorer-only flags and a restorer base are refused."""
+    from diffusers_restore import SanaDegradationPipeline, SanaRestorationPipeline
+
+    prompts = []
+    encode = train_paired.encode_prompts
+    monkeypatch.setattr(train_paired, "encode_prompts",
+                        lambda pipeline, batch, *args: prompts.extend(batch) or encode(pipeline, batch, *args))
+    output_dir = tmp_path / "degrader"
+    args = _base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--direction", "degrade",
+                      "--degradation", "jpeg")
+    args[args.index("--train_data_csv"):args.index("--train_data_csv") + 2] = ["--train_data_dir",
+                                                                             str(pair_data / "clean")]
+    _run(args)
+    assert prompts and all(p.startswith("Degrade with JPEG compression. Severity: mean ") for p in prompts if p)
+    index = json.loads((output_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "SanaDegradationPipeline" and index["direction"] == "degrade"
+    assert index["sampling_defaults"]["restoration_guidance"] == 0.0
+    with pytest.raises(ValueError, match="load it with SanaDegradationPipeline"):
+        SanaRestorationPipeline.from_pretrained(str(output_dir))
+    SanaDegradationPipeline.from_pretrained(str(output_dir))
+
+    _reset_accelerate()
+    with pytest.raises(ValueError, match="--negative_sample_prob is for restorers"):
+        _run(args + ["--negative_sample_prob", "0.2"])
+    with pytest.raises(ValueError, match="--validation_prompt"):
+        _run(args + ["--validation_image", str(pair_data / "clean" / "0.png")])
+    restore_args = _base_args(output_dir, pair_data, tmp_path / "restorer", "--max_train_steps", 1)
+    with pytest.raises(ValueError, match="was trained to degrade images; this run trains --direction restore"):
+        _run(restore_args)

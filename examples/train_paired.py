@@ -81,10 +81,16 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.hub_utils import populate_model_card
 from diffusers.utils.torch_utils import is_compiled_module
 
-from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler, SanaRestorationPipeline
+from diffusers_restore import (
+    ConcatConditionedTransformer,
+    RestorationGuidedFlowScheduler,
+    SanaDegradationPipeline,
+    SanaRestorationPipeline,
+    degrade_prompt,
+)
 from diffusers_restore.pipelines.pipeline_sana_restoration import DEFAULT_NEGATIVE_PROMPT
 from diffusers_restore.data.degradations import GENERIC_PROMPT as DEFAULT_VALIDATION_PROMPT
-from diffusers_restore.data.degradations import load_rgb, parse_degradation_spec
+from diffusers_restore.data.degradations import GENERIC_PROMPT, load_rgb, parse_degradation_spec, severity
 from diffusers_restore.data.latents import (
     CachedLatentDataset,
     build_latent_cache,
@@ -421,6 +427,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Probability (per example) of training on the empty prompt, so that classifier-free guidance works.",
     )
     parser.add_argument(
+        "--direction",
+        choices=["restore", "degrade"],
+        default="restore",
+        help="restore: degraded -> clean (a SanaRestorationPipeline). degrade: clean -> degraded, GenDeg's task (a "
+        "SanaDegradationPipeline for making realistic training pairs): the condition is the clean image, the target "
+        "the degraded one, and the prompt names the degradation and the pair's measured severity "
+        "(`degrade_prompt`: GenDeg's mu/sigma bins, as text).",
+    )
+    parser.add_argument(
         "--negative_sample_prob",
         type=float,
         default=0.0,
@@ -670,6 +685,19 @@ def _check_args(args: argparse.Namespace, given: set[str] = frozenset()) -> None
     `given` holds the flags given on the command line (as argument names), for the flags that only make sense in one
     training mode.
     """
+    if args.direction == "degrade":
+        clashes = {
+            "--train_degradation_removal": args.train_degradation_removal,
+            "--negative_sample_prob": args.negative_sample_prob > 0,
+            "--fidelity": args.fidelity > 0,
+        }
+        for flag, clash in clashes.items():
+            if clash:
+                raise ValueError(f"{flag} is for restorers: --direction degrade trains clean -> degraded.")
+        if args.validation_image and not args.validation_prompt:
+            raise ValueError("--direction degrade: give the degradation to make with --validation_prompt (e.g. "
+                             "degrade_prompt('jpeg', 10, 8): 'Degrade with JPEG compression. Severity: mean 10, "
+                             "spread 8 of 128').")
     if args.train_degradation_removal:
         pointless = [name for name in TRANSFORMER_ONLY_FLAGS if name in given]
         if pointless:
@@ -873,6 +901,66 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------------- data
+
+
+def degrade_direction_item(item: dict) -> dict:
+    """A restoration item turned into a degradation item (--direction degrade): the clean image becomes the
+    condition, the degraded one the target, and the prompt names the degradations applied (from the item's records;
+    a pre-generated pair's caption, else "degradation") and the pair's measured severity (GenDeg's mu/sigma bins)."""
+    def as_uint8(pixels: torch.Tensor) -> np.ndarray:
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+    measured = severity(as_uint8(item["pixel_values"]), as_uint8(item["conditioning_pixel_values"]))
+    names = [record.get("name", "degradation") for record in json.loads(item.get("degradation") or "[]")]
+    if not names:
+        caption = item["prompt"] if item["prompt"] != GENERIC_PROMPT else ""
+        names = [caption or "degradation"]
+    return {
+        **item,
+        "pixel_values": item["conditioning_pixel_values"],
+        "conditioning_pixel_values": item["pixel_values"],
+        "prompt": degrade_prompt(names, measured["mu_bin"], measured["sigma_bin"]),
+    }
+
+
+class DegradeDirectionDataset(torch.utils.data.Dataset):
+    """A map-style pairs dataset read in the degrade direction (see `degrade_direction_item`)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return degrade_direction_item(self.dataset[index])
+
+    def __getattr__(self, name: str):  # resolution, seed, epoch, source, set_epoch, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class DegradeDirectionStream(torch.utils.data.IterableDataset):
+    """A streaming pairs dataset read in the degrade direction (see `degrade_direction_item`)."""
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self):
+        return map(degrade_direction_item, iter(self.dataset))
+
+    def __getattr__(self, name: str):  # consumed_batches, check_readers, ... of the wrapped stream
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "consumed_batches":  # resuming sets it on the stream that skips
+            setattr(self.dataset, name, value)
+        else:
+            super().__setattr__(name, value)
 
 
 def is_streaming(args) -> bool:
@@ -1786,6 +1874,13 @@ def main(args: argparse.Namespace) -> None:
     )
     # the base pipeline's degradation removal stage (an optional component), or None
     base_model_index = read_base_model_index(args)
+    base_direction = base_model_index.get("direction") or {  # a SANA text-to-image base has none
+        "SanaRestorationPipeline": "restore", "SanaDegradationPipeline": "degrade"}.get(base_model_index.get("_class_name"))
+    if base_direction is not None and base_direction != args.direction:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} was trained to {base_direction} images; this run trains "
+            f"--direction {args.direction}: start from a SANA checkpoint or a pipeline of the same direction."
+        )
     stage = load_base_degradation_removal(args, base_model_index, weights_kwargs)
     new_stage = args.train_degradation_removal and stage is None
     if args.train_degradation_removal:
@@ -1847,6 +1942,11 @@ def main(args: argparse.Namespace) -> None:
         model.to(accelerator.device, dtype=torch.float32)  # trained in float32 (under autocast with mixed precision)
     else:
         model = transformer
+        if stage is not None and args.direction == "degrade":
+            raise ValueError(
+                f"{args.pretrained_model_name_or_path} has a degradation removal stage, which would clean the clean "
+                "condition images of --direction degrade: start from a SANA or a pipeline without a stage."
+            )
         if stage is not None:
             condition_stage = stage
             condition_stage.requires_grad_(False)
@@ -1897,7 +1997,8 @@ def main(args: argparse.Namespace) -> None:
 
     # One pipeline object for prompt encoding (its encode_prompt caches repeated prompts), validation and saving.
     # A stage-only run keeps the base's recorded sampling defaults: its transformer is not trained.
-    pipeline = SanaRestorationPipeline(
+    pipeline_cls = SanaDegradationPipeline if args.direction == "degrade" else SanaRestorationPipeline
+    pipeline = pipeline_cls(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
@@ -1919,6 +2020,8 @@ def main(args: argparse.Namespace) -> None:
         if sampling["guidance_scale"] is None:
             sampling["guidance_scale"] = pipeline.sampling_defaults["guidance_scale"]
         sampling["fidelity"] = args.fidelity or None  # trained for it: the plain call uses it
+        if args.direction == "degrade":  # no pull toward the (clean) input
+            sampling["restoration_guidance"] = 0.0
     pipeline.set_sampling_defaults(**sampling)
     complex_human_instruction = complex_human_instruction_list(args.complex_human_instruction)
 
@@ -2002,6 +2105,8 @@ def main(args: argparse.Namespace) -> None:
             train_dataset = build_train_dataset(args, seed=data_seed)
         if len(train_dataset) == 0:
             raise ValueError("The training data holds no example.")
+    if args.direction == "degrade":  # clean -> degraded: swapped images, degradation-and-severity prompts
+        train_dataset = (DegradeDirectionStream if streaming else DegradeDirectionDataset)(train_dataset)
     if args.cache_latents:
         train_dataset = cache_latents(args, accelerator, pipeline, train_dataset, complex_human_instruction)
         # the VAE, the text encoder (and a stage) are not needed for training steps any more (only "" and validation)

@@ -17,6 +17,8 @@ _LAZY_ATTRIBUTES = {
     "install_decoder": "pipelines.install_decoder",
     "RestorationGuidedFlowScheduler": "schedulers.scheduling_restoration_guided_flow",
     "RestorationGuidedFlowSchedulerOutput": "schedulers.scheduling_restoration_guided_flow",
+    "SanaDegradationPipeline": "pipelines.pipeline_sana_degradation",
+    "degrade_prompt": "pipelines.pipeline_sana_degradation",
     "SanaRestorationPipeline": "pipelines.pipeline_sana_restoration",
     "SanaRestorationPipelineOutput": "pipelines.pipeline_sana_restoration",
 }
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.transformer_sana_concat import ConcatConditionedTransformer
     from .models.upscale_decoder import DCUpscaleDecoder
     from .pipelines.install_decoder import install_decoder
+    from .pipelines.pipeline_sana_degradation import SanaDegradationPipeline, degrade_prompt
     from .pipelines.pipeline_sana_restoration import SanaRestorationPipeline, SanaRestorationPipelineOutput
     from .schedulers.scheduling_restoration_guided_flow import (
         RestorationGuidedFlowScheduler,

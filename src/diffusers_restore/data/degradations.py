@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..image_io import high_bit_to_uint8, load_rgb, to_rgb
+from ..severity_bins import SEVERITY_BINS, SEVERITY_MU_RANGE, SEVERITY_SIGMA_RANGE
 
 __all__ = [
     "DEGRADATIONS",
@@ -900,11 +901,6 @@ def area_downsample_pair(
     hq = half.crop((left, top, left + crop, top + crop))
     lq = hq.resize((crop // 2, crop // 2), Image.Resampling.BOX)
     return hq, lq, [_record("area_downsample", factor=2, crop_box=[left, top, left + crop, top + crop])]
-
-
-SEVERITY_BINS = 128
-SEVERITY_MU_RANGE = (0.0, 0.7)
-SEVERITY_SIGMA_RANGE = (0.0, 0.4)
 
 
 def _severity_bin(value: float, value_range: tuple[float, float]) -> int:

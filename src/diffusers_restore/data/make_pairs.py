@@ -21,6 +21,11 @@ relative to the CSV; the caption is built from the degradations applied).
 * The CSV is written once, at the end, atomically.
 Degraded images are lossless PNG (RGB), so that what the degradation produced (e.g. JPEG artifacts) is kept exactly.
 
+Pairs from a learned degradation model (GenDeg's synthetic pairs): ``--degradation model:DIR`` runs the
+:class:`SanaDegradationPipeline` saved in ``DIR`` (trained by ``train_paired.py --direction degrade``) on every photo,
+in this process, with a request drawn per photo from the ``--degrader-request NAME:MU_BIN:SIGMA_BIN`` list (one or
+more; e.g. ``jpeg:10:8``); the caption names the requested degradation as for analytic pairs.
+
 Super-resolution pairs (``--sr-crop 512``): each photo gives an HQ image, a random 512 px crop of the photo
 area-downsampled 0.5x (:func:`~.degradations.area_downsample_pair`), written to ``<output-dir>/hq/``, and an LQ image,
 the HQ area-downsampled 0.5x (256 px), then degraded by ``--degradation`` unless it is ``none``, written to
@@ -119,6 +124,49 @@ def _read_existing(path: str) -> dict | None:
         return None
 
 
+MODEL_PREFIX = "model:"
+_DEGRADERS: dict[str, object] = {}  # one loaded degradation model per folder and process
+
+
+def parse_model_degradation(spec: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """``"model:DIR;jpeg:10:8,gaussian_noise:12:20"`` -> (DIR, [("jpeg", 10, 8), ("gaussian_noise", 12, 20)]): the
+    form `make_pairs` records a model degradation and its requests in."""
+    folder, _, requests = spec[len(MODEL_PREFIX):].partition(";")
+    parsed = []
+    for request in filter(None, requests.split(",")):
+        parts = request.split(":")
+        try:
+            name, mu_bin, sigma_bin = parts[0], int(parts[1]), int(parts[2])
+            if len(parts) != 3 or not name or not (0 <= mu_bin < 128 and 0 <= sigma_bin < 128):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"degrader request {request!r}: expected NAME:MU_BIN:SIGMA_BIN with bins in 0-127, e.g. "
+                             "'jpeg:10:8'.") from None
+        parsed.append((name, mu_bin, sigma_bin))
+    if not folder or not parsed:
+        raise ValueError("--degradation model:DIR needs a model folder and at least one --degrader-request "
+                         "NAME:MU_BIN:SIGMA_BIN.")
+    return folder, parsed
+
+
+def _model_degrade(clean: Image.Image, spec: str, rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+    """Degrade `clean` with the degradation model of `spec` (see `parse_model_degradation`); the request and the
+    model's seed come from `rng`."""
+    import torch
+
+    from ..pipelines.pipeline_sana_degradation import SanaDegradationPipeline
+
+    folder, requests = parse_model_degradation(spec)
+    if folder not in _DEGRADERS:
+        _DEGRADERS[folder] = SanaDegradationPipeline.from_pretrained(folder)
+        _DEGRADERS[folder].set_progress_bar_config(disable=True)
+    name, mu_bin, sigma_bin = requests[int(rng.integers(len(requests)))]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    degraded = _DEGRADERS[folder](clean, degradation=name, mu_bin=mu_bin, sigma_bin=sigma_bin,
+                                  generator=generator).images[0]
+    return degraded, [{"name": name, "params": {"model": folder, "mu_bin": mu_bin, "sigma_bin": sigma_bin}}]
+
+
 def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
     """Degrade one photo. Returns (job, caption, status, error) with status "written", "redone" (written again
     because the photo changed), "resumed" or "failed"."""
@@ -149,6 +197,11 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
                 records = records + more
             save_image(clean, job.hq_path, icc_profile=profile, compress_level=1)
             degraded = degraded.convert("RGB")  # LQ keeps its half size
+        elif job.degradation.startswith(MODEL_PREFIX):
+            degraded, records = _model_degrade(clean, job.degradation, rng)
+            degraded = degraded.convert("RGB")
+            if degraded.size != clean.size:
+                degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
         else:
             degraded, records = apply_degradation_spec(clean, job.degradation, rng)
             degraded = degraded.convert("RGB")
@@ -205,6 +258,7 @@ def make_pairs(
     generic_prompt_probability: float = 0.1,
     verbose: bool = True,
     sr_crop: int | None = None,
+    degrader_requests: Sequence[str] = (),
 ) -> MakePairsResult:
     """Degrade every image under `input_dir` and write the pairs CSV (see the module docstring).
 
@@ -222,6 +276,7 @@ def make_pairs(
         sr_crop: super-resolution pairs (see the module docstring): HQ crops of this even size from the photo
             area-downsampled 0.5x, LQ = HQ area-downsampled 0.5x, then `degradation` unless it is "none". Photos whose
             short side is below 2 * `sr_crop` fail with a message and are left out.
+        degrader_requests: with `degradation` "model:DIR", the requests ``NAME:MU_BIN:SIGMA_BIN`` drawn from per photo.
 
     Returns:
         A :class:`MakePairsResult` (photos that failed are listed and left out of the CSV).
@@ -236,7 +291,18 @@ def make_pairs(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
     if sr_crop is not None and (sr_crop < 2 or sr_crop % 2):
         raise ValueError(f"sr_crop must be an even number >= 2, got {sr_crop}.")
-    if degradation == NO_DEGRADATION:
+    if degradation.startswith(MODEL_PREFIX):
+        if sr_crop is not None:
+            raise ValueError("--degradation model:DIR makes same-size pairs: leave out sr_crop.")
+        degradation = f"{degradation.split(';')[0]};{','.join(degrader_requests)}"
+        folder, _ = parse_model_degradation(degradation)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ValueError(f"--degradation model:{folder}: no model_index.json there (a SanaDegradationPipeline "
+                             "folder written by train_paired.py --direction degrade).")
+        num_workers = 1  # the model runs in this process
+    elif degrader_requests:
+        raise ValueError("--degrader-request only applies to --degradation model:DIR.")
+    elif degradation == NO_DEGRADATION:
         if sr_crop is None:
             raise ValueError("degradation 'none' only makes sense with sr_crop (the LQ is then the downsampled HQ).")
     else:
@@ -330,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--degradation", default="random",
                         help="random (1-3 of the basic degradations), realesrgan, realesrgan_light, or a spec such as "
                         "gaussian_noise:25, jpeg:20, gaussian_blur:7, downscale:2, colour_jitter:0.1,-0.1 "
-                        "(default: random).")
+                        "(default: random); or model:DIR, a learned degradation model (with --degrader-request).")
+    parser.add_argument("--degrader-request", action="append", default=[], metavar="NAME:MU_BIN:SIGMA_BIN",
+                        help="With --degradation model:DIR (a SanaDegradationPipeline folder): a degradation to ask "
+                        "the model for, e.g. jpeg:10:8 (GenDeg's severity bins, 0-127). Repeat for several; one is "
+                        "drawn per photo.")
     parser.add_argument("--sr-crop", type=int, default=None, metavar="PX",
                         help="Super-resolution pairs: PX-pixel HQ crops of the photo area-downsampled 0.5x (written to "
                         "hq/), LQ = HQ area-downsampled 0.5x then --degradation (use 'none' for a clean LQ).")
@@ -368,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input_dir, args.output_dir, degradation=args.degradation, seed=args.seed, copies=args.copies,
             num_workers=args.workers, csv_name=args.csv_name, overwrite=args.overwrite,
             generic_prompt_probability=args.generic_prompt_probability, verbose=not args.quiet,
-            sr_crop=args.sr_crop,
+            sr_crop=args.sr_crop, degrader_requests=args.degrader_request,
         )
     except ValueError as error:
         print(f"sana-restore make-pairs: error: {error}", file=sys.stderr)

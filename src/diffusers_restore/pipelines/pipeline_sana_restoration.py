@@ -185,6 +185,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             `guidance_scale_start`, `restoration_guidance` and `strength`, used when a call leaves them at `None`.
             Stored in the pipeline's config (model_index.json); set it with
             [`~SanaRestorationPipeline.set_sampling_defaults`]. Unset entries fall back to `BUILTIN_SAMPLING_DEFAULTS`.
+        direction (`str`, *optional*):
+            Set by `from_pretrained` from model_index.json: the direction the folder was saved with. A folder saved
+            by [`SanaDegradationPipeline`] ("degrade") is refused here with a message naming that class, and the
+            other way round. Folders saved before directions were recorded are restorers.
 
     A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts,
     or without them when prompt embeddings are passed in); each method says which components it needs.
@@ -201,6 +205,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     #: Number of prompts whose embeddings are kept between calls (least recently used dropped first); 0 disables.
     prompt_cache_size: int = 32
+    #: What the model was trained to do: "restore" (degraded -> clean) here, "degrade" for `SanaDegradationPipeline`.
+    #: Recorded in model_index.json, so that a folder of one direction is never loaded as the other.
+    direction: str = "restore"
 
     def __init__(
         self,
@@ -212,8 +219,15 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         degradation_removal: DegradationRemovalModel | None = None,
         sampling_defaults: dict[str, Any] | None = None,
         upscale_decoder: DCUpscaleDecoder | None = None,
+        direction: str | None = None,
     ):
         super().__init__()
+        if direction is not None and direction != type(self).direction:
+            loader = {"restore": "SanaRestorationPipeline", "degrade": "SanaDegradationPipeline"}.get(direction)
+            raise ValueError(
+                f"This model was trained to {direction!r} images, {type(self).__name__} is for {type(self).direction!r}"
+                + (f": load it with {loader}." if loader else "; known directions: 'restore', 'degrade'.")
+            )
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -224,6 +238,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             upscale_decoder=upscale_decoder,
         )
         self.register_to_config(sampling_defaults=self._checked_sampling_defaults(sampling_defaults or {}))
+        self.register_to_config(direction=type(self).direction)
         self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
         self._prompt_cache: collections.OrderedDict = collections.OrderedDict()
         self._prompt_cache_owner: tuple | None = None
