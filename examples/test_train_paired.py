@@ -993,6 +993,21 @@ def test_dataset_name_reads_a_datasets_dataset(tiny_base, pair_data, tmp_path, m
         _run(args[:-2] + ["--caption_column", "caption", "--output_dir", str(tmp_path / "out3")])
 
 
+def _launch_two_processes(tiny_base, pair_data, output_dir, *extra) -> subprocess.CompletedProcess:
+    """Run the script for 2 steps (batch 1) on 2 CPU processes with accelerate's launcher; assert it succeeded."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        str(SCRIPT),
+        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1, *extra),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_two_processes_train_the_same_weights(tiny_base, pair_data, tmp_path):
     """Two processes, DDP over gloo, started by accelerate's launcher; both ranks end with the saved weights.
 
@@ -1000,17 +1015,8 @@ def test_two_processes_train_the_same_weights(tiny_base, pair_data, tmp_path):
     ACCELERATE_USE_CPU=1 gives accelerate's MULTI_CPU mode without it.
     """
     output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no",
-        str(SCRIPT),
-        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
-                    "--checkpointing_steps", 2, "--weights_checksum_dir", checksums),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _launch_two_processes(tiny_base, pair_data, output_dir, "--checkpointing_steps", 2,
+                                   "--weights_checksum_dir", checksums)
     assert "DistributedType.MULTI_CPU" in result.stdout + result.stderr
 
     rank0 = (checksums / "rank-0.sha256").read_text().strip()
@@ -1565,17 +1571,8 @@ def test_two_processes_build_the_latent_cache_together(tiny_base, pair_data, tmp
     """--cache_latents on 2 processes: each encodes its share of the shards (3 shards of 2 pairs), the main process
     merges them; the merged cache holds every pair once, and training on it gives both ranks the same weights."""
     output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no",
-        str(SCRIPT),
-        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
-                    "--cache_latents", "--latent_cache_shard_size", 2, "--weights_checksum_dir", checksums),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _launch_two_processes(tiny_base, pair_data, output_dir, "--cache_latents", "--latent_cache_shard_size", 2,
+                          "--weights_checksum_dir", checksums)
     cache = output_dir / "latent_cache"
     index = json.loads((cache / "index.json").read_text())
     assert [entry["num_samples"] for entry in index["shards"]] == [2, 2, 2]
