@@ -1636,3 +1636,15 @@ def test_degrade_direction_trains_a_degradation_pipeline(tiny_base, pair_data, t
     restore_args = _base_args(output_dir, pair_data, tmp_path / "restorer", "--max_train_steps", 1)
     with pytest.raises(ValueError, match="was trained to degrade images; this run trains --direction restore"):
         _run(restore_args)
+
+    # a latent cache records the direction: a restore run's cache is not reused by a degrade run
+    from diffusers_restore.data.latents import LatentCacheError
+
+    cache = tmp_path / "cache"
+    restore_cached = [arg for arg in args if arg not in ("--direction", "degrade")] + [
+        "--cache_latents", "--latent_cache_dir", str(cache), "--output_dir", str(tmp_path / "r2")]
+    _reset_accelerate()
+    _run(restore_cached)
+    _reset_accelerate()
+    with pytest.raises(LatentCacheError, match="direction"):
+        _run(args + ["--cache_latents", "--latent_cache_dir", str(cache), "--output_dir", str(tmp_path / "d2")])

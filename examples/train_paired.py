@@ -1717,6 +1717,13 @@ def cache_latents(
             )
     storage_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     condition_models = [pipeline.vae] + ([stage] if stage is not None else [])
+    # what else the cache's identity records: the stage the conditions went through, and a degrade-direction cache
+    # (its images swapped), so that neither is reused by a run it does not fit
+    cache_identity = {}
+    if stage is not None:
+        cache_identity["degradation_removal"] = vae_fingerprint(stage)
+    if args.direction == "degrade":
+        cache_identity["direction"] = "degrade"
     # every process encodes its share of the latent shards; the main one merges them and encodes the prompts
     with offload_models(pipeline.text_encoder, *condition_models, device=accelerator.device, offload=args.offload):
         build_latent_cache(
@@ -1733,7 +1740,7 @@ def cache_latents(
             num_workers=args.dataloader_num_workers,
             # the class / config / weights identity the cache records for its VAE, here for the stage
             condition_transform=None if stage is None else lambda pixels: clean_conditions(pipeline, pixels),
-            extra_metadata=None if stage is None else {"degradation_removal": vae_fingerprint(stage)},
+            extra_metadata=cache_identity or None,
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
             wait_for_everyone=accelerator.wait_for_everyone,
