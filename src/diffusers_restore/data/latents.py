@@ -330,10 +330,12 @@ def build_latent_cache(
     # ---- latent shards (this process's share)
     num_samples = len(dataset)
     num_shards = (num_samples + shard_size - 1) // shard_size
+    checked = set()  # the shards this process verified or wrote: not read again below
     for number in range(process_index, num_shards, num_processes):
         name = _shard_name("latents", number, num_shards)
         path = os.path.join(output_dir, name)
         start, stop = number * shard_size, min(num_samples, (number + 1) * shard_size)
+        checked.add(name)
         entry = progress["shards"].get(name)
         if entry is not None and _still_intact(path, entry):
             continue
@@ -345,22 +347,22 @@ def build_latent_cache(
         barrier()  # process 0 merges and writes the index
         return _read_cache_json(index_path)
 
-    # ---- merge: every shard, whoever wrote it, must be there and intact
-    for path in _progress_files(output_dir):
-        progress["shards"].update(_read_cache_json(path).get("shards", {}))
-    shard_entries = []
-    for number in range(num_shards):
-        name = _shard_name("latents", number, num_shards)
-        entry = progress["shards"].get(name)
-        if entry is None or not _still_intact(os.path.join(output_dir, name), entry):
-            raise LatentCacheError(f"{os.path.join(output_dir, name)} is missing or damaged after the build: a "
-                                   "process failed; run the build again to redo it.")
-        shard_entries.append(entry)
-    progress_path = os.path.join(output_dir, PROGRESS_FILE)
-    atomic_write_json(progress_path, progress)
-    for path in _progress_files(output_dir):
-        if os.path.basename(path) != PROGRESS_FILE:
-            os.remove(path)
+    if num_processes > 1:
+        # ---- merge: the shards the other processes wrote must be there and intact
+        for path in _progress_files(output_dir):
+            progress["shards"].update(_read_cache_json(path).get("shards", {}))
+        for number in range(num_shards):
+            name = _shard_name("latents", number, num_shards)
+            entry = progress["shards"].get(name)
+            if name not in checked and (entry is None or not _still_intact(os.path.join(output_dir, name), entry)):
+                raise LatentCacheError(f"{os.path.join(output_dir, name)} is missing or damaged after the build: a "
+                                       "process failed; run the build again to redo it.")
+        progress_path = os.path.join(output_dir, PROGRESS_FILE)
+        atomic_write_json(progress_path, progress)
+        for path in _progress_files(output_dir):
+            if os.path.basename(path) != PROGRESS_FILE:
+                os.remove(path)
+    shard_entries = [progress["shards"][_shard_name("latents", number, num_shards)] for number in range(num_shards)]
     index = _finish_index(output_dir, metadata, num_samples, shard_entries, progress, progress_path,
                           encode_prompt_fn, dtype, prompt_batch_size, prompt_shard_size)
     barrier()
