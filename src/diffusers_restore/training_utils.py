@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import create_repo
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import Sampler
 
@@ -174,7 +174,8 @@ def check_finite_weights(accelerator, named_tensors: list[tuple[str, torch.Tenso
     """
     bad = []
     if named_tensors:
-        finite = [bool(torch.isfinite(local_tensor(tensor).detach()).all()) for _, tensor in named_tensors]
+        # one device sync for all tensors (their local shards under FSDP2)
+        finite = torch.stack([torch.isfinite(local_tensor(tensor).detach()).all() for _, tensor in named_tensors]).tolist()
         bad = [name for (name, _), ok in zip(named_tensors, finite, strict=True) if not ok]
     count = int(sum_over_processes(accelerator, float(len(bad))))
     if count > 0:
@@ -304,30 +305,14 @@ def load_ema_checkpoint(ema_model, ema_dir: str, model_cls: type | None = None) 
         model_cls: the class of the averaged model (default: `ema_model.model_cls`).
     """
     model_cls = model_cls or ema_model.model_cls
-    weights_path = os.path.join(ema_dir, "diffusion_pytorch_model.safetensors")
-    index_path = weights_path + ".index.json"  # a large model's weights in shards
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            shard_files = sorted(set(json.load(handle)["weight_map"].values()))
-        saved = {}
-        for shard_file in shard_files:
-            saved.update(load_file(os.path.join(ema_dir, shard_file)))
-    elif os.path.isfile(weights_path):
-        saved = load_file(weights_path)
-    else:
-        raise FileNotFoundError(f"{ema_dir} has no diffusion_pytorch_model.safetensors: not an EMA checkpoint.")
+    loaded = model_cls.from_pretrained(ema_dir, use_safetensors=True)  # shard index files included
     config = model_cls.load_config(ema_dir)
-    with torch.device("meta"):  # the parameter names and order only, without allocating the model
-        names = [name for name, _ in model_cls.from_config(config).named_parameters()]
-    if len(names) != len(ema_model.shadow_params) or any(name not in saved for name in names):
-        missing = [name for name in names if name not in saved]
-        raise ValueError(
-            f"{ema_dir} does not match the EMA: it holds {len(saved)} tensors for {len(names)} parameters "
-            f"(missing: {missing[:3]}), the EMA tracks {len(ema_model.shadow_params)}."
-        )
+    saved = list(loaded.named_parameters())
+    if len(saved) != len(ema_model.shadow_params):
+        raise ValueError(f"{ema_dir} holds {len(saved)} tensors but the EMA tracks {len(ema_model.shadow_params)}.")
     with torch.no_grad():
-        for name, shadow in zip(names, ema_model.shadow_params, strict=True):
-            value = saved[name].to(dtype=shadow.dtype)
+        for (name, value), shadow in zip(saved, ema_model.shadow_params, strict=True):
+            value = value.detach().to(dtype=shadow.dtype)
             if isinstance(shadow, DTensor):
                 value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
             else:
