@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..image_io import decode_rgb, load_image
+from ..image_io import decode_rgb, load_rgb, to_rgb
 from .degradations import DegradationSpec, get_degradation_fn
 from .paired_dataset import PairedDataError, PairRow, make_pair_item, match_pair_sizes
 
@@ -248,7 +249,7 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         own = (batches - worker + num_workers - 1) // num_workers if batches > worker else 0
         return own * self.batch_size
 
-    def _raw_pairs(self, reader: int, readers: int, worker: int, num_workers: int, passes: int):
+    def _raw_pairs(self, reader: int, readers: int, passes: int):
         """This reader's (clean, degraded, caption, location) of pass `passes`, shuffled."""
         if self.shards is not None:
             mine = self.shards[reader::readers]
@@ -293,9 +294,9 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         if isinstance(value, dict) and value.get("bytes") is not None:  # a 🤗 Image feature without decoding
             return decode_rgb(value["bytes"], f"{location} ({role})")
         if isinstance(value, str):
-            return load_image(value).convert("RGB")
-        if hasattr(value, "convert"):
-            return value.convert("RGB")
+            return load_rgb(value)
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
         raise PairedDataError(f"{role}: expected an image, got {type(value).__name__}.", location)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -314,7 +315,7 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         while True:
             given = 0
             rng = np.random.default_rng([self.seed, passes, reader, 3])
-            for sample in self._shuffled(self._raw_pairs(reader, readers, worker, num_workers, passes), rng):
+            for sample in self._shuffled(self._raw_pairs(reader, readers, passes), rng):
                 given += 1
                 position += 1
                 if position <= skip:
