@@ -60,6 +60,7 @@ from ..image_io import (
     save_image,
     sha256_file,
 )
+from ..severity_bins import SEVERITY_BINS
 from .degradations import apply_degradation_spec, area_downsample_pair, degradation_prompt, parse_degradation_spec
 
 PNG_TEXT_KEY = "sana_restore_pair"
@@ -137,7 +138,7 @@ def parse_model_degradation(spec: str) -> tuple[str, list[tuple[str, int, int]]]
         parts = request.split(":")
         try:
             name, mu_bin, sigma_bin = parts[0], int(parts[1]), int(parts[2])
-            if len(parts) != 3 or not name or not (0 <= mu_bin < 128 and 0 <= sigma_bin < 128):
+            if len(parts) != 3 or not name or not (0 <= mu_bin < SEVERITY_BINS and 0 <= sigma_bin < SEVERITY_BINS):
                 raise ValueError
         except (ValueError, IndexError):
             raise ValueError(f"degrader request {request!r}: expected NAME:MU_BIN:SIGMA_BIN with bins in 0-127, e.g. "
