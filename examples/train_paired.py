@@ -41,7 +41,6 @@ flag names are theirs.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import importlib.util
 import inspect
@@ -99,7 +98,7 @@ from diffusers_restore.data.latents import (
     encode_latents,
     vae_fingerprint,
 )
-from diffusers_restore.data.paired_dataset import CSV_HEADER, PairedDataset, collate_fn
+from diffusers_restore.data.paired_dataset import PairedDataset, collate_fn, write_paired_csv
 from diffusers_restore.data.streaming import StreamingPairDataset, expand_shard_pattern
 from diffusers_restore.metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid, psnr, ssim
 from diffusers_restore.models.degradation_removal import DegradationRemovalModel
@@ -1071,12 +1070,7 @@ def export_hf_dataset(args) -> str:
             )
         caption = row[args.caption_column] if args.caption_column else ""
         rows.append((clean, degraded, caption or ""))
-    partial = csv_path + ".tmp"
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-    os.replace(partial, csv_path)
+    write_paired_csv(csv_path, rows)
     return csv_path
 
 

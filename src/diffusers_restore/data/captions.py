@@ -9,13 +9,11 @@ interrupted run resumes and a rerun captions nothing twice.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 
 from ..captioning import DEFAULT_PROMPT_TEMPLATE, ImageCaptioner, combine_prompt
-from ..image_io import atomic_write, is_same_file, load_rgb
-from .paired_dataset import CSV_HEADER, read_paired_csv
+from ..image_io import is_same_file, load_rgb
+from .paired_dataset import csv_path_field, read_paired_csv, write_paired_csv
 
 CAPTION_SOURCES = ("degraded", "clean")
 
@@ -64,13 +62,10 @@ def caption_pairs(
     folder = os.path.dirname(os.path.abspath(output_csv))
 
     def relative(path: str | None) -> str:
-        return "" if path is None else os.path.relpath(path, folder).replace(os.sep, "/")
+        return "" if path is None else csv_path_field(path, folder)
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for row, caption in zip(rows, captions):
-        writer.writerow([relative(row.image_path), relative(row.condition_image_path),
-                         combine_prompt(caption, row.caption, template)])
-    atomic_write(output_csv, buffer.getvalue().encode("utf-8"))
+    write_paired_csv(output_csv, [
+        (relative(row.image_path), relative(row.condition_image_path), combine_prompt(caption, row.caption, template))
+        for row, caption in zip(rows, captions)
+    ])
     return len(rows)

@@ -35,9 +35,7 @@ the HQ area-downsampled 0.5x (256 px), then degraded by ``--degradation`` unless
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -51,7 +49,6 @@ from PIL import Image, PngImagePlugin
 
 from ..image_io import (
     IMAGE_EXTENSIONS,
-    atomic_write,
     atomic_write_json,
     find_images,
     load_rgb,
@@ -62,6 +59,7 @@ from ..image_io import (
 )
 from ..severity_bins import SEVERITY_BINS
 from .degradations import apply_degradation_spec, area_downsample_pair, degradation_prompt, parse_degradation_spec
+from .paired_dataset import csv_path_field, write_paired_csv
 
 PNG_TEXT_KEY = "sana_restore_pair"
 DEGRADED_FOLDER = "degraded"
@@ -239,14 +237,6 @@ def _check_manifest(output_dir: str, settings: dict, overwrite: bool) -> None:
     atomic_write_json(path, settings, indent=None)
 
 
-def _csv_path_field(path: str, csv_folder: str) -> str:
-    try:
-        relative = os.path.relpath(path, csv_folder)
-    except ValueError:  # another drive (Windows)
-        return os.path.abspath(path)
-    return relative.replace(os.sep, "/")
-
-
 def make_pairs(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -361,18 +351,14 @@ def make_pairs(
         result.num_resumed += status == "resumed"
         clean_path = job.hq_path if job.hq_path is not None else os.path.join(input_abs, job.relative_path)
         rows.append((
-            _csv_path_field(clean_path, os.path.abspath(output_dir)),
-            _csv_path_field(job.output_path, os.path.abspath(output_dir)),
+            csv_path_field(clean_path, os.path.abspath(output_dir)),
+            csv_path_field(job.output_path, os.path.abspath(output_dir)),
             caption,
         ))
     result.seconds = time.perf_counter() - start_time
     if not rows:  # keep any earlier CSV rather than replacing it by an empty one
         return result
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_path", "condition_image_path", "caption"])
-    writer.writerows(rows)
-    atomic_write(result.csv_path, buffer.getvalue().encode("utf-8"))
+    write_paired_csv(result.csv_path, rows)
     result.seconds = time.perf_counter() - start_time
     return result
 

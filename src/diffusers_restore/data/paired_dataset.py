@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_size, load_rgb
+from ..image_io import IMAGE_EXTENSIONS, ImageReadError, atomic_write, find_images, image_size, load_rgb
 from .degradations import GENERIC_PROMPT, DegradationSpec, degradation_prompt, get_degradation_fn, records_to_json
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,11 @@ __all__ = [
     "PairedDataError",
     "PairedDataset",
     "collate_fn",
+    "csv_path_field",
     "image_to_tensor",
     "read_paired_csv",
     "validate_paired_csv",
+    "write_paired_csv",
 ]
 
 
@@ -270,6 +272,26 @@ def read_paired_csv(
             )
         )
     return rows, problems
+
+
+def csv_path_field(path: str, csv_folder: str) -> str:
+    """How a pairs CSV in `csv_folder` names the file `path`: relative to the CSV, with forward slashes (absolute
+    when no relative path exists, e.g. on another Windows drive)."""
+    try:
+        relative = os.path.relpath(path, csv_folder)
+    except ValueError:  # another drive (Windows)
+        return os.path.abspath(path)
+    return relative.replace(os.sep, "/")
+
+
+def write_paired_csv(csv_path: str | os.PathLike, rows: Sequence[Sequence[str]]) -> None:
+    """Write a pairs CSV atomically (see `image_io.atomic_write`): the header, then `rows` as given
+    (``(image_path, condition_image_path, caption)``, paths already as the CSV names them: see `csv_path_field`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    writer.writerows(rows)
+    atomic_write(csv_path, buffer.getvalue().encode("utf-8"))
 
 
 def _folder_rows(folder: str) -> list[PairRow]:
