@@ -962,6 +962,15 @@ class DegradeDirectionStream(torch.utils.data.IterableDataset):
             super().__setattr__(name, value)
 
 
+def check_dataset_columns(args, columns: list[str]) -> None:
+    """Refuse a --image_column / --conditioning_image_column / --caption_column that `columns` (the --dataset_name
+    dataset's) lacks, naming it."""
+    for flag in ("image_column", "conditioning_image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column is not None and column not in columns:
+            raise ValueError(f"--{flag} '{column}' is not a column of {args.dataset_name} (columns: {columns}).")
+
+
 def is_streaming(args) -> bool:
     """Whether the training pairs stream (tar shards, or a 🤗 dataset with --streaming): no length, no random access."""
     return bool(args.train_data_shards) or bool(args.dataset_name and args.streaming)
@@ -984,11 +993,8 @@ def build_streaming_dataset(args, seed: int, process_index: int, num_processes: 
         raise ImportError("--dataset_name needs the `datasets` package: pip install datasets") from error
     stream = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                    split="train", streaming=True)
-    columns = list(stream.column_names or [])
-    for flag in ("image_column", "conditioning_image_column", "caption_column"):
-        column = getattr(args, flag)
-        if column is not None and columns and column not in columns:
-            raise ValueError(f"--{flag} '{column}' is not a column of {args.dataset_name} (columns: {columns}).")
+    if stream.column_names:  # unknown until read for some streams
+        check_dataset_columns(args, list(stream.column_names))
     return StreamingPairDataset(
         hf_dataset=stream, image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
         caption_column=args.caption_column, **common,
@@ -1040,11 +1046,7 @@ def export_hf_dataset(args) -> str:
         if "train" not in dataset:
             raise ValueError(f"--dataset_name {args.dataset_name} has no 'train' split (splits: {list(dataset)}).")
         dataset = dataset["train"]
-    columns = list(dataset.column_names)
-    for flag in ("image_column", "conditioning_image_column", "caption_column"):
-        column = getattr(args, flag)
-        if column is not None and column not in columns:
-            raise ValueError(f"--{flag} '{column}' is not a column of {args.dataset_name} (columns: {columns}).")
+    check_dataset_columns(args, list(dataset.column_names))
 
     def save(image, name: str, row_index: int, column: str) -> str:
         if isinstance(image, str):
