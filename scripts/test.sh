@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh test
 export HF_HUB_OFFLINE=1
-python -m pytest tests examples -q "$@"
+python -m pytest tests examples -q -rs "$@"

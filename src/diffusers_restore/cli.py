@@ -7,6 +7,7 @@ Examples::
     sana-restore evaluate --model ./my-restorer --pairs pairs.csv -o eval/
     sana-restore make-pairs --input-dir photos/ --output-dir pairs/
     sana-restore demo -o demo.png
+    sana-restore app --model bundled --port 7860
 
 Sampling flags that are not given are not passed: the pipeline samples with the defaults its model carries
 (``pipe.sampling_defaults``), so a one-step restorer and a 20-step fine-tune each run as they were meant to.
@@ -35,6 +36,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .app import DEFAULT_MAX_FILE_SIZE as DEFAULT_APP_MAX_FILE_SIZE
+from .app import DEFAULT_MAX_IMAGE_SIDE as DEFAULT_APP_MAX_IMAGE_SIDE
 from .cli_common import (
     BUNDLED,
     CLIError,
@@ -640,6 +643,29 @@ def cmd_install_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- app
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from .app import launch
+
+    try:
+        import gradio  # noqa: F401 - checked before the model is loaded
+    except ImportError:
+        raise CLIError('the web app needs Gradio: pip install "diffusers-restore[app]" (or gradio>=6).') from None
+    resolve_model(args.model)  # a wrong --model fails before anything starts
+    device, dtype = resolve_device(args.device, args.dtype)
+    try:
+        launch(model=args.model, host=args.host, port=args.port, share=args.share,
+               max_image_side=args.max_image_side, max_file_size=args.max_file_size, device=device, dtype=dtype,
+               revision=args.revision, max_queue_size=args.max_queue_size)
+    except OSError as error:  # e.g. the port is taken
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {error}") from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -746,6 +772,30 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("-o", "--output", required=True, help="New pipeline folder.")
     install.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     install.set_defaults(func=cmd_install_decoder)
+
+    app = commands.add_parser(
+        "app", help="Serve a web demo (Gradio) of a restorer: upload or simulate, restore, compare, download.",
+        description="Serves a Gradio app (pip install \"diffusers-restore[app]\"). The model loads once; requests "
+                    "queue and run one at a time. Offline with the bundled restorer.")
+    app.add_argument("--model", default=BUNDLED,
+                     help="Pipeline folder, Hub repo id (org/name), or 'bundled' (default).")
+    app.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="Address to listen on (default 127.0.0.1; 0.0.0.0 serves the network).")
+    app.add_argument("--port", type=_number(int, 1, 65535), default=7860, help="Port (default 7860).")
+    app.add_argument("--share", action="store_true",
+                     help="Also ask Gradio for a public *.gradio.live link (needs the network; the app keeps "
+                          "serving locally when it cannot get one).")
+    app.add_argument("--max-image-side", type=_number(int, 1), default=DEFAULT_APP_MAX_IMAGE_SIDE,
+                     help=f"Longest accepted side in pixels, input and output (default {DEFAULT_APP_MAX_IMAGE_SIDE}).")
+    app.add_argument("--max-file-size", default=DEFAULT_APP_MAX_FILE_SIZE,
+                     help=f"Largest upload, e.g. 20mb (default {DEFAULT_APP_MAX_FILE_SIZE}).")
+    app.add_argument("--max-queue-size", type=_number(int, 1), default=32,
+                     help="Requests that may wait in the queue (default 32); more are refused.")
+    app.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="Weights dtype (default: bfloat16 on CUDA, float32 elsewhere).")
+    app.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    app.set_defaults(func=cmd_app)
     return parser
 
 
