@@ -198,3 +198,18 @@ def test_no_degradation_is_the_default(app):
     assert NO_DEGRADATION in DEGRADATION_CHOICES and DEGRADATION_CHOICES[NO_DEGRADATION] is None
     with pytest.raises(ValueError, match="max_image_side"):
         RestorationApp(app.pipe, max_image_side=0)
+
+
+def test_controls_start_at_the_models_defaults_and_untouched_ones_are_not_passed(pipe, tmp_path, monkeypatch):
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, restoration_guidance_tau=2.5)
+    monkeypatch.setattr(pipe, "scheduler", scheduler)
+    monkeypatch.setitem(pipe.config, "sampling_defaults", {"num_inference_steps": 3, "guidance_scale": 2.0})
+    app = RestorationApp(pipe, output_dir=str(tmp_path))
+    start = app.control_defaults
+    # restoration_guidance None means "the scheduler's configured strength": the control shows that value
+    assert start["num_inference_steps"] == 3 and start["guidance_scale"] == 2.0
+    assert start["restoration_guidance"] == 2.5 and start["strength"] == 1.0 and start["upscale"] == 1.0
+    # a control left where it started is not passed, so the model's own default (not a copy of it) applies
+    assert app.call_arguments(**{name: value for name, value in start.items()}) == {"color_fix": "wavelet"}
+    assert app.call_arguments(num_inference_steps=5.0, restoration_guidance=0.0, color_fix="none") == {
+        "num_inference_steps": 5, "restoration_guidance": 0.0, "color_fix": None}

@@ -156,6 +156,24 @@ class RestorationApp:
         """The model's own sampling defaults (what a plain ``pipe(image)`` uses)."""
         return dict(self.pipe.sampling_defaults)
 
+    @property
+    def control_defaults(self) -> dict[str, Any]:
+        """The values the page's controls start at: the model's sampling defaults, with `restoration_guidance` left
+        at `None` shown as the scheduler's configured strength (what `None` means) and the call's own defaults for
+        the rest. A control left at its start value is passed as `None`, so the model's own default applies."""
+        defaults = self.sampling_defaults
+        tau = defaults.get("restoration_guidance")
+        if tau is None:
+            tau = float(getattr(self.pipe.scheduler, "config", {}).get("restoration_guidance_tau", 0.0) or 0.0)
+        return {
+            "num_inference_steps": int(defaults.get("num_inference_steps") or 1),
+            "guidance_scale": float(defaults.get("guidance_scale") or 1.0),
+            "restoration_guidance": float(tau),
+            "strength": float(defaults.get("strength") or 1.0),
+            "fidelity": float(defaults.get("fidelity") or 0.0),
+            "upscale": 1.0,
+        }
+
     def describe_model(self) -> str:
         """One line naming the model and the call it records as its defaults."""
         defaults = self.sampling_defaults
@@ -206,8 +224,8 @@ class RestorationApp:
                        guidance_scale: float | None = None, restoration_guidance: float | None = None,
                        strength: float | None = None, fidelity: float | None = None, color_fix: str | None = "wavelet",
                        upscale: float | None = None, tile_size: int | None = None) -> dict[str, Any]:
-        """The pipeline arguments for these settings (``None`` = the model's default), checked by the pipeline's
-        own :meth:`check_call_arguments`.
+        """The pipeline arguments for these settings, checked by the pipeline's own :meth:`check_call_arguments`.
+        A setting that is ``None`` or equal to its :attr:`control_defaults` value is left out (the model's default).
 
         Raises:
             AppRequestError: a setting the pipeline refuses, with the pipeline's message.
@@ -215,12 +233,13 @@ class RestorationApp:
         kwargs: dict[str, Any] = {}
         if prompt:
             kwargs["prompt"] = prompt
+        start = self.control_defaults
         for name, value, kind in (("num_inference_steps", num_inference_steps, int),
                                   ("guidance_scale", guidance_scale, float),
                                   ("restoration_guidance", restoration_guidance, float),
                                   ("strength", strength, float), ("fidelity", fidelity, float),
                                   ("upscale", upscale, float), ("tile_size", tile_size, int)):
-            if value is None:
+            if value is None or (name in start and value == start[name]):
                 continue
             if kind is int and float(value).is_integer():
                 value = int(value)
@@ -399,7 +418,7 @@ def build_demo(app: RestorationApp, examples: list[str] | None = None):
     parameters below), and ``/cancel`` stops the caller's running request.
     """
     gr = _import_gradio()
-    defaults = app.sampling_defaults
+    start = app.control_defaults
 
     def restore(image, degradation, level, prompt, num_inference_steps, guidance_scale, restoration_guidance,
                 strength, fidelity, color_fix, upscale, seed, tile_size, request: gr.Request,
@@ -456,19 +475,19 @@ def build_demo(app: RestorationApp, examples: list[str] | None = None):
                                   label=noise.level_label, visible=False)
                 with gr.Accordion("Advanced", open=False):
                     prompt = gr.Textbox(label="Prompt", value="", placeholder="the model's default (empty)")
-                    steps = gr.Slider(1, 50, step=1, value=defaults.get("num_inference_steps") or 1,
+                    steps = gr.Slider(1, 50, step=1, value=start["num_inference_steps"],
                                       label="Steps (num_inference_steps)")
-                    guidance = gr.Slider(1.0, 10.0, step=0.1, value=defaults.get("guidance_scale") or 1.0,
+                    guidance = gr.Slider(1.0, 10.0, step=0.1, value=start["guidance_scale"],
                                          label="Guidance scale (1 = no classifier-free guidance)")
                     restoration_guidance = gr.Slider(0.0, 10.0, step=0.1,
-                                                     value=defaults.get("restoration_guidance") or 0.0,
+                                                     value=start["restoration_guidance"],
                                                      label="Restoration guidance (0 = off)")
-                    strength = gr.Slider(0.05, 1.0, step=0.05, value=defaults.get("strength") or 1.0,
+                    strength = gr.Slider(0.05, 1.0, step=0.05, value=start["strength"],
                                          label="Strength (fraction of the noise schedule)")
-                    fidelity = gr.Slider(0.0, 1.0, step=0.05, value=defaults.get("fidelity") or 0.0,
+                    fidelity = gr.Slider(0.0, 1.0, step=0.05, value=start["fidelity"],
                                          label="Fidelity (input detail put back)")
                     color_fix = gr.Radio(["wavelet", "adain", "none"], value="wavelet", label="Colour fix")
-                    upscale = gr.Slider(1.0, 4.0, step=0.5, value=1.0, label="Upscale")
+                    upscale = gr.Slider(1.0, 4.0, step=0.5, value=start["upscale"], label="Upscale")
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     tile_size = gr.Textbox(value="auto",
                                            label=f"Tile size (px, a multiple of {app.pipe.size_multiple}; auto = "
