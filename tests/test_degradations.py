@@ -376,3 +376,51 @@ def test_rgb_helpers_are_the_image_io_ones():
     from diffusers_restore import image_io
 
     assert D.to_rgb is data.to_rgb is image_io.to_rgb and D.load_rgb is image_io.load_rgb
+
+
+# ------------------------------------------------------------------ type-specific severity measures
+
+
+def _smooth_photo(size=128, seed=3):
+    """A smooth colour image without any 8 px structure (so its blockiness is about 1) and away from 0 / 255."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([0.5 + 0.3 * np.sin(5.3 * x + 2.1 * y + c) for c in range(3)], axis=-1)
+    detail = 0.05 * np.sin(37.0 * x * (1 + y))[..., None]
+    noise = 0.01 * rng.standard_normal((size, size, 3))
+    return Image.fromarray((np.clip(base + detail + noise, 0, 1) * 255).round().astype(np.uint8))
+
+
+def test_noise_sigma_measures_added_gaussian_noise():
+    clean = _smooth_photo()
+    for sigma in (5.0, 20.0, 40.0):
+        noisy, _ = D.gaussian_noise(clean, sigma, rng=0)
+        residual = np.asarray(noisy, float) - np.asarray(clean, float)  # independent: numpy's std
+        assert D.noise_sigma(clean, noisy) == pytest.approx(residual.std())
+        assert D.noise_sigma(clean, noisy) == pytest.approx(sigma, rel=0.05)
+    assert D.noise_sigma(clean, clean) == 0.0
+    with pytest.raises(ValueError, match="differ in size"):
+        D.noise_sigma(clean, clean.resize((64, 64)))
+
+
+def test_blockiness_rises_with_jpeg_compression():
+    clean = _smooth_photo()
+    assert D.blockiness(clean) == pytest.approx(1.0, abs=0.1)
+    values = [D.blockiness(D.jpeg(clean, quality)[0]) for quality in (90, 40, 10)]
+    assert values[0] < values[1] < values[2] and values[2] > 1.5
+    # a grid drawn on the 8 px boundaries is blocking by construction; the same grid shifted by 4 px is not
+    grid = np.asarray(clean).copy()
+    grid[:, 7::8] = 0
+    shifted = np.asarray(clean).copy()
+    shifted[:, 3::8] = 0
+    assert D.blockiness(grid) > 2 and D.blockiness(shifted) < 1
+    with pytest.raises(ValueError, match="at least 16 px"):
+        D.blockiness(clean.resize((12, 40)))
+
+
+def test_blur_sigma_recovers_the_gaussian_blur_width():
+    clean = _smooth_photo()
+    for kernel_size in (3, 7, 11):
+        blurred, record = D.gaussian_blur(clean, kernel_size)
+        assert D.blur_sigma(clean, blurred) == pytest.approx(record["params"]["sigma"], abs=0.051)
+    assert D.blur_sigma(clean, clean) == 0.0

@@ -113,3 +113,46 @@ def test_make_pairs_with_a_degradation_model(degrader_dir, tmp_path):
                             "--degrader-request", "jpeg:10:8", "--quiet"]) == 2
     assert make_pairs.main(["--input-dir", str(clean), "--output-dir", str(tmp_path / "y"), "--degradation",
                             f"model:{degrader_dir}", "--degrader-request", "jpeg:200:8", "--quiet"]) == 2
+
+
+def test_model_degradation_is_a_degradation_spec(degrader_dir, tmp_path):
+    from diffusers_restore.data.degradations import apply_degradation_spec, parse_degradation_spec
+
+    spec_text = f"model:{degrader_dir};jpeg:10:8,gaussian_noise:12:20"
+    spec = parse_degradation_spec(spec_text)
+    assert spec.name == "model" and spec.params["requests"] == (("jpeg", 10, 8), ("gaussian_noise", 12, 20))
+    assert parse_degradation_spec(str(spec)) == spec  # the canonical string parses back
+    clean = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    first, records = apply_degradation_spec(clean, spec, np.random.default_rng(5))
+    again, _ = apply_degradation_spec(clean, spec, np.random.default_rng(5))
+    assert first.size == clean.size and first.mode == "RGB"
+    assert np.array_equal(np.asarray(first), np.asarray(again))  # seeded by the rng: request and model noise
+    assert records[0]["name"] in ("jpeg", "gaussian_noise") and records[0]["params"]["model"] == str(degrader_dir)
+    # mixes with analytic degradations like any spec: both alternatives are drawn
+    mix = parse_degradation_spec(f"jpeg:20|model:{degrader_dir};gaussian_noise:12:20")
+    names = {apply_degradation_spec(clean, mix, np.random.default_rng(seed))[1][0]["params"].get("model", "analytic")
+             for seed in range(8)}
+    assert names == {"analytic", str(degrader_dir)}
+    with pytest.raises(ValueError, match="no model_index.json"):
+        parse_degradation_spec(f"model:{tmp_path};jpeg:10:8")
+    with pytest.raises(ValueError, match="at least one request"):
+        parse_degradation_spec(f"model:{degrader_dir}")
+    with pytest.raises(ValueError, match="bins in 0-127"):
+        parse_degradation_spec(f"model:{degrader_dir};jpeg:10:128")
+
+
+def test_training_pairs_degraded_on_the_fly_by_a_model(degrader_dir, tmp_path):
+    """What train_paired.py --degradation "model:DIR;..." does: the training dataset degrades each photo with the
+    degradation model, and the prompt names what it asked for."""
+    from diffusers_restore.data.paired_dataset import PairedDataset
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photos / f"{index}.png")
+    dataset = PairedDataset(str(photos), resolution=32, degradation=f"model:{degrader_dir};jpeg:10:8", seed=0)
+    item = dataset[0]
+    assert item["conditioning_pixel_values"].shape == (3, 32, 32)
+    assert json.loads(item["degradation"])[0]["params"]["model"] == str(degrader_dir)
+    assert "JPEG" in item["prompt"] or "jpeg" in item["prompt"].lower()

@@ -73,6 +73,11 @@ __all__ = [
     "random_realesrgan_kernel",
     "realesrgan_degradation",
     "records_to_json",
+    "MODEL_PREFIX",
+    "blockiness",
+    "blur_sigma",
+    "noise_sigma",
+    "parse_model_degradation",
     "severity",
     "to_rgb",
 ]
@@ -942,6 +947,71 @@ def severity(hq: Image.Image | np.ndarray, lq: Image.Image | np.ndarray) -> dict
     }
 
 
+def _pixels(value: Any, argument: str) -> np.ndarray:
+    """An RGB float64 HxWx3 array on the 0-255 scale from a PIL image (any mode) or an HxWx3 uint8 array."""
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3:
+            raise ValueError(f"{argument} must be an HxWx3 uint8 array or a PIL image, got {value.dtype} {value.shape}.")
+        return value.astype(np.float64)
+    return np.asarray(to_rgb(_check_image(value, argument)), dtype=np.float64)
+
+
+def _same_size(clean: np.ndarray, degraded: np.ndarray) -> None:
+    if clean.shape != degraded.shape:
+        raise ValueError(f"clean and degraded images differ in size: {clean.shape[1]}x{clean.shape[0]} vs "
+                         f"{degraded.shape[1]}x{degraded.shape[0]}.")
+
+
+def noise_sigma(clean: Image.Image | np.ndarray, degraded: Image.Image | np.ndarray) -> float:
+    """The noise level of a degraded copy: the standard deviation of ``degraded - clean`` over all pixels and
+    channels, on the 0-255 scale (what ``gaussian_noise:SIGMA`` asks for; clipping at 0 and 255 lowers it slightly).
+    """
+    clean_pixels, degraded_pixels = _pixels(clean, "clean"), _pixels(degraded, "degraded")
+    _same_size(clean_pixels, degraded_pixels)
+    return float((degraded_pixels - clean_pixels).std())
+
+
+def blockiness(image: Image.Image | np.ndarray, block: int = 8) -> float:
+    """JPEG blocking of an image: the mean absolute luma step across the boundaries of the `block` x `block` grid
+    (anchored at the top-left corner, as JPEG's is) divided by the mean step elsewhere, horizontally and vertically
+    pooled. About 1 for an image without blocking; JPEG at low quality raises it (quality 10 gives about 2 on
+    photos).
+
+    Raises:
+        ValueError: an image smaller than two blocks in either direction.
+    """
+    pixels = _pixels(image, "image")
+    if min(pixels.shape[:2]) < 2 * block:
+        raise ValueError(f"blockiness needs at least {2 * block} px per side, got {pixels.shape[1]}x{pixels.shape[0]}.")
+    luma = pixels @ np.array([0.299, 0.587, 0.114])
+    across, within = [], []
+    for steps in (np.abs(np.diff(luma, axis=1)), np.abs(np.diff(luma, axis=0)).T):
+        on_boundary = (np.arange(steps.shape[1]) + 1) % block == 0  # step between column k and k+1
+        across.append(steps[:, on_boundary])
+        within.append(steps[:, ~on_boundary])
+    inside = float(np.mean(np.concatenate([w.ravel() for w in within])))
+    return float(np.mean(np.concatenate([a.ravel() for a in across]))) / max(inside, 1e-12)
+
+
+def blur_sigma(clean: Image.Image | np.ndarray, degraded: Image.Image | np.ndarray, max_sigma: float = 6.0,
+               resolution: float = 0.05) -> float:
+    """The gaussian blur width of a degraded copy: the sigma (px) whose gaussian blur of `clean` (the filter
+    ``gaussian_blur`` uses) is closest to `degraded` in mean squared error, searched on a grid of `resolution` px up
+    to `max_sigma`. 0 for an unblurred copy.
+    """
+    clean_image = Image.fromarray(_pixels(clean, "clean").astype(np.uint8))
+    target = _pixels(degraded, "degraded")
+    _same_size(np.asarray(clean_image), target)
+    best_sigma, best_error = 0.0, float(np.mean((np.asarray(clean_image, dtype=np.float64) - target) ** 2))
+    for step in range(1, int(round(max_sigma / resolution)) + 1):
+        sigma = round(step * resolution, 10)
+        blurred = np.asarray(clean_image.filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=np.float64)
+        error = float(np.mean((blurred - target) ** 2))
+        if error < best_error:
+            best_sigma, best_error = sigma, error
+    return best_sigma
+
+
 # ------------------------------------------------------------------------------------------ specs and presets
 
 ONE_OF = "one_of"
@@ -949,6 +1019,66 @@ ONE_OF = "one_of"
 
 PRESETS = ("random", "realesrgan", "realesrgan_light")
 """Composite degradations accepted wherever a spec is: ``random[:n]``, ``realesrgan``, ``realesrgan_light``."""
+
+MODEL = "model"
+MODEL_PREFIX = "model:"
+"""A learned degradation (GenDeg's synthetic pairs): ``model:DIR;NAME:MU_BIN:SIGMA_BIN[,...]`` runs the
+:class:`~diffusers_restore.SanaDegradationPipeline` saved in ``DIR`` (``train_paired.py --direction degrade``) with one
+of the listed requests (degradation name and GenDeg severity bins, 0-127), drawn per image; e.g.
+``model:./my-degrader;jpeg:10:8,gaussian_noise:12:20``. It combines with ``|`` like any spec."""
+
+_DEGRADERS: dict[str, Any] = {}  # one loaded degradation model per folder and process
+
+
+def parse_model_degradation(spec: str) -> DegradationSpec:
+    """Parse ``model:DIR;NAME:MU_BIN:SIGMA_BIN[,...]`` (see :data:`MODEL_PREFIX`).
+
+    Raises:
+        ValueError: no folder or no request, a malformed request or bin, or a folder without ``model_index.json``.
+    """
+    import os
+
+    folder, _, requests = spec[len(MODEL_PREFIX):].partition(";")
+    parsed = []
+    for request in filter(None, (part.strip() for part in requests.split(","))):
+        parts = request.split(":")
+        try:
+            name, mu_bin, sigma_bin = parts[0], int(parts[1]), int(parts[2])
+            if len(parts) != 3 or not name or not (0 <= mu_bin < SEVERITY_BINS and 0 <= sigma_bin < SEVERITY_BINS):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"degrader request {request!r}: expected NAME:MU_BIN:SIGMA_BIN with bins in 0-127, e.g. "
+                             "'jpeg:10:8'.") from None
+        parsed.append((name, mu_bin, sigma_bin))
+    if not folder or not parsed:
+        raise ValueError(f"{spec!r}: a model degradation needs a folder and at least one request, e.g. "
+                         "'model:./my-degrader;jpeg:10:8' (make-pairs: --degrader-request NAME:MU_BIN:SIGMA_BIN).")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError(f"{spec!r}: no model_index.json in {folder} (a SanaDegradationPipeline folder written by "
+                         "train_paired.py --direction degrade).")
+    return DegradationSpec(MODEL, {"folder": folder, "requests": tuple(parsed)})
+
+
+def _model_degrade(image: Image.Image, spec: DegradationSpec, rng: np.random.Generator
+                   ) -> tuple[Image.Image, list[Record]]:
+    """Degrade `image` with the model of a parsed model spec; the request and the model's seed come from `rng`.
+    The output has the input's size and RGB mode."""
+    import torch
+
+    from ..pipelines.pipeline_sana_degradation import SanaDegradationPipeline
+
+    folder = spec.params["folder"]
+    if folder not in _DEGRADERS:
+        _DEGRADERS[folder] = SanaDegradationPipeline.from_pretrained(folder)
+        _DEGRADERS[folder].set_progress_bar_config(disable=True)
+    requests = spec.params["requests"]
+    name, mu_bin, sigma_bin = requests[int(rng.integers(len(requests)))]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    degraded = _DEGRADERS[folder](to_rgb(image), degradation=name, mu_bin=mu_bin, sigma_bin=sigma_bin,
+                                  generator=generator).images[0].convert("RGB")
+    if degraded.size != image.size:
+        degraded = degraded.resize(image.size, Image.Resampling.BICUBIC)
+    return degraded, [_record(name, model=folder, mu_bin=mu_bin, sigma_bin=sigma_bin)]
 
 # Positional parameters of each degradation in a spec, with their types.
 _SPEC_PARAMETERS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -974,6 +1104,9 @@ class DegradationSpec:
     def __str__(self) -> str:
         if self.name == ONE_OF:
             return "|".join(str(option) for option in self.params["options"])
+        if self.name == MODEL:
+            requests = ",".join(f"{name}:{mu}:{sigma}" for name, mu, sigma in self.params["requests"])
+            return f"{MODEL_PREFIX}{self.params['folder']};{requests}"
         if not self.params:
             return self.name
         return self.name + ":" + ",".join(f"{key}={value}" for key, value in self.params.items())
@@ -1028,6 +1161,8 @@ def parse_degradation_spec(spec: str) -> DegradationSpec:
         if not all(parts):
             raise ValueError(f"{spec!r}: empty alternative between '|' separators.")
         return DegradationSpec(ONE_OF, {"options": tuple(parse_degradation_spec(part) for part in parts)})
+    if spec.strip().startswith(MODEL_PREFIX):
+        return parse_model_degradation(spec.strip())
     name_part, _, value_part = spec.strip().partition(":")
     name = _canonical_name(name_part)
     parameters = _SPEC_PARAMETERS[name]
@@ -1072,6 +1207,8 @@ def apply_degradation_spec(
     if spec.name == ONE_OF:
         options = spec.params["options"]
         return apply_degradation_spec(image, options[int(rng.integers(len(options)))], rng)
+    if spec.name == MODEL:
+        return _model_degrade(image, spec, rng)
     if spec.name == "random":
         count = spec.params.get("num_degradations")
         return random_degradation(image, num_degradations=(1, 3) if count is None else count, rng=rng)

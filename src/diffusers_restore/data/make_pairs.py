@@ -24,7 +24,8 @@ Degraded images are lossless PNG (RGB), so that what the degradation produced (e
 Pairs from a learned degradation model (GenDeg's synthetic pairs): ``--degradation model:DIR`` runs the
 :class:`SanaDegradationPipeline` saved in ``DIR`` (trained by ``train_paired.py --direction degrade``) on every photo,
 in this process, with a request drawn per photo from the ``--degrader-request NAME:MU_BIN:SIGMA_BIN`` list (one or
-more; e.g. ``jpeg:10:8``); the caption names the requested degradation as for analytic pairs.
+more; e.g. ``jpeg:10:8``; or written in the spec, ``model:DIR;jpeg:10:8``: the degradation spec of
+:data:`~.degradations.MODEL_PREFIX`); the caption names the requested degradation as for analytic pairs.
 
 Super-resolution pairs (``--sr-crop 512``): each photo gives an HQ image, a random 512 px crop of the photo
 area-downsampled 0.5x (:func:`~.degradations.area_downsample_pair`), written to ``<output-dir>/hq/``, and an LQ image,
@@ -57,8 +58,13 @@ from ..image_io import (
     save_image,
     sha256_file,
 )
-from ..severity_bins import SEVERITY_BINS
-from .degradations import apply_degradation_spec, area_downsample_pair, degradation_prompt, parse_degradation_spec
+from .degradations import (
+    MODEL_PREFIX,
+    apply_degradation_spec,
+    area_downsample_pair,
+    degradation_prompt,
+    parse_degradation_spec,
+)
 from .paired_dataset import csv_path_field, write_paired_csv
 
 PNG_TEXT_KEY = "sana_restore_pair"
@@ -123,49 +129,6 @@ def _read_existing(path: str) -> dict | None:
         return None
 
 
-MODEL_PREFIX = "model:"
-_DEGRADERS: dict[str, object] = {}  # one loaded degradation model per folder and process
-
-
-def parse_model_degradation(spec: str) -> tuple[str, list[tuple[str, int, int]]]:
-    """``"model:DIR;jpeg:10:8,gaussian_noise:12:20"`` -> (DIR, [("jpeg", 10, 8), ("gaussian_noise", 12, 20)]): the
-    form `make_pairs` records a model degradation and its requests in."""
-    folder, _, requests = spec[len(MODEL_PREFIX):].partition(";")
-    parsed = []
-    for request in filter(None, requests.split(",")):
-        parts = request.split(":")
-        try:
-            name, mu_bin, sigma_bin = parts[0], int(parts[1]), int(parts[2])
-            if len(parts) != 3 or not name or not (0 <= mu_bin < SEVERITY_BINS and 0 <= sigma_bin < SEVERITY_BINS):
-                raise ValueError
-        except (ValueError, IndexError):
-            raise ValueError(f"degrader request {request!r}: expected NAME:MU_BIN:SIGMA_BIN with bins in 0-127, e.g. "
-                             "'jpeg:10:8'.") from None
-        parsed.append((name, mu_bin, sigma_bin))
-    if not folder or not parsed:
-        raise ValueError("--degradation model:DIR needs a model folder and at least one --degrader-request "
-                         "NAME:MU_BIN:SIGMA_BIN.")
-    return folder, parsed
-
-
-def _model_degrade(clean: Image.Image, spec: str, rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
-    """Degrade `clean` with the degradation model of `spec` (see `parse_model_degradation`); the request and the
-    model's seed come from `rng`."""
-    import torch
-
-    from ..pipelines.pipeline_sana_degradation import SanaDegradationPipeline
-
-    folder, requests = parse_model_degradation(spec)
-    if folder not in _DEGRADERS:
-        _DEGRADERS[folder] = SanaDegradationPipeline.from_pretrained(folder)
-        _DEGRADERS[folder].set_progress_bar_config(disable=True)
-    name, mu_bin, sigma_bin = requests[int(rng.integers(len(requests)))]
-    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
-    degraded = _DEGRADERS[folder](clean, degradation=name, mu_bin=mu_bin, sigma_bin=sigma_bin,
-                                  generator=generator).images[0]
-    return degraded, [{"name": name, "params": {"model": folder, "mu_bin": mu_bin, "sigma_bin": sigma_bin}}]
-
-
 def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
     """Degrade one photo. Returns (job, caption, status, error) with status "written", "redone" (written again
     because the photo changed), "resumed" or "failed"."""
@@ -196,11 +159,6 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
                 records = records + more
             save_image(clean, job.hq_path, icc_profile=profile, compress_level=1)
             degraded = degraded.convert("RGB")  # LQ keeps its half size
-        elif job.degradation.startswith(MODEL_PREFIX):
-            degraded, records = _model_degrade(clean, job.degradation, rng)
-            degraded = degraded.convert("RGB")
-            if degraded.size != clean.size:
-                degraded = degraded.resize(clean.size, Image.Resampling.BICUBIC)
         else:
             degraded, records = apply_degradation_spec(clean, job.degradation, rng)
             degraded = degraded.convert("RGB")
@@ -285,11 +243,9 @@ def make_pairs(
     if degradation.startswith(MODEL_PREFIX):
         if sr_crop is not None:
             raise ValueError("--degradation model:DIR makes same-size pairs: leave out sr_crop.")
-        degradation = f"{degradation.split(';')[0]};{','.join(degrader_requests)}"
-        folder, _ = parse_model_degradation(degradation)
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise ValueError(f"--degradation model:{folder}: no model_index.json there (a SanaDegradationPipeline "
-                             "folder written by train_paired.py --direction degrade).")
+        folder_part, _, own_requests = degradation.partition(";")
+        degradation = f"{folder_part};{','.join(filter(None, [own_requests, *degrader_requests]))}"
+        parse_degradation_spec(degradation)  # the folder and the requests, before any work
         num_workers = 1  # the model runs in this process
     elif degrader_requests:
         raise ValueError("--degrader-request only applies to --degradation model:DIR.")
