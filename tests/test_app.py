@@ -3,6 +3,7 @@ degradations with their scores, one pipeline call at a time, cancelling, and rec
 The served app is tested through Gradio's client and a real browser in test_app_server.py."""
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -213,3 +214,11 @@ def test_controls_start_at_the_models_defaults_and_untouched_ones_are_not_passed
     assert app.call_arguments(**{name: value for name, value in start.items()}) == {"color_fix": "wavelet"}
     assert app.call_arguments(num_inference_steps=5.0, restoration_guidance=0.0, color_fix="none") == {
         "num_inference_steps": 5, "restoration_guidance": 0.0, "color_fix": None}
+
+
+def test_the_output_folder_keeps_only_the_newest_pngs(pipe, tmp_path):
+    app = RestorationApp(pipe, output_dir=str(tmp_path), keep_outputs=2)
+    (tmp_path / "notes.txt").write_text("not ours")
+    paths = [app.restore(_photo(32, 32, seed=seed)).output_path for seed in range(4)]
+    kept = sorted(path.name for path in tmp_path.iterdir())
+    assert kept == sorted([os.path.basename(paths[-2]), os.path.basename(paths[-1]), "notes.txt"])

@@ -134,15 +134,19 @@ class RestorationApp:
         model_name: how the model is named in the page.
         max_image_side: the longest side in pixels accepted for the input and for the output.
         output_dir: where the restored PNGs are written (a new temporary folder by default).
+        keep_outputs: how many restored PNGs the output folder keeps (the oldest are removed first).
     """
 
     def __init__(self, pipe, model_name: str = "", max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
-                 output_dir: str | None = None) -> None:
+                 output_dir: str | None = None, keep_outputs: int = 64) -> None:
         if not isinstance(max_image_side, int) or isinstance(max_image_side, bool) or max_image_side < 1:
             raise ValueError(f"max_image_side must be a positive integer, got {max_image_side!r}.")
         self.pipe = pipe
         self.model_name = model_name
         self.max_image_side = max_image_side
+        if not isinstance(keep_outputs, int) or keep_outputs < 1:
+            raise ValueError(f"keep_outputs must be a positive integer, got {keep_outputs!r}.")
+        self.keep_outputs = keep_outputs
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="sana-restore-app-")
         os.makedirs(self.output_dir, exist_ok=True)
         self._pipeline_lock = threading.Lock()
@@ -335,11 +339,27 @@ class RestorationApp:
         path = os.path.join(self.output_dir, f"restored-{uuid.uuid4().hex[:12]}.png")
         from .image_io import save_image
 
+        self._prune_outputs()
         save_image(restored, path)
         used = {**self.sampling_defaults, **kwargs}
         if spec is not None:
             used["simulated_degradation"] = spec
         return RestorationResult(degraded, restored, path, scores, used)
+
+    def _prune_outputs(self) -> None:
+        """Keep the output folder bounded on a long-running server: remove all but the newest `keep_outputs - 1`
+        restored PNGs before a new one is written (Gradio has copied older ones into its own cache)."""
+        with self._cancel_lock:
+            names = [name for name in os.listdir(self.output_dir)
+                     if name.startswith("restored-") and name.endswith(".png")]
+            if len(names) < self.keep_outputs:
+                return
+            paths = sorted((os.path.join(self.output_dir, name) for name in names), key=os.path.getmtime)
+            for stale in paths[: len(paths) - self.keep_outputs + 1]:
+                try:
+                    os.remove(stale)
+                except FileNotFoundError:
+                    pass
 
     @staticmethod
     def _scores(clean, degraded, restored) -> dict[str, dict[str, float]]:
