@@ -32,6 +32,7 @@ from diffusers_restore.data.degradations import (
     parse_degradation_spec,
     severity,
 )
+from diffusers_restore.image_io import find_images, load_rgb
 
 # The type-specific measure of each degradation: (label, function of (clean, degraded)).
 TYPE_MEASURES = {
@@ -39,7 +40,6 @@ TYPE_MEASURES = {
     "jpeg": ("blockiness (1 = none)", lambda clean, degraded: blockiness(degraded)),
     "gaussian_blur": ("blur sigma (px)", blur_sigma),
 }
-from diffusers_restore.image_io import find_images, load_rgb
 
 
 def centre_crop(image: Image.Image, size: int) -> Image.Image:
