@@ -115,6 +115,36 @@ def test_upscale_1_fine_tunes_only_the_decoder_and_saves_a_plain_vae(restorer, p
     assert pipe(Image.open(photos / "photo_0.png"), num_inference_steps=1).images[0].size == (48, 48)
 
 
+def test_a_grown_decoder_trains_saves_as_a_plain_vae_and_goes_into_a_pipeline(restorer, photos, tmp_path):
+    args = _args(restorer, photos, tmp_path / "run", "--max_train_steps", "2", "--decoder_extra_layers", "0,1,2")
+    result = train_decoder.main(args)
+    tuned = AutoencoderDC.from_pretrained(tmp_path / "run" / "vae")
+    assert list(tuned.config.decoder_layers_per_block) == [1, 2, 3]
+    base = AutoencoderDC.from_pretrained(Path(restorer) / "vae")
+    state = tuned.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in base.state_dict().items() if key.startswith("encoder."))
+    # training starts from the base decoder's exact decode (the new blocks are the identity at first)
+    assert result["base"] == json.loads((tmp_path / "run" / "base_decoder_metrics.json").read_text())
+    untrained = train_decoder.grow_dc_decoder(base, [0, 1, 2])
+    with torch.no_grad():
+        latents = torch.randn(1, base.config.latent_channels, 4, 4)
+        assert torch.equal(untrained.decode(latents).sample, base.decode(latents).sample)
+    install_decoder(str(restorer), str(tmp_path / "run"), str(tmp_path / "swapped"))
+    pipe = SanaRestorationPipeline.from_pretrained(tmp_path / "swapped")
+    assert list(pipe.vae.config.decoder_layers_per_block) == [1, 2, 3]
+    assert pipe(Image.open(photos / "photo_0.png"), num_inference_steps=1).images[0].size == (48, 48)
+    # a checkpoint of a grown decoder does not resume into a run with another shape, and says why
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match=r"--decoder_extra_layers \[0, 1, 2\]"):
+        train_decoder.main(_args(restorer, photos, tmp_path / "run", "--max_train_steps", "3",
+                                 "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        _args(restorer, photos, tmp_path, "--decoder_extra_layers", "0,x,1")
+
+
 def test_resuming_reproduces_the_uninterrupted_run(restorer, photos, tmp_path):
     common = ("--use_ema", "--gan_loss_weight", "0.5", "--gan_start_step", "1", "--perceptual_loss_weight", "0.2")
     train_decoder.main(_args(restorer, photos, tmp_path / "straight", "--max_train_steps", "4", *common))

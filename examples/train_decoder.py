@@ -77,6 +77,7 @@ from diffusers_restore.data.latents import degrade_latents
 from diffusers_restore.data.paired_dataset import image_to_tensor
 from diffusers_restore.image_io import find_images, load_rgb
 from diffusers_restore.metrics import MetricUnavailable, load_lpips_model, psnr, ssim
+from diffusers_restore.models.dc_decoder_growth import grow_dc_decoder
 from diffusers_restore.models.upscale_decoder import DCUpscaleDecoder, run_dc_decoder
 from diffusers_restore.models.vae_latents import encode_latents, unscale_latents
 from diffusers_restore.training_utils import (
@@ -116,6 +117,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--upscale", type=int, default=1, choices=(1, 2),
                         help="1: fine-tune the VAE's decoder (same resolution); 2: train a DCUpscaleDecoder.")
+    parser.add_argument("--decoder_extra_layers", type=str, default=None,
+                        help="Deepen the decoder before training: comma-separated extra residual blocks per decoder "
+                             "stage, in the order of the VAE's decoder_block_out_channels (e.g. 0,0,4 adds four at the "
+                             "latent's resolution). New blocks start as the identity, so training starts from the "
+                             "VAE's own decode; the saved VAE is a plain AutoencoderDC with a larger "
+                             "decoder_layers_per_block.")
     parser.add_argument("--upscale_decoder_head_channels", type=int, default=64,
                         help="--upscale 2: width of the new upsampling head.")
     parser.add_argument("--upscale_decoder_head_layers", type=int, default=2,
@@ -217,6 +224,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
         raise ValueError(f"--validation_data_dir {args.validation_data_dir} is not a folder.")
+    if args.decoder_extra_layers is not None:
+        try:
+            args.decoder_extra_layers = [int(count) for count in args.decoder_extra_layers.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--decoder_extra_layers must be comma-separated integers (one per decoder stage), got "
+                f"{args.decoder_extra_layers!r}."
+            ) from None
     check_resume_argument(args.resume_from_checkpoint)
     if args.report_to == "wandb" and args.hub_token is not None:
         raise ValueError(
@@ -553,6 +568,9 @@ def main(args: argparse.Namespace) -> dict:
         args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, variant=args.variant,
         cache_dir=args.cache_dir, use_safetensors=True,
     )
+    if args.decoder_extra_layers is not None:
+        vae = grow_dc_decoder(vae, args.decoder_extra_layers)
+        logger.info(f"Decoder grown to decoder_layers_per_block {vae.config.decoder_layers_per_block}.")
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=torch.float32)
     vae.eval()
@@ -687,10 +705,12 @@ def main(args: argparse.Namespace) -> dict:
             logger.info(f"No checkpoint in {args.output_dir}. Starting a new training run.")
         else:
             state = read_training_state(checkpoint)
-            if state.get("upscale") != args.upscale or state.get("use_ema") != args.use_ema:
+            written = (state.get("upscale"), state.get("use_ema"), state.get("decoder_extra_layers"))
+            if written != (args.upscale, args.use_ema, args.decoder_extra_layers):
                 raise ValueError(
-                    f"{checkpoint} was written with --upscale {state.get('upscale')} and use_ema "
-                    f"{state.get('use_ema')}; this run has --upscale {args.upscale}, use_ema {args.use_ema}."
+                    f"{checkpoint} was written with --upscale {written[0]}, use_ema {written[1]} and "
+                    f"--decoder_extra_layers {written[2]}; this run has --upscale {args.upscale}, use_ema "
+                    f"{args.use_ema}, --decoder_extra_layers {args.decoder_extra_layers}."
                 )
             accelerator.load_state(checkpoint)
             generator.set_state(
@@ -792,7 +812,8 @@ def main(args: argparse.Namespace) -> dict:
                 if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                     last_checkpoint = save_checkpoint(
                         accelerator, args.output_dir, global_step, generator, named_weights(),
-                        {"upscale": args.upscale, "use_ema": args.use_ema}, args.checkpoints_total_limit,
+                        {"upscale": args.upscale, "use_ema": args.use_ema, "decoder_extra_layers": args.decoder_extra_layers},
+                        args.checkpoints_total_limit,
                     )
                 if validation_photos and accelerator.is_main_process and global_step % args.validation_steps == 0:
                     model.eval()

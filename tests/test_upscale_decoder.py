@@ -204,11 +204,36 @@ def test_install_an_upscale_decoder_then_restore_at_2x(tmp_path, pipeline_folder
     assert loaded(Image.new("RGB", (20, 12)), upscale=2, num_inference_steps=1).images[0].size == (40, 24)
 
 
+def test_install_a_deeper_decoder(tmp_path, pipeline_folder):
+    from diffusers_restore.models.dc_decoder_growth import grow_dc_decoder
+
+    pipe = SanaRestorationPipeline.from_pretrained(pipeline_folder)
+    grown = grow_dc_decoder(pipe.vae, [0, 1, 1])
+    grown.save_pretrained(tmp_path / "deeper")
+    install_decoder(str(pipeline_folder), str(tmp_path / "deeper"), str(tmp_path / "new"))
+    loaded = SanaRestorationPipeline.from_pretrained(tmp_path / "new")
+    assert list(loaded.vae.config.decoder_layers_per_block) == [1, 2, 2]
+    assert "deeper VAE decoder" in (tmp_path / "new" / "README.md").read_text()
+    image = Image.new("RGB", (16, 16), (90, 120, 60))
+    # the new blocks start as the identity, so until trained the pipeline restores exactly as before
+    before = pipe(image, num_inference_steps=1, output_type="np", generator=torch.manual_seed(0)).images
+    after = loaded(image, num_inference_steps=1, output_type="np", generator=torch.manual_seed(0)).images
+    assert np.array_equal(before, after)
+
+
 def test_install_decoder_refuses_what_would_break_the_restorer(tmp_path, pipeline_folder):
     other = get_tiny_vae(seed=1)  # another encoder: the restorer's latents would change
     other.save_pretrained(tmp_path / "other_vae")
     with pytest.raises(ValueError, match="another encoder"):
         install_decoder(str(pipeline_folder), str(tmp_path / "other_vae"), str(tmp_path / "new"))
+    get_tiny_vae(0, latent_channels=8).save_pretrained(tmp_path / "other_latents")
+    with pytest.raises(ValueError, match="differs from the pipeline's .* in .*latent_channels"):
+        install_decoder(str(pipeline_folder), str(tmp_path / "other_latents"), str(tmp_path / "new"))
+    fewer_stages = get_tiny_vae(0)
+    fewer_stages.register_to_config(decoder_block_out_channels=[8, 16])  # as a hand-edited config would say
+    fewer_stages.save_pretrained(tmp_path / "fewer_stages")
+    with pytest.raises(ValueError, match="decoder of 2 stages"):
+        install_decoder(str(pipeline_folder), str(tmp_path / "fewer_stages"), str(tmp_path / "new"))
     bigger = DCUpscaleDecoder.from_vae(get_tiny_vae(0, latent_channels=8))
     bigger.save_pretrained(tmp_path / "bigger")
     with pytest.raises(ValueError, match="latent_channels"):

@@ -6,8 +6,9 @@ a copy of `pipeline_dir` whose `vae` is replaced by a fine-tuned `AutoencoderDC`
 gains an `upscale_decoder` component (a `DCUpscaleDecoder`, `--upscale 2` output). The result loads with
 `SanaRestorationPipeline.from_pretrained` unchanged, and its model card says which decoder it carries.
 
-A replacement VAE must have the pipeline VAE's encoder, weight for weight: the restorer was trained on that encoder's
-latents, and only the decoder may change. An upscale decoder must read the pipeline VAE's latents (same latent
+A replacement VAE must have the pipeline VAE's encoder, weight for weight, and the same latent space and number of
+decoder stages: the restorer was trained on that encoder's latents, and only the decoder may change (its depth too:
+`train_decoder.py --decoder_extra_layers` grows it). An upscale decoder must read the pipeline VAE's latents (same latent
 channels and scaling factor).
 """
 
@@ -59,6 +60,25 @@ def _find_decoder(decoder: str) -> tuple[str, str]:
 
 
 def _check_same_encoder(pipeline_vae: str, new_vae: str) -> None:
+    old_config = _read_json(os.path.join(pipeline_vae, "config.json"), "pipeline VAE")
+    new_config = _read_json(os.path.join(new_vae, "config.json"), "decoder")
+    # The decoder may differ (e.g. grown by `train_decoder.py --decoder_extra_layers`); what reads or makes latents
+    # may not, and the decoder keeps the encoder's number of stages (so the same image size comes out).
+    differing = sorted(
+        key for key in set(old_config) | set(new_config)
+        if not key.startswith(("_", "decoder_")) and key != "upsample_block_type" and old_config.get(key) != new_config.get(key)
+    )
+    if differing:
+        raise ValueError(
+            f"The VAE in {new_vae} differs from the pipeline's ({pipeline_vae}) in {', '.join(differing)}: only the "
+            "decoder may change."
+        )
+    stages = len(old_config.get("decoder_block_out_channels") or ()), len(new_config.get("decoder_block_out_channels") or ())
+    if stages[0] != stages[1]:
+        raise ValueError(
+            f"The VAE in {new_vae} has a decoder of {stages[1]} stages, the pipeline's ({pipeline_vae}) {stages[0]}: it "
+            "would decode to another size."
+        )
     old, new = load_file(os.path.join(pipeline_vae, _WEIGHTS)), load_file(os.path.join(new_vae, _WEIGHTS))
     old_encoder = {key: value for key, value in old.items() if key.startswith("encoder.")}
     new_encoder = {key: value for key, value in new.items() if key.startswith("encoder.")}
@@ -71,8 +91,6 @@ def _check_same_encoder(pipeline_vae: str, new_vae: str) -> None:
             "on its VAE's latents, so only the decoder may change. Train the decoder from this pipeline "
             "(examples/train_decoder.py --pretrained_model_name_or_path PIPELINE)."
         )
-    if set(new) != set(old):
-        raise ValueError(f"The VAE in {new_vae} has another architecture than the pipeline's ({pipeline_vae}).")
 
 
 def _check_latent_space(pipeline_vae_config: dict, decoder_config: dict, decoder_dir: str) -> None:
@@ -121,6 +139,10 @@ def install_decoder(pipeline_dir: str, decoder: str, output_dir: str, overwrite:
     if class_name == "AutoencoderDC":
         _check_same_encoder(pipeline_vae, decoder_dir)
         component, description = "vae", "a fine-tuned VAE decoder (same encoder)"
+        layers = _read_json(os.path.join(decoder_dir, "config.json"), "decoder").get("decoder_layers_per_block")
+        if layers != pipeline_vae_config.get("decoder_layers_per_block"):
+            description = (f"a fine-tuned, deeper VAE decoder (same encoder; decoder_layers_per_block {layers}, was "
+                           f"{pipeline_vae_config.get('decoder_layers_per_block')})")
     else:
         _check_latent_space(pipeline_vae_config, _read_json(os.path.join(decoder_dir, "config.json"), "decoder"),
                             decoder_dir)
