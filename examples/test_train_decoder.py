@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -143,6 +144,48 @@ def test_a_grown_decoder_trains_saves_as_a_plain_vae_and_goes_into_a_pipeline(re
                                  "--resume_from_checkpoint", "latest"))
     with pytest.raises(ValueError, match="comma-separated integers"):
         _args(restorer, photos, tmp_path, "--decoder_extra_layers", "0,x,1")
+
+
+def test_clean_latent_prob_leaves_that_share_of_latents_clean():
+    latents = torch.randn(400, 4, 2, 2)
+    inputs = torch.zeros(400, 3, 8, 8)
+
+    def degrade(prob):
+        args = argparse.Namespace(
+            latent_degradation="noise", latent_noise_max=0.12, clean_latent_prob=prob)
+        return train_decoder.degrade_input_latents(args, latents, inputs, torch.Generator().manual_seed(0), None)
+
+    noisy, sigmas = degrade(0.0)
+    assert (sigmas > 0).all() and not torch.equal(noisy, latents)
+    all_clean, sigmas = degrade(1.0)
+    assert torch.equal(all_clean, latents) and (sigmas == 0).all()
+    mixed, sigmas = degrade(0.25)
+    clean = (mixed == latents).flatten(1).all(1)
+    assert torch.equal(clean, sigmas == 0)
+    assert 0.18 < clean.float().mean() < 0.32  # 400 draws of p = 0.25
+
+
+def test_balanced_l1_weighs_samples_by_the_original_decoders_error():
+    target = torch.zeros(2, 3, 4, 4)
+    prediction = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.3)])
+    equal_reference = torch.full((2, 3, 4, 4), 0.5)
+    assert torch.allclose(train_decoder.balanced_l1(prediction, target, equal_reference), torch.tensor(0.2))
+    # the first sample was decoded 3x better by the original decoder: it weighs 3x more (weights 1.5 and 0.5)
+    reference = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.3)])
+    assert torch.allclose(train_decoder.balanced_l1(prediction, target, reference), torch.tensor(0.15))
+
+
+def test_balanced_noise_levels_and_clean_latents_train(restorer, photos, tmp_path):
+    result = train_decoder.main(_args(restorer, photos, tmp_path / "run", "--max_train_steps", "2",
+                                      "--balance_noise_levels", "--clean_latent_prob", "0.5",
+                                      "--decoder_extra_layers", "0,0,1"))
+    assert result["final"] and (tmp_path / "run" / "vae" / "config.json").is_file()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "deepened by [0, 0, 1]" in card and "clean latents: 0.5" in card and "inverse of the original" in card
+    with pytest.raises(ValueError, match="--balance_noise_levels needs --upscale 1"):
+        _args(restorer, photos, tmp_path, "--balance_noise_levels", "--upscale", "2")
+    with pytest.raises(ValueError, match="--clean_latent_prob must be in"):
+        _args(restorer, photos, tmp_path, "--clean_latent_prob", "1.5")
 
 
 def test_resuming_reproduces_the_uninterrupted_run(restorer, photos, tmp_path):

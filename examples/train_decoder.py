@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -144,12 +145,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="How the input latent is degraded (see the module docstring).")
     parser.add_argument("--latent_noise_max", type=float, default=0.12,
                         help="`noise`: the latent noise sigma is drawn from U[0, this], in the scaled latent space.")
+    parser.add_argument("--clean_latent_prob", type=float, default=0.0,
+                        help="`noise`: probability that a sample's latent is left clean (sigma 0), so the decoder "
+                             "keeps decoding clean latents as well as before.")
     parser.add_argument("--restorer", type=str, default=None,
                         help="`restorer`: the restoration pipeline (default: --pretrained_model_name_or_path).")
     parser.add_argument("--restorer_strength_max", type=float, default=0.5,
                         help="`restorer`: the latent is noised to sigma ~ U[0, this] (the pipeline's `strength`).")
     # losses
     parser.add_argument("--perceptual_loss_weight", type=float, default=0.1, help="0 disables the perceptual loss.")
+    parser.add_argument("--balance_noise_levels", action="store_true",
+                        help="Weight each sample's L1 by the inverse of the original decoder's L1 on the same input "
+                             "(weights normalised to mean 1), so every noise level counts by its relative (dB) gain: "
+                             "without it the noisiest samples' large errors dominate and clean latents decode worse. "
+                             "Keeps a frozen copy of the original decoder (one more forward pass per step).")
     parser.add_argument("--perceptual_network", type=str, default="vae_encoder", choices=PERCEPTUAL_NETWORKS)
     parser.add_argument("--lpips_backbone_weights", type=str, default=None,
                         help="--perceptual_network lpips: a .safetensors torchvision AlexNet state dict (else "
@@ -210,6 +219,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--upscale 2 needs an even --resolution (the input is half of it), got {args.resolution}.")
     if not 0.0 <= args.latent_noise_max <= 10.0:
         raise ValueError(f"--latent_noise_max must be in [0, 10], got {args.latent_noise_max}.")
+    if args.balance_noise_levels and args.upscale != 1:
+        raise ValueError("--balance_noise_levels needs --upscale 1 (it weighs by the original decoder's error).")
+    if not 0.0 <= args.clean_latent_prob <= 1.0:
+        raise ValueError(f"--clean_latent_prob must be in [0, 1], got {args.clean_latent_prob}.")
     if not 0.0 < args.restorer_strength_max <= 1.0:
         raise ValueError(f"--restorer_strength_max must be in (0, 1], got {args.restorer_strength_max}.")
     for name in ("perceptual_loss_weight", "gan_loss_weight", "learning_rate", "ema_decay", "gan_start_step"):
@@ -395,6 +408,18 @@ def vae_encoder_distance(encoder: nn.Module, prediction: torch.Tensor, target: t
     return torch.stack(terms).mean()
 
 
+def balanced_l1(prediction: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """L1 of `prediction` `(B, 3, H, W)` against `target`, each sample weighted by the inverse of the L1 of `reference`
+    (the original decoder's output for the same input), the weights normalised to mean 1 over the batch.
+
+    A sample the original decoder already gets nearly right (a clean latent) then counts as much, per dB of change, as
+    a very noisy one; with a plain mean the noisy samples' large errors dominate the gradient. Equals the plain L1 when
+    all reference errors are equal."""
+    weights = 1.0 / (reference - target).abs().flatten(1).mean(1).clamp_min(1e-4)
+    weights = weights / weights.mean()
+    return (weights * (prediction - target).abs().flatten(1).mean(1)).mean()
+
+
 def adaptive_gan_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor):
     """VQGAN's balance: `|grad of the reconstruction loss| / |grad of the GAN loss|` at the decoder's last layer,
     clamped to [0, 1e4] and detached."""
@@ -411,7 +436,12 @@ def degrade_input_latents(args, latents: torch.Tensor, inputs: torch.Tensor, gen
     if args.latent_degradation == "none":
         return latents, torch.zeros(batch)
     if args.latent_degradation == "noise":
-        return degrade_latents(latents, args.latent_noise_max, generator, return_sigmas=True)
+        noisy, sigmas = degrade_latents(latents, args.latent_noise_max, generator, return_sigmas=True)
+        if args.clean_latent_prob > 0:
+            clean = torch.rand(batch, generator=generator) < args.clean_latent_prob
+            noisy = torch.where(clean.to(latents.device).view(-1, *(1,) * (latents.ndim - 1)), latents, noisy)
+            sigmas = torch.where(clean, torch.zeros_like(sigmas), sigmas)
+        return noisy, sigmas
     strength = torch.rand(batch, generator=generator) * args.restorer_strength_max
     degraded = []
     for index in range(batch):
@@ -506,7 +536,7 @@ def save_model_card(args, repo_id: str, base_metrics: dict, final_metrics: dict,
 
 - photos: {num_photos} from `{args.train_data_dir}`, {args.resolution} px HQ crops{' (photos halved by area averaging first when large enough)' if args.area_downsample else ''}
 - input: the HQ crop{' downsampled 0.5x (area filter)' if args.upscale == 2 else ''}, VAE-encoded; latent degradation: {degradation}
-- loss: L1 + {args.perceptual_loss_weight} x perceptual ({args.perceptual_network}){f' + {args.gan_loss_weight} x adaptive hinge GAN from step {args.gan_start_step}' if args.gan_loss_weight > 0 else ''}
+{f"- decoder deepened by {args.decoder_extra_layers} residual blocks per stage (identity at the start)" + chr(10) if args.decoder_extra_layers else ''}{f"- clean latents: {args.clean_latent_prob:g} of the samples" + chr(10) if args.clean_latent_prob > 0 else ''}- loss: {'L1 weighted by the inverse of the original decoder' + chr(39) + 's L1 per sample' if args.balance_noise_levels else 'L1'} + {args.perceptual_loss_weight} x perceptual ({args.perceptual_network}){f' + {args.gan_loss_weight} x adaptive hinge GAN from step {args.gan_start_step}' if args.gan_loss_weight > 0 else ''}
 - {args.max_train_steps} steps, batch {args.train_batch_size}, learning rate {args.learning_rate}{', EMA ' + str(args.ema_decay) if args.use_ema else ''}
 
 ## Validation
@@ -568,6 +598,9 @@ def main(args: argparse.Namespace) -> dict:
         args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, variant=args.variant,
         cache_dir=args.cache_dir, use_safetensors=True,
     )
+    reference_decoder = None  # the original decoder, frozen (--balance_noise_levels)
+    if args.balance_noise_levels:
+        reference_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval().to(accelerator.device)
     if args.decoder_extra_layers is not None:
         vae = grow_dc_decoder(vae, args.decoder_extra_layers)
         logger.info(f"Decoder grown to decoder_layers_per_block {vae.config.decoder_layers_per_block}.")
@@ -759,7 +792,13 @@ def main(args: argparse.Namespace) -> dict:
                 with accelerator.autocast():
                     prediction = model(unscale_latents(vae, degraded)).float()
                 prediction = prediction[..., : target.shape[-2], : target.shape[-1]]
-                reconstruction = F.l1_loss(prediction, target)
+                if reference_decoder is None:
+                    reconstruction = F.l1_loss(prediction, target)
+                else:
+                    with torch.no_grad(), accelerator.autocast():
+                        reference = run_dc_decoder(reference_decoder, unscale_latents(vae, degraded)).float()
+                    reference = reference[..., : target.shape[-2], : target.shape[-1]]
+                    reconstruction = balanced_l1(prediction, target, reference)
                 perceptual = torch.zeros((), device=prediction.device)
                 if args.perceptual_loss_weight > 0:
                     if lpips_model is not None:

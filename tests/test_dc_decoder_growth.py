@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderDC
 
-from diffusers_restore.models.dc_decoder_growth import grow_dc_decoder
+from diffusers_restore import grow_dc_decoder
 from diffusers_restore.testing import get_tiny_vae
 
 

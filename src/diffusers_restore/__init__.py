@@ -14,6 +14,7 @@ __version__ = "0.1.0.dev0"
 _LAZY_ATTRIBUTES = {
     "ConcatConditionedTransformer": "models.transformer_sana_concat",
     "DCUpscaleDecoder": "models.upscale_decoder",
+    "grow_dc_decoder": "models.dc_decoder_growth",
     "install_decoder": "pipelines.install_decoder",
     "RestorationGuidedFlowScheduler": "schedulers.scheduling_restoration_guided_flow",
     "RestorationGuidedFlowSchedulerOutput": "schedulers.scheduling_restoration_guided_flow",
@@ -30,6 +31,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES)
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .models.dc_decoder_growth import grow_dc_decoder
     from .models.transformer_sana_concat import ConcatConditionedTransformer
     from .models.upscale_decoder import DCUpscaleDecoder
     from .pipelines.install_decoder import install_decoder
