@@ -2,7 +2,7 @@
 
     # robustness: PSNR/SSIM of decode(encode(x) + sigma * noise) per decoder, sigma in the scaled latent space
     python benchmarks/bench_decoder.py robustness --images corpus/held_out --crop 256 \\
-        --vae base=build/base/vae --vae robust=decoder-run/vae
+        --vae base=build/base/vae --vae robust=decoder-run/vae [--denoise-decoded nlm,bm3d]
     # 2x: an upscale decoder against resizing the decoded half-size image and against pipe(image, upscale=2)
     python benchmarks/bench_decoder.py upscale --images corpus/held_out --crop 256 \\
         --pipeline PIPELINE_WITH_UPSCALE_DECODER
@@ -54,6 +54,24 @@ def _score(output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     return float(psnr(to01(output), to01(target))), float(ssim(to01(output), to01(target)))
 
 
+def _denoise_decoded(name: str, decoded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """A classical denoiser (`nlm` or `bm3d`, `diffusers_restore.baselines`) applied to a decoded image `(1, 3, H, W)`
+    in [-1, 1], given the true standard deviation of its error against `clean` as the noise level: a generous ceiling
+    for what removing the decoded latent noise after decoding can gain (that error is not white, so an estimate from
+    the image alone would do worse)."""
+    from PIL import Image
+
+    from diffusers_restore import baselines
+
+    def to_pil(x):
+        return Image.fromarray((((x[0].float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+    sigma = float(((decoded.float() - clean.float()) / 2).std())
+    denoise = {"nlm": baselines.non_local_means, "bm3d": baselines.cbm3d}[name]
+    output = np.asarray(denoise(to_pil(decoded), noise_sigma=max(sigma, 1e-4)), dtype=np.float32) / 255
+    return torch.from_numpy(output).permute(2, 0, 1)[None] * 2 - 1
+
+
 @torch.no_grad()
 def robustness(args) -> dict:
     from diffusers import AutoencoderDC
@@ -66,13 +84,21 @@ def robustness(args) -> dict:
         vaes[label] = AutoencoderDC.from_pretrained(path, use_safetensors=True).eval()
     photos = _crops(args.images, args.crop)
     encoder_vae = next(iter(vaes.values()))  # the encoders are identical (train_decoder.py never trains them)
+    first = next(iter(vaes))
+    denoisers = [name for name in (args.denoise_decoded or "").split(",") if name]
     rows = {label: {sigma: [] for sigma in args.sigmas} for label in vaes}
+    rows.update({f"{first} + {name} (true noise level)": {sigma: [] for sigma in args.sigmas} for name in denoisers})
     for index, (_, image) in enumerate(photos):
         latents = encode_latents(encoder_vae, image)
         for sigma in args.sigmas:
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index))
             for label, vae in vaes.items():
-                rows[label][sigma].append(_score(decode_latents(vae, latents + sigma * noise), image))
+                decoded = decode_latents(vae, latents + sigma * noise)
+                rows[label][sigma].append(_score(decoded, image))
+                if label == first:
+                    for name in denoisers:
+                        rows[f"{first} + {name} (true noise level)"][sigma].append(
+                            _score(_denoise_decoded(name, decoded, image), image))
     table = {label: {f"{sigma:g}": [float(np.mean([p for p, _ in v])), float(np.mean([s for _, s in v]))]
                      for sigma, v in per_sigma.items()} for label, per_sigma in rows.items()}
     print("| decoder | " + " | ".join(f"sigma {s:g}" for s in args.sigmas) + " |")
@@ -187,6 +213,9 @@ def main() -> None:
     robust.add_argument("--crop", type=int, default=256)
     robust.add_argument("--vae", action="append", required=True, help="label=folder of an AutoencoderDC, repeatable.")
     robust.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.03, 0.06, 0.12])
+    robust.add_argument("--denoise-decoded", default=None,
+                        help="Comma-separated classical denoisers (nlm, bm3d) applied after the first decoder, given "
+                             "the true noise level: a ceiling for denoising after decoding.")
     up = commands.add_parser("upscale")
     up.add_argument("--images", required=True)
     up.add_argument("--crop", type=int, default=256)
