@@ -15,11 +15,15 @@ Training pairs are built on the fly from clean photos (a practitioner's recipe f
 2. a random `--resolution` crop is the HQ target;
 3. the input is the HQ crop (`--upscale 1`) or the HQ crop downsampled 0.5x with the area filter (`--upscale 2`);
 4. the input is VAE-encoded, and the scaled latent degraded (`--latent_degradation`):
-   `noise`: `z + sigma * eps` with `sigma ~ U[0, --latent_noise_max]` per sample; `restorer`: the latent noised to
-   `sigma ~ U[0, --restorer_strength_max]` and denoised by a restoration pipeline (`--restorer`, the artifacts a
-   diffusion model actually makes; slower); `none`: the clean latent;
-5. the decoder's output is compared with the HQ crop: L1 + `--perceptual_loss_weight` x a perceptual distance +
+   `noise`: `z + sigma * eps` with `sigma ~ U[0, --latent_noise_max]` per sample (a share `--clean_latent_prob` left
+   clean); `restorer`: the latent noised to `sigma ~ U[0, --restorer_strength_max]` and denoised by a restoration
+   pipeline (`--restorer`, the artifacts a diffusion model actually makes; slower); `none`: the clean latent;
+5. the decoder's output is compared with the HQ crop: L1 (per sample weighted by the inverse of the original decoder's
+   L1 with `--balance_noise_levels`) + `--perceptual_loss_weight` x a perceptual distance +
    (from `--gan_start_step`) `--gan_loss_weight` x an adaptive-weight hinge GAN loss with a small patch discriminator.
+
+`--decoder_extra_layers` deepens the decoder before training (`diffusers_restore.grow_dc_decoder`: new residual blocks
+that start as the identity); the saved VAE is still a plain `AutoencoderDC`.
 
 Perceptual distance (`--perceptual_network`): `vae_encoder` (default) compares the frozen VAE encoder's features of the
 output and of the target, block by block, each normalised by the target's mean feature magnitude; it needs no
