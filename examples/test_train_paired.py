@@ -1474,28 +1474,42 @@ def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
     """Two "machines" on this one: `accelerate launch --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1`,
     one process each, as a real two-node launch runs it (rank 0's machine hosts the rendezvous). Both end with the
     same weights, each process sees its own part of every batch, and only machine 0 writes the pipeline."""
-    output_dir, checksums = tmp_path / "out", tmp_path / "checksums"
-    port = _free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launches = []
-    for machine_rank in (0, 1):
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "static",
-            "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(SCRIPT),
-            *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
-                        "--checkpointing_steps", 2, "--weights_checksum_dir", checksums),
-        ]
-        launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    outputs = []
-    try:
-        for launch in launches:
-            outputs.append(launch.communicate(timeout=300)[0])
-    finally:
-        for launch in launches:
-            launch.kill()
+
+    def launch_both(attempt: int):
+        # The free port is found, released, then bound by the launcher: under a busy test run another process can take
+        # it in between and the rendezvous then waits forever. A hung attempt is retried once on a fresh port and
+        # fresh folders (a real failure fails both attempts).
+        output_dir, checksums = tmp_path / f"out-{attempt}", tmp_path / f"checksums-{attempt}"
+        port = _free_port()
+        launches = []
+        for machine_rank in (0, 1):
+            command = [
+                sys.executable, "-m", "accelerate.commands.launch",
+                "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "static",
+                "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(SCRIPT),
+                *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
+                            "--checkpointing_steps", 2, "--weights_checksum_dir", checksums),
+            ]
+            launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                             env=env))
+        outputs = []
+        try:
+            for launch in launches:
+                outputs.append(launch.communicate(timeout=150)[0])
+        except subprocess.TimeoutExpired:
+            if attempt == 1:
+                raise
+            return None
+        finally:
+            for launch in launches:
+                launch.kill()
+        return launches, outputs, output_dir, checksums
+
+    result = launch_both(0) or launch_both(1)
+    launches, outputs, output_dir, checksums = result
     for launch, output in zip(launches, outputs):
         assert launch.returncode == 0, output[-4000:]
     assert "DistributedType.MULTI_CPU" in outputs[0]
