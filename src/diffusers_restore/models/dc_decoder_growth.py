@@ -110,5 +110,5 @@ def grow_dc_decoder(vae: AutoencoderDC, extra_layers: Sequence[int]) -> Autoenco
         )
     for block in new_blocks.values():
         _make_identity(block)
-    grown.eval() if not vae.training else grown.train()
+    grown.train(vae.training)
     return grown

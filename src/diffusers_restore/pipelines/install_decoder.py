@@ -59,9 +59,7 @@ def _find_decoder(decoder: str) -> tuple[str, str]:
     )
 
 
-def _check_same_encoder(pipeline_vae: str, new_vae: str) -> None:
-    old_config = _read_json(os.path.join(pipeline_vae, "config.json"), "pipeline VAE")
-    new_config = _read_json(os.path.join(new_vae, "config.json"), "decoder")
+def _check_same_encoder(pipeline_vae: str, new_vae: str, old_config: dict, new_config: dict) -> None:
     # The decoder may differ (e.g. grown by `train_decoder.py --decoder_extra_layers`); what reads or makes latents
     # may not, and the decoder keeps the encoder's number of stages (so the same image size comes out).
     differing = sorted(
@@ -136,16 +134,16 @@ def install_decoder(pipeline_dir: str, decoder: str, output_dir: str, overwrite:
 
     pipeline_vae = os.path.join(pipeline_dir, "vae")
     pipeline_vae_config = _read_json(os.path.join(pipeline_vae, "config.json"), "pipeline VAE")
+    decoder_config = _read_json(os.path.join(decoder_dir, "config.json"), "decoder")
     if class_name == "AutoencoderDC":
-        _check_same_encoder(pipeline_vae, decoder_dir)
+        _check_same_encoder(pipeline_vae, decoder_dir, pipeline_vae_config, decoder_config)
         component, description = "vae", "a fine-tuned VAE decoder (same encoder)"
-        layers = _read_json(os.path.join(decoder_dir, "config.json"), "decoder").get("decoder_layers_per_block")
+        layers = decoder_config.get("decoder_layers_per_block")
         if layers != pipeline_vae_config.get("decoder_layers_per_block"):
             description = (f"a fine-tuned, deeper VAE decoder (same encoder; decoder_layers_per_block {layers}, was "
                            f"{pipeline_vae_config.get('decoder_layers_per_block')})")
     else:
-        _check_latent_space(pipeline_vae_config, _read_json(os.path.join(decoder_dir, "config.json"), "decoder"),
-                            decoder_dir)
+        _check_latent_space(pipeline_vae_config, decoder_config, decoder_dir)
         component, description = "upscale_decoder", "an upscale decoder (`pipe(image, upscale=2)` decodes with it)"
 
     staging = output.rstrip(os.sep) + ".tmp"
