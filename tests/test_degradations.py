@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusers_restore.data import degradation_ops, realesrgan
 from diffusers_restore.data import degradations as D
+from diffusers_restore.image_io import to_rgb
 
 
 def _photo(size=96):
@@ -53,32 +55,62 @@ def test_each_degradation_is_deterministic_and_reports_its_parameters(name):
     assert out1.size == image.size and out1.mode == image.mode
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "I;16", "I", "F", "CMYK"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "I;16", "CMYK"])
 @pytest.mark.parametrize("name", list(D.DEGRADATIONS) + ["realesrgan"])
-def test_size_and_mode_are_kept(mode, name):
+def test_l_stays_l_and_other_modes_are_degraded_as_their_rgb(mode, name):
     base = _photo(48)
     if mode == "I;16":
         image = Image.fromarray((_array(base.convert("L")) * 257).astype(np.uint16))
-    elif mode == "I":
-        image = Image.fromarray((_array(base.convert("L")) * 257).astype(np.int32))
-    elif mode == "F":
-        image = Image.fromarray((_array(base.convert("L")) / 255).astype(np.float32))
     elif mode in ("RGBA", "LA"):
         image = base.convert(mode)
         image.putalpha(Image.linear_gradient("L").resize(base.size))
     else:
         image = base.convert(mode)
-    if name == "realesrgan":
-        out, _ = D.realesrgan_degradation(image, rng=0)
-    else:
-        out, _ = D.DEGRADATIONS[name](image, rng=0)
-    assert out.mode == image.mode and out.size == image.size
-    if mode in ("RGBA", "LA"):  # alpha carried over untouched
-        assert out.getchannel("A").tobytes() == image.getchannel("A").tobytes()
-    if mode == "P":  # re-quantised to the image's own palette
-        assert out.getpalette() == image.getpalette()
-    if mode in ("I;16", "I"):  # 16-bit range kept
-        assert np.asarray(out).max() > 255
+
+    def degrade(picture):
+        if name == "realesrgan":
+            return D.realesrgan_degradation(picture, rng=0)
+        return D.DEGRADATIONS[name](picture, rng=0)
+
+    out, record = degrade(image)
+    assert out.size == image.size and out.mode == ("L" if mode == "L" else "RGB")
+    if mode not in ("RGB", "L"):  # exactly what degrading the package's one RGB conversion gives
+        expected, expected_record = degrade(to_rgb(image))
+        assert out.tobytes() == expected.tobytes() and record == expected_record
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("gaussian_noise:inf", r"gaussian_noise: sigma must be a number in \[0, 100\], got inf"),
+        ("gaussian_noise:1e9", r"sigma must be a number in \[0, 100\], got 1000000000.0"),
+        ("gaussian_noise:nan", r"sigma must be a number in \[0, 100\], got nan"),
+        ("poisson_noise:50", r"poisson_noise: scale must be a number in \[0, 10\]"),
+        ("jpeg:101", r"jpeg: quality must be a number in \[1, 100\]"),
+        ("gaussian_blur:99", r"gaussian_blur: kernel_size must be a number in \[1, 51\]"),
+        ("gaussian_blur:7,sigma=100", r"gaussian_blur: sigma must be a number in \[0, 20\]"),
+        ("downscale:1000", r"downscale: factor must be a number in \[1, 16\]"),
+        ("colour_jitter:5,5", r"colour_jitter: brightness must be a number in \[-0.9, 1\]"),
+        ("colour_jitter:0,-1", r"colour_jitter: contrast must be a number in \[-0.9, 1\]"),
+        ("random:7", r"num_degradations must lie in \[1, 6\]"),
+        ("realesrgan:100", r"realesrgan: scale must be an integer in \[1, 8\]"),
+        ("gaussian_noise:25|downscale:1000", r"downscale: factor must be a number in \[1, 16\]"),
+    ],
+)
+def test_every_spec_parameter_outside_its_documented_range_is_refused_with_the_range(spec, message):
+    with pytest.raises(ValueError, match=message):
+        D.parse_degradation_spec(spec)
+
+
+def test_parameter_ranges_are_documented_and_their_ends_accepted():
+    docs = degradation_ops.__doc__
+    for name, parameters in degradation_ops.PARAMETER_RANGES.items():
+        for key, (low, high) in parameters.items():
+            assert f"| {name}" in docs and f"[{low:g}, {high:g}]" in docs, (name, key)
+            for value in (low, high):
+                if key == "kernel_size" and value % 2 == 0:
+                    continue
+                D.parse_degradation_spec(f"{name}:{key}={value}")
 
 
 def test_gaussian_noise_has_the_requested_sigma():
@@ -95,14 +127,14 @@ def test_gaussian_noise_has_the_requested_sigma():
 
 
 def test_normal_quantile_table_is_a_standard_normal():
-    z = D._normal_quantiles().astype(np.float64)
+    z = degradation_ops.normal_quantiles().astype(np.float64)
     assert z.shape == (65536,) and np.all(np.diff(z) > 0)
     assert abs(z.mean()) < 1e-6 and z.std() == pytest.approx(1.0, abs=2e-3)
 
 
 def test_poisson_table_matches_poisson_moments():
     levels = 256
-    table = D._poisson_noise_table(levels).astype(np.float64)
+    table = degradation_ops.poisson_noise_table(levels).astype(np.float64)
     for value in (10, 100, 200):
         lam = value / 255 * levels
         counts = (table[value] + value / 255) * levels  # back to Poisson counts
@@ -270,11 +302,11 @@ def test_degradation_prompt():
 
 
 def test_bessel_j1_and_sinc_kernel():
-    assert D._bessel_j1(np.array([1.0]))[0] == pytest.approx(0.44005058574493355, abs=1e-12)
-    assert D._bessel_j1(np.array([3.8317059702075125]))[0] == pytest.approx(0.0, abs=1e-12)  # first zero
+    assert realesrgan._bessel_j1(np.array([1.0]))[0] == pytest.approx(0.44005058574493355, abs=1e-12)
+    assert realesrgan._bessel_j1(np.array([3.8317059702075125]))[0] == pytest.approx(0.0, abs=1e-12)  # first zero
     special = pytest.importorskip("scipy.special")
     x = np.linspace(0, 45, 500)
-    assert np.allclose(D._bessel_j1(x), special.j1(x), atol=1e-12)
+    assert np.allclose(realesrgan._bessel_j1(x), special.j1(x), atol=1e-12)
     kernel = D.circular_lowpass_kernel(np.pi / 2, 21)
     assert kernel.shape == (21, 21) and kernel.sum() == pytest.approx(1.0, abs=1e-5)
     assert np.allclose(kernel, kernel.T) and np.allclose(kernel, kernel[::-1, ::-1])
@@ -285,11 +317,11 @@ def test_bessel_j1_and_sinc_kernel():
 
 def test_realesrgan_kernels():
     rng = np.random.default_rng(0)
-    isotropic = D._anisotropic_kernel(21, 2.0, 2.0, 0.0, "gaussian")
+    isotropic = realesrgan._anisotropic_kernel(21, 2.0, 2.0, 0.0, "gaussian")
     one_d = np.exp(-0.5 * (np.arange(-10, 11) / 2.0) ** 2)
     assert np.allclose(isotropic, np.outer(one_d, one_d) / np.outer(one_d, one_d).sum(), atol=1e-7)
-    rotated = D._anisotropic_kernel(21, 3.0, 0.5, np.pi / 2, "gaussian")
-    unrotated = D._anisotropic_kernel(21, 3.0, 0.5, 0.0, "gaussian")
+    rotated = realesrgan._anisotropic_kernel(21, 3.0, 0.5, np.pi / 2, "gaussian")
+    unrotated = realesrgan._anisotropic_kernel(21, 3.0, 0.5, 0.0, "gaussian")
     assert np.allclose(rotated, unrotated.T, atol=1e-6)
     config = D.REALESRGAN
     types = set()
@@ -314,7 +346,7 @@ def test_fft_filter_equals_direct_correlation():
     for dy in range(7):
         for dx in range(7):
             direct += kernel[dy, dx] * padded[:, dy : dy + 23, dx : dx + 31]
-    assert np.allclose(D._filter2d(values, kernel), direct, atol=1e-5)
+    assert np.allclose(realesrgan._filter2d(values, kernel), direct, atol=1e-5)
 
 
 def test_realesrgan_presets():
