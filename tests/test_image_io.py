@@ -66,6 +66,51 @@ def test_find_images_recursive_sorted_filtered_and_excluding(tmp_path):
         find_images(tmp_path / "b.png")
 
 
+def test_find_images_skips_folders_this_package_wrote_below_the_root_but_reads_one_given_as_root(tmp_path, caplog):
+    (tmp_path / "photo.png").write_bytes(b"")
+    (tmp_path / "restored").mkdir()
+    (tmp_path / "restored" / "photo.png").write_bytes(b"")
+    image_io.mark_output_folder(tmp_path / "restored", "restore")
+    with caplog.at_level(logging.WARNING, logger="diffusers_restore.image_io"):
+        assert find_images(tmp_path) == [str(tmp_path / "photo.png")]
+    assert f"skipping {tmp_path / 'restored'}: sana-restore wrote it" in caplog.text
+    assert find_images(tmp_path / "restored") == [str(tmp_path / "restored" / "photo.png")]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_find_images_skips_a_broken_link_with_a_line(tmp_path, caplog):
+    (tmp_path / "photo.png").write_bytes(b"")
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    with caplog.at_level(logging.WARNING, logger="diffusers_restore.image_io"):
+        assert find_images(tmp_path) == [str(tmp_path / "photo.png")]
+    assert f"skipping {tmp_path / 'link.png'}: a broken symbolic link" in caplog.text
+
+
+def _frames(count):
+    return [Image.new("RGB", (16, 12), (40 * index, 80, 120)) for index in range(count)]
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "pages.tiff", "animated.png", "animated.webp"])
+def test_multi_frame_files_are_refused_by_every_reader_never_cut_to_frame_one(tmp_path, name):
+    first, *others = _frames(3)
+    first.save(tmp_path / name, save_all=True, append_images=others)
+    assert find_images(tmp_path) == [str(tmp_path / name)]  # found, so the refusal is said, not silent
+    for read in (load_image, load_rgb, image_size):
+        with pytest.raises(ImageReadError, match=r"holds 3 frames \(an animated or multi-page"):
+            read(tmp_path / name)
+
+
+def test_single_frame_gif_and_camera_mpo_are_read(tmp_path):
+    first, second = _frames(2)
+    first.save(tmp_path / "still.gif")
+    assert find_images(tmp_path) == [str(tmp_path / "still.gif")]
+    assert load_rgb(tmp_path / "still.gif").size == (16, 12)
+    first.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(tmp_path / "camera.jpg") as image:
+        assert image.format == "MPO" and image.n_frames == 2
+    assert np.abs(np.asarray(load_rgb(tmp_path / "camera.jpg"), float) - np.asarray(first, float)).mean() < 3
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 

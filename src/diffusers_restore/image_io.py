@@ -3,9 +3,11 @@
 Used by the training data tools (``diffusers_restore.data``) and by the command line (``sana-restore restore`` and
 ``evaluate``), so it imports only the standard library, numpy and PIL: no torch, nothing from ``data/``.
 
-* :func:`find_images`: every image under a folder, recursively, in a deterministic order.
+* :func:`find_images`: every image under a folder, recursively, in a deterministic order, leaving out (with a
+  logged line) broken links and the folders this package wrote (:func:`mark_output_folder`).
 * :func:`load_image`: open and fully decode a file, apply its EXIF orientation, keep its ICC profile; a damaged file
-  raises :class:`ImageReadError` naming the file (and saying "truncated" when it is).
+  raises :class:`ImageReadError` naming the file (and saying "truncated" when it is), and so does a file holding
+  several frames (an animation or a multi-page TIFF): no reader silently takes its first frame.
 * :func:`to_rgb` / :func:`load_rgb`: the one conversion of any PIL mode to 8-bit RGB.
 * :func:`save_image`: write an image atomically, format from the extension, ICC profile embedded where the format
   can hold one.
@@ -34,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 """File name endings :func:`find_images` lists (compared case-insensitively)."""
 
 TEMP_PREFIX = ".tmp-"
@@ -43,9 +45,13 @@ TEMP_PREFIX = ".tmp-"
 ICC_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF")
 """PIL formats in which :func:`save_image` embeds an ICC profile."""
 
+OUTPUT_MARKER = ".sana-restore-output"
+"""The file that marks a folder this package wrote (see :func:`mark_output_folder`)."""
+
 __all__ = [
     "ICC_FORMATS",
     "IMAGE_EXTENSIONS",
+    "OUTPUT_MARKER",
     "TEMP_PREFIX",
     "ImageReadError",
     "atomic_write",
@@ -56,6 +62,7 @@ __all__ = [
     "image_size",
     "is_same_file",
     "load_image",
+    "mark_output_folder",
     "load_rgb",
     "read_json",
     "remove_stray_temp_files",
@@ -185,6 +192,17 @@ def is_same_file(path_a: str | os.PathLike, path_b: str | os.PathLike) -> bool:
         return os.path.normcase(os.path.realpath(path_a)) == os.path.normcase(os.path.realpath(path_b))
 
 
+def mark_output_folder(folder: str | os.PathLike, command: str) -> None:
+    """Mark `folder` as written by ``sana-restore `command```: a small :data:`OUTPUT_MARKER` file in it, so that
+    :func:`find_images` leaves the folder out when it lies inside a folder given as input (a rerun does not take
+    earlier outputs for photos), while the folder itself given as the input is still read."""
+    path = os.path.join(os.fspath(folder), OUTPUT_MARKER)
+    if not os.path.isfile(path):
+        text = (f"Written by `sana-restore {command}`. Folders holding this file are skipped when they lie inside an "
+                "input folder of sana-restore; pass the folder itself as the input to read it.\n")
+        atomic_write(path, text.encode("utf-8"), fsync=False)
+
+
 def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
     """Every image file under `root`, recursively, sorted by relative path.
 
@@ -193,7 +211,10 @@ def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
       macOS ``._name.jpg`` resource forks, ``.ipynb_checkpoints`` copies.
     * Folders in `exclude` (and everything below them) are skipped, e.g. the output folder of a tool that writes
       next to its inputs. Compared after resolving symbolic links.
-    * Symbolic links to files are listed; links to folders are not followed (no loops).
+    * Folders below `root` that this package wrote (they hold :data:`OUTPUT_MARKER`) are skipped with a logged
+      warning; `root` itself is always searched.
+    * Symbolic links to files are listed; links to folders are not followed (no loops); broken links are skipped
+      with a logged warning.
     * The order depends only on the names (not on the file system), so runs are reproducible.
 
     Args:
@@ -217,13 +238,23 @@ def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
 
     relative_paths = []
     for directory, subdirectories, names in os.walk(root, onerror=raise_error):
-        subdirectories[:] = sorted(
-            name for name in subdirectories
-            if not name.startswith(".") and os.path.realpath(os.path.join(directory, name)) not in excluded
-        )
+        kept = []
+        for name in sorted(subdirectories):
+            path = os.path.join(directory, name)
+            if name.startswith(".") or os.path.realpath(path) in excluded:
+                continue
+            if os.path.isfile(os.path.join(path, OUTPUT_MARKER)):
+                logger.warning("skipping %s: sana-restore wrote it (it holds %s); pass it as the input to read it.",
+                               path, OUTPUT_MARKER)
+                continue
+            kept.append(name)
+        subdirectories[:] = kept
         relative_directory = os.path.relpath(directory, root)
         for name in names:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            if not os.path.exists(os.path.join(directory, name)):
+                logger.warning("skipping %s: a broken symbolic link.", os.path.join(directory, name))
                 continue
             relative = name if relative_directory == os.curdir else os.path.join(relative_directory, name)
             relative_paths.append(relative)
@@ -255,6 +286,9 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
     * The ICC profile, if any, stays in ``image.info["icc_profile"]`` (bytes); pixels are not colour converted.
     * The mode is the file's own ("RGB", "L", "RGBA", "P", "I;16", "CMYK", ...): convert with :func:`to_rgb`, or use
       :func:`load_rgb`.
+    * A file holding several frames (an animated GIF, PNG or WebP, a multi-page TIFF) is refused: restoring or
+      training on its first frame alone would silently drop the others. (A camera's MPO JPEG, whose first frame is
+      the photo and the others previews, is read as its first frame.)
 
     Args:
         path: the image file.
@@ -266,7 +300,8 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
     Raises:
         FileNotFoundError, PermissionError, IsADirectoryError: the path cannot be opened (the message names it).
         ImageReadError: the file is not an image PIL can read, is truncated ("image file is truncated") or damaged,
-            or is too large to decode safely. Subclass of ``OSError``; the message starts with the path.
+            holds several frames, or is too large to decode safely. Subclass of ``OSError``; the message starts with
+            the path.
     """
     path = os.fspath(path)
     return _decode(path, path, exif_transpose)
@@ -278,14 +313,22 @@ def decode_rgb(data: bytes, name: str, exif_transpose: bool = True) -> Image.Ima
     return to_rgb(_decode(io.BytesIO(data), name, exif_transpose))
 
 
+def _check_single_frame(image: Image.Image, name: str) -> None:
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":
+        raise ImageReadError(name, f"holds {frames} frames (an animated or multi-page {image.format} file); only "
+                                   "single images are read: save the frames you want as separate image files.")
+
+
 def _decode(source: Any, name: str, exif_transpose: bool) -> Image.Image:
     try:
         with Image.open(source) as image:
+            _check_single_frame(image, name)
             image.load()
             if exif_transpose:
                 ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to rotate
             return image
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+    except (FileNotFoundError, PermissionError, IsADirectoryError, ImageReadError):
         raise
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as error:
         raise _read_error(name, error) from None
@@ -307,12 +350,13 @@ def image_size(path: str | os.PathLike, exif_transpose: bool = True) -> tuple[in
     path = os.fspath(path)
     try:
         with Image.open(path) as image:
+            _check_single_frame(image, path)
             width, height = image.size
             # PIL's PNG reader decodes the whole file to look for an eXIf chunk after the pixel data; one before it
             # (where writers normally put it) is in image.info already.
             header_only = image.format != "PNG" or "exif" in image.info
             orientation = image.getexif().get(_ORIENTATION_TAG, 1) if exif_transpose and header_only else 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+    except (FileNotFoundError, PermissionError, IsADirectoryError, ImageReadError):
         raise
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as error:
         raise _read_error(path, error) from None
