@@ -366,6 +366,23 @@ def test_make_pairs_is_reproducible_parallel_and_resumable(tmp_path, capsys):
     assert "known" in capsys.readouterr().err
 
 
+def test_make_pairs_does_not_take_an_earlier_runs_pairs_for_photos(tmp_path, capsys, caplog):
+    photos = tmp_path / "photos"
+    _photos(photos, count=2)
+    first = ["--input-dir", str(photos), "--output-dir", str(photos / "pairs"), "--degradation", "jpeg:20",
+             "--workers", "1", "--quiet"]
+    assert make_pairs_main(first) == 0
+    assert make_pairs_main(first[:3] + [str(photos / "pairs_noise"), "--degradation", "gaussian_noise:25",
+                                        "--workers", "1", "--quiet"]) == 0
+    rows, _ = read_paired_csv(photos / "pairs_noise" / "pairs.csv")
+    assert sorted(os.path.basename(row.image_path) for row in rows) == ["photo0.png", "photo1.png"]
+    assert f"skipping {photos / 'pairs' / 'degraded'}: sana-restore wrote it" in caplog.text
+    # the degraded folder given as the input itself is read
+    assert make_pairs_main(["--input-dir", str(photos / "pairs" / "degraded"), "--output-dir", str(tmp_path / "again"),
+                            "--degradation", "jpeg:20", "--workers", "1", "--quiet"]) == 0
+    assert len(read_paired_csv(tmp_path / "again" / "pairs.csv")[0]) == 2
+
+
 def test_make_pairs_redoes_pairs_whose_photo_changed(tmp_path, capsys):
     photos = tmp_path / "photos"
     _photos(photos, count=3, size=(64, 64))

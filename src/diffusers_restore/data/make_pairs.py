@@ -19,6 +19,8 @@ relative to the CSV; the caption is built from the degradations applied).
   ``<output-dir>/make_pairs.json``; a run with other settings into the same folder stops before doing anything,
   unless ``--overwrite``.
 * The CSV is written once, at the end, atomically.
+* ``degraded/`` and ``hq/`` are marked as written by the package (:func:`~diffusers_restore.image_io.mark_output_folder`):
+  a later run (or ``restore``) over a folder that contains them does not read them as photos.
 Degraded images are lossless PNG (RGB), so that what the degradation produced (e.g. JPEG artifacts) is kept exactly.
 
 Pairs from a learned degradation model (GenDeg's synthetic pairs): ``--degradation model:DIR`` runs the
@@ -53,6 +55,7 @@ from ..image_io import (
     atomic_write_json,
     find_images,
     load_rgb,
+    mark_output_folder,
     read_json,
     remove_stray_temp_files,
     save_image,
@@ -271,6 +274,8 @@ def make_pairs(
     input_abs = os.path.abspath(input_dir)
     if os.path.commonpath([input_abs, os.path.abspath(degraded_root)]) == os.path.abspath(degraded_root):
         raise ValueError("input_dir must not lie inside output_dir/degraded.")
+    for folder in excluded:  # a later run over a folder that holds these does not take them for photos
+        mark_output_folder(folder, "make-pairs")
 
     jobs = []
     for relative_path in relative_paths:
