@@ -13,7 +13,7 @@ import os
 
 from ..captioning import DEFAULT_PROMPT_TEMPLATE, ImageCaptioner, combine_prompt
 from ..image_io import is_same_file, load_rgb
-from .paired_dataset import csv_path_field, read_paired_csv, write_paired_csv
+from .paired_dataset import PairRow, csv_path_field, read_paired_csv, write_paired_csv
 
 CAPTION_SOURCES = ("degraded", "clean")
 
@@ -21,6 +21,27 @@ CAPTION_SOURCES = ("degraded", "clean")
 def caption_cache_file(output_csv: str | os.PathLike) -> str:
     """Where the caption cache of an output CSV lives."""
     return os.fspath(output_csv) + ".captions.jsonl"
+
+
+def check_caption_job(
+    csv_path: str | os.PathLike,
+    output_csv: str | os.PathLike,
+    source: str = "degraded",
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    replace_input: bool = False,
+) -> list[PairRow]:
+    """Everything :func:`caption_pairs` checks before any model time is spent: the source, the template, the output
+    not being the input, and the CSV itself (read and checked as the dataset reads it). Returns its rows.
+
+    Raises:
+        ValueError: the first of these that is wrong (the CSV's own errors name the file and line).
+    """
+    if source not in CAPTION_SOURCES:
+        raise ValueError(f"source must be one of {CAPTION_SOURCES}, got {source!r}.")
+    combine_prompt("test", "prompt", template)
+    if not replace_input and is_same_file(csv_path, output_csv):
+        raise ValueError(f"The output CSV {output_csv} is the input {csv_path}: choose another file.")
+    return read_paired_csv(csv_path)[0]
 
 
 def caption_pairs(
@@ -36,7 +57,8 @@ def caption_pairs(
     Args:
         csv_path: a pairs CSV (`image_path,condition_image_path,caption`).
         output_csv: the CSV to write (atomically); image paths are rewritten relative to its folder.
-        captioner: an `ImageCaptioner` (give it `cache_file=caption_cache_file(output_csv)` to resume).
+        captioner: an `ImageCaptioner` (give it `cache_file=caption_cache_file(output_csv)` to resume). To fail on a
+            bad CSV before a model is loaded, call :func:`check_caption_job` before making it.
         source: "degraded" (the condition image; the clean one for rows without) or "clean".
         template: how caption and prompt combine (`{caption}`, `{prompt}`).
         replace_input: allow `output_csv` to be `csv_path` (only for a CSV this package wrote itself, e.g. by
@@ -45,12 +67,7 @@ def caption_pairs(
     Returns:
         The number of rows written.
     """
-    if source not in CAPTION_SOURCES:
-        raise ValueError(f"source must be one of {CAPTION_SOURCES}, got {source!r}.")
-    combine_prompt("test", "prompt", template)  # a bad template fails before any model time is spent
-    if not replace_input and is_same_file(csv_path, output_csv):
-        raise ValueError(f"The output CSV {output_csv} is the input {csv_path}: choose another file.")
-    rows, _ = read_paired_csv(csv_path)
+    rows = check_caption_job(csv_path, output_csv, source, template, replace_input)
     paths = [
         row.condition_image_path if source == "degraded" and row.condition_image_path else row.image_path
         for row in rows
