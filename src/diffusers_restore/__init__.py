@@ -4,11 +4,26 @@ Heavy submodules (torch, diffusers, transformers) are imported lazily on first a
 ``diffusers_restore.data.degradations`` stays usable with PIL and numpy alone.
 """
 
+import logging
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
+
+
+class _OptionalKernelNotices(logging.Filter):
+    """diffusers imports bitsandbytes whenever it is installed (the training extra installs it for 8-bit AdamW); on a
+    CPU with AVX512-BF16, bitsandbytes then asks the Hub for an optional 4-bit CPU kernel and logs two warnings when it
+    cannot get it (offline). This package runs no 4-bit kernel, so those two lines are dropped; every other message of
+    these loggers, and 8-bit AdamW, are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community/quantization-bitsandbytes" not in record.getMessage()
+
+
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_logger).addFilter(_OptionalKernelNotices())
 
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES = {
