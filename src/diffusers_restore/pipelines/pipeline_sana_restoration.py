@@ -1131,33 +1131,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         _check_finite(latents, "the VAE's encoding of the image", "the VAE weights are broken, or fp16 overflowed")
         return latents, tiling
 
-    @torch.no_grad()
-    def autoencode(
-        self,
-        image: PipelineImageInput,
-        tile_size: int | None = None,
-        tile_overlap: int | None = None,
-        output_type: str = "pil",
-    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
-        """`decode(encode(image))`, padded, tiled, encoded and decoded exactly as a restoration call does it.
-
-        This is the best any restorer working in this VAE's latent space can reach on `image` (scored against the
-        clean image, it is the VAE's ceiling). Needs only the `vae` (and `transformer` for its patch size and tile
-        size, when present). Returns `output_type` ("pil", "np" or "pt") images of the input's size; alpha channels
-        are carried as in `__call__`.
-        """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 0 or tile_size % self.size_multiple):
-            raise ValueError(f"`tile_size` must be None, 0 or a positive multiple of {self.size_multiple}, got {tile_size!r}.")
-        if tile_size is None and self.transformer is None:
-            tile_size = 0  # the automatic tile size is the transformer's native resolution
-        pixels, alphas = self.prepare_image(image, 1.0, self._execution_device)
-        height, width = pixels.shape[-2:]
-        latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
-        decoded = self._vae_decode(latents, tiling)[:, :, :height, :width]
-        return self._postprocess(decoded, alphas, 1, output_type)
-
     def prepare_latents(
         self,
         condition_latents: torch.Tensor,
