@@ -483,6 +483,7 @@ def test_suffix_with_a_path_separator_is_refused(tmp_path, capsys, suffix, no_mo
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
 def test_an_output_that_would_leave_the_output_folder_through_a_link_is_refused(tmp_path, capsys, no_model_loading):
+    _write_images(tmp_path / "in", names=["top.png"])
     _write_images(tmp_path / "in" / "sub", 1)
     os.makedirs(tmp_path / "out")
     os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "sub")  # out/sub/img0.png would land in elsewhere/

@@ -141,7 +141,8 @@ def test_evaluate_reports_the_first_stage_alone(tmp_path):
     the row's PSNR is that of `remove_degradations` on the degraded image, computed here independently."""
     from PIL import Image
 
-    from diffusers_restore.cli import STAGE_METHOD, main
+    from diffusers_restore.cli import main
+    from diffusers_restore.evaluation import STAGE_METHOD
     from diffusers_restore.metrics import psnr
 
     pipe = _pipeline(with_stage=True)

@@ -20,8 +20,9 @@ Errors:
 * an image that cannot be read or restored is named with the reason, the others are still processed, and the
   command exits with status 1 at the end.
 
-Heavy libraries are imported only by the command that needs them, so ``--help`` is instant. The ``restore`` path
-uses no training-data code (``diffusers_restore.data``); ``evaluate`` does (degradations, the pairs CSV reader).
+This module is argument handling: ``evaluate``'s benchmark harness is :mod:`diffusers_restore.evaluation`. Heavy
+libraries are imported only by the command that needs them, so ``--help`` is instant. The ``restore`` path uses no
+training-data code (``diffusers_restore.data``); ``evaluate`` does (degradations, the pairs CSV reader).
 """
 
 from __future__ import annotations
@@ -539,8 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="Restore degraded images and report PSNR/SSIM (+LPIPS, FID) against the clean ones.",
-        description="Writes results.json, results.md and degraded | restored | clean grids into --output. Images "
-                    "that cannot be read or restored are reported and skipped; the exit status is then 1.")
+        description="Writes results.json (strict JSON: a value that is not finite, such as the infinite PSNR of an "
+                    "output equal to its clean image, is null, with a note), results.md and degraded | restored | "
+                    "clean grids into --output. Images that cannot be read or restored are reported and skipped; the "
+                    "exit status is then 1.")
     source = evaluate.add_argument_group("data (one of)")
     source.add_argument("--pairs", help="CSV with image_path,condition_image_path,caption (clean, degraded).")
     source.add_argument("--images", help="Folder of clean images (searched recursively), degraded with --degradation.")
