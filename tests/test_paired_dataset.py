@@ -383,6 +383,18 @@ def test_make_pairs_does_not_take_an_earlier_runs_pairs_for_photos(tmp_path, cap
     assert len(read_paired_csv(tmp_path / "again" / "pairs.csv")[0]) == 2
 
 
+def test_make_pairs_says_it_refuses_an_animated_file(tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, count=1)
+    frames = [Image.new("RGB", (32, 24), (80 * index, 40, 90)) for index in range(3)]
+    frames[0].save(photos / "clip.gif", save_all=True, append_images=frames[1:])
+    result = make_pairs(photos, tmp_path / "pairs", degradation="jpeg:20", num_workers=1, verbose=False)
+    assert result.num_written == 1
+    assert [(os.path.basename(path), reason) for path, reason in result.failures] == [
+        ("clip.gif", "holds 3 frames (an animated or multi-page GIF file); only single images are read: save the "
+                     "frames you want as separate image files.")]
+
+
 def test_make_pairs_redoes_pairs_whose_photo_changed(tmp_path, capsys):
     photos = tmp_path / "photos"
     _photos(photos, count=3, size=(64, 64))

@@ -52,6 +52,7 @@ from PIL import Image, PngImagePlugin
 
 from ..image_io import (
     IMAGE_EXTENSIONS,
+    ImageReadError,
     atomic_write_json,
     find_images,
     load_rgb,
@@ -173,7 +174,11 @@ def _process(job: _Job) -> tuple[_Job, str, str, str | None]:
         info.add_text(PNG_TEXT_KEY, json.dumps(record))
         save_image(degraded, job.output_path, icc_profile=profile, pnginfo=info, compress_level=1)
         return job, caption, status, None
-    except Exception as error:  # reported per file; one bad photo must not stop a long run
+    except ImageReadError as error:  # reported per file; one bad photo must not stop a long run
+        return job, "", "failed", error.problem
+    except (OSError, ValueError) as error:
+        return job, "", "failed", str(error)
+    except Exception as error:
         return job, "", "failed", f"{type(error).__name__}: {error}"
 
 
