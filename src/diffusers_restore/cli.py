@@ -306,17 +306,12 @@ def _read_for_restore(path: str):
     return to_rgb(image) if image.mode.startswith("I;16") or image.mode in ("I", "F") else image
 
 
-def _holds_inputs(folder: str, inputs: Sequence[str]) -> bool:
-    """Whether `folder` is one of `inputs` or contains one of them."""
-    root = os.path.realpath(folder)
-    return any(os.path.commonpath([root, os.path.realpath(item)]) == root for item in inputs)
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
     from .image_io import mark_output_folder
 
     source = resolve_model(args.model)
     device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
+    fresh = not os.path.isdir(args.output) or not os.listdir(args.output)  # a folder of restored images only
     output_dir = prepare_output_dir(args.output)
     files = collect_inputs(args.inputs, exclude=[output_dir])
     plan = plan_outputs(files, output_dir, args.suffix)
@@ -326,7 +321,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CLIError(f"{existing[0]} already exists{more}: pass --overwrite to replace earlier results, or choose "
                        "another -o folder.")
     pipe, kwargs = _load_checked_pipeline(args, source, device, dtype)
-    if not _holds_inputs(output_dir, args.inputs):  # a folder of restored images only: later scans skip it
+    if fresh:  # later scans of a folder holding it skip it (never a user's own folder written into)
         mark_output_folder(output_dir, "restore")
 
     import torch
