@@ -12,18 +12,35 @@ from ._lazy import lazy_attributes
 __version__ = "0.1.0.dev0"
 
 
-class _OptionalKernelNotices(logging.Filter):
-    """diffusers imports bitsandbytes whenever it is installed (the training extra installs it for 8-bit AdamW); on a
-    CPU with AVX512-BF16, bitsandbytes then asks the Hub for an optional 4-bit CPU kernel and logs two warnings when it
-    cannot get it (offline). This package runs no 4-bit kernel, so those two lines are dropped; every other message of
-    these loggers, and 8-bit AdamW, are untouched."""
+class _DroppedNotices(logging.Filter):
+    """Drops the records of one logger whose message contains one of `fragments`; every other record passes."""
+
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community/quantization-bitsandbytes" not in record.getMessage()
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
-for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    logging.getLogger(_logger).addFilter(_OptionalKernelNotices())
+# diffusers imports bitsandbytes and torchao whenever they are installed (the training extra installs bitsandbytes for
+# 8-bit AdamW, `--quantize int8` needs torchao), so their import-time notices would print on every import of this
+# package. Dropped here, and only these; nothing they concern is used by the package:
+_DROPPED = {
+    # on a CPU with AVX512-BF16, bitsandbytes asks the Hub for an optional 4-bit CPU kernel and logs two warnings when
+    # it cannot get it (offline)
+    "bitsandbytes.backends.cpu.ops": ("kernels-community/quantization-bitsandbytes",),
+    "kernels._internals.hf_hub": ("kernels-community/quantization-bitsandbytes",),
+    # torchao's MX-FP8 and CUTLASS CUDA kernels do not load into a CPU-only torch (int8 weight-only does not use them)
+    "torchao": ("_C_mxfp8", "_C_cutlass"),
+    # torchao registers enums with torch.compile the way torch 2.13 deprecates
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
+    # diffusers allow-lists torchao classes for unpickling (torch.load); weights here load from safetensors only
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+}
+for _logger, _fragments in _DROPPED.items():
+    logging.getLogger(_logger).addFilter(_DroppedNotices(_fragments))
 
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES = {
