@@ -165,3 +165,22 @@ def test_importing_with_torchao_installed_prints_nothing():
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "incompatible torch version" not in line]
     assert lines == []
+
+
+def test_cli_restores_with_int8_and_refuses_nf4_on_cpu(tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(_image()).save(tmp_path / "in.png")
+    if not torch.cuda.is_available():
+        status = cli_main(["restore", "--model", "bundled", "--quantize", "nf4", "--device", "cpu",
+                           "-o", str(tmp_path / "nf4"), str(tmp_path / "in.png")])
+        assert status == 2
+        assert capsys.readouterr().err == (
+            "sana-restore restore: error: --quantize nf4 needs a GPU: diffusers' bitsandbytes quantizer does not run "
+            "on the CPU (int8 does).\n"
+        )
+        assert not (tmp_path / "nf4").exists()
+    pytest.importorskip("torchao")
+    assert cli_main(["restore", "--model", "bundled", "--quantize", "int8", "--device", "cpu",
+                     "-o", str(tmp_path / "int8"), str(tmp_path / "in.png")]) == 0
+    assert Image.open(tmp_path / "int8" / "in.png").size == (64, 64)

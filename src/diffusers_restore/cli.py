@@ -44,6 +44,7 @@ from .cli_common import (
     resolve_device,
     resolve_model,
 )
+from .quantization import QUANTIZATION_MODES
 
 # CLI flag (argparse dest) -> `SanaRestorationPipeline.__call__` argument; a flag left unset is not passed.
 SAMPLING_FLAGS = {
@@ -106,6 +107,11 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-offload", action="store_true",
                        help="Model CPU offload: each model moves to the accelerator only while it runs (needs "
                             "accelerate and an accelerator).")
+    group.add_argument("--quantize", choices=QUANTIZATION_MODES, default="none",
+                       help="Quantize the transformer's and the text encoder's weights: int8 = torchao int8 "
+                            "weight-only (CPU and GPU; pip install torchao), nf4 = bitsandbytes 4-bit NormalFloat "
+                            "(GPU only). The VAE and a few small layers stay unquantized; dtype defaults to "
+                            "bfloat16.")
 
     sampling = parser.add_argument_group(
         "sampling (unset flags use the model's own defaults, pipe.sampling_defaults)")
@@ -168,7 +174,7 @@ def _check_call_kwargs(pipe, kwargs: dict[str, Any]) -> None:
 
 
 def _load_checked_pipeline(args: argparse.Namespace, source, device: str, dtype):
-    pipe = load_pipeline(source, dtype, device, args.revision, args.cpu_offload)
+    pipe = load_pipeline(source, dtype, device, args.revision, args.cpu_offload, args.quantize)
     pipe.set_progress_bar_config(disable=True)
     kwargs = call_kwargs_from_args(args)
     _check_call_kwargs(pipe, kwargs)
@@ -310,7 +316,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .image_io import mark_output_folder
 
     source = resolve_model(args.model)
-    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
+    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload, args.quantize)
     fresh = not os.path.isdir(args.output) or not os.listdir(args.output)  # a folder of restored images only
     output_dir = prepare_output_dir(args.output)
     files = collect_inputs(args.inputs, exclude=[output_dir])
@@ -407,7 +413,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as error:
             raise CLIError(f"--baselines: {error}") from error
     source = resolve_model(args.model)
-    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload)
+    device, dtype = resolve_device(args.device, args.dtype, args.cpu_offload, args.quantize)
     output_dir = prepare_output_dir(args.output)
     failures: list[tuple[str, str]] = []
     cases = _evaluation_cases(args, output_dir, failures)

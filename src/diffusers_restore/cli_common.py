@@ -73,7 +73,7 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def load_pipeline(source: ModelSource, dtype=None, device: str | None = None, revision: str | None = None,
-                  cpu_offload: bool = False):
+                  cpu_offload: bool = False, quantize: str = "none"):
     """Load a :class:`SanaRestorationPipeline` from `source` (see :func:`resolve_model`), turning failures into
     one-line `CLIError`s: a broken local folder gets the pipeline's own diagnosis, a Hub id the network/offline one.
 
@@ -83,13 +83,18 @@ def load_pipeline(source: ModelSource, dtype=None, device: str | None = None, re
         device: where to move the pipeline (ignored with `cpu_offload`).
         revision: Hub revision (branch, tag or commit); meaningless for a folder.
         cpu_offload: ``enable_model_cpu_offload(device=device)`` instead of ``.to(device)``.
+        quantize: ``"none"``, ``"int8"`` or ``"nf4"``: the transformer and the text encoder load with
+            :func:`~diffusers_restore.quantization.pipeline_quantization_config` (check it first with
+            :func:`resolve_device`).
     """
     import diffusers
+    import torch
     from diffusers.utils import logging as diffusers_logging
     from packaging.version import Version
     from transformers.utils import logging as transformers_logging
 
     from .pipelines.pipeline_sana_restoration import SanaRestorationPipeline
+    from .quantization import pipeline_quantization_config
 
     if not sys.stderr.isatty():  # progress bars only for a person at a terminal, not in logs
         diffusers_logging.disable_progress_bar()
@@ -99,6 +104,8 @@ def load_pipeline(source: ModelSource, dtype=None, device: str | None = None, re
         kwargs["dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"] = dtype
     if revision and not source.is_local:
         kwargs["revision"] = revision
+    if quantize != "none":
+        kwargs["quantization_config"] = pipeline_quantization_config(quantize, dtype or torch.bfloat16)
     try:
         pipe = SanaRestorationPipeline.from_pretrained(source.location, **kwargs)
     except Exception as error:  # every loading failure becomes one actionable line
@@ -125,20 +132,25 @@ def load_pipeline(source: ModelSource, dtype=None, device: str | None = None, re
 # --------------------------------------------------------------------------------------------------- device
 
 
-def resolve_device(device: str | None, dtype: str | None = None, cpu_offload: bool = False):
-    """Check ``--device``, ``--dtype`` and ``--cpu-offload`` against this machine before any model is loaded.
+def resolve_device(device: str | None, dtype: str | None = None, cpu_offload: bool = False, quantize: str = "none"):
+    """Check ``--device``, ``--dtype``, ``--cpu-offload`` and ``--quantize`` against this machine before any model is
+    loaded.
 
     Args:
         device: a torch device string, or ``None`` for ``cuda`` when available, else ``cpu``.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (bfloat16 on CUDA, float32 elsewhere).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (bfloat16 on CUDA or with quantized weights,
+            float32 otherwise).
         cpu_offload: model CPU offload was asked for: it needs accelerate and an accelerator to offload to.
+        quantize: ``"none"``, ``"int8"`` or ``"nf4"``: its backend must be installed, and nf4 needs a GPU (the
+            models run on the accelerator under ``--cpu-offload``).
 
     Returns:
         ``(device string, torch dtype)``.
 
     Raises:
         CLIError: a malformed device, an accelerator this machine does not have (or an index past its count),
-            or CPU offload without an accelerator.
+            CPU offload without an accelerator, or a quantization whose backend is missing or cannot run on the
+            device.
     """
     import torch
 
@@ -172,7 +184,13 @@ def resolve_device(device: str | None, dtype: str | None = None, cpu_offload: bo
             why = f"--device is {given}" if given is not None else "this machine has none"
             raise CLIError("--cpu-offload keeps the models on the CPU and moves each one to an accelerator while it "
                            f"runs: it needs an accelerator device, and {why}.")
-    dtype_name = dtype or ("bfloat16" if parsed.type == "cuda" else "float32")
+    if quantize != "none":
+        from .quantization import quantization_unavailable
+
+        reason = quantization_unavailable(quantize, parsed)
+        if reason is not None:
+            raise CLIError(f"--quantize {reason}.")
+    dtype_name = dtype or ("bfloat16" if parsed.type == "cuda" or quantize != "none" else "float32")
     return device, getattr(torch, dtype_name)
 
 
