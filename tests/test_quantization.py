@@ -184,3 +184,10 @@ def test_cli_restores_with_int8_and_refuses_nf4_on_cpu(tmp_path, capsys):
     assert cli_main(["restore", "--model", "bundled", "--quantize", "int8", "--device", "cpu",
                      "-o", str(tmp_path / "int8"), str(tmp_path / "in.png")]) == 0
     assert Image.open(tmp_path / "int8" / "in.png").size == (64, 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nf4 runs on this machine's GPU")
+def test_app_refuses_nf4_on_cpu_before_serving(capsys):
+    pytest.importorskip("gradio")
+    assert cli_main(["app", "--quantize", "nf4", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("sana-restore app: error: --quantize nf4 needs a GPU")

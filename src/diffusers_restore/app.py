@@ -540,7 +540,7 @@ def build_demo(app: RestorationApp, examples: list[str] | None = None):
 def launch(model: str = "bundled", host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            max_image_side: int = DEFAULT_MAX_IMAGE_SIDE, max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
            device: str | None = None, dtype=None, revision: str | None = None, max_queue_size: int = 32,
-           prevent_thread_lock: bool = False):
+           prevent_thread_lock: bool = False, quantize: str = "none"):
     """Load `model` once and serve the app on `host`:`port` (blocks until stopped unless `prevent_thread_lock`).
 
     Args:
@@ -550,6 +550,8 @@ def launch(model: str = "bundled", host: str = "127.0.0.1", port: int = 7860, sh
         max_image_side: longest accepted side in pixels (input and output).
         max_file_size: largest upload (``"20mb"``, or bytes).
         max_queue_size: requests waiting beyond this are refused by Gradio's queue.
+        quantize: ``"none"``, ``"int8"`` or ``"nf4"`` weights for the transformer and the text encoder (see
+            :mod:`diffusers_restore.quantization`).
 
     Returns:
         The running ``gradio.Blocks``.
@@ -558,7 +560,7 @@ def launch(model: str = "bundled", host: str = "127.0.0.1", port: int = 7860, sh
     from .cli_common import load_pipeline, resolve_model
 
     source = resolve_model(model)
-    pipe = load_pipeline(source, dtype=dtype, device=device, revision=revision)
+    pipe = load_pipeline(source, dtype=dtype, device=device, revision=revision, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
     app = RestorationApp(pipe, model_name=model, max_image_side=max_image_side)
     examples = sample_photo_files(tempfile.mkdtemp(prefix="sana-restore-samples-"))

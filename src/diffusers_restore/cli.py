@@ -500,11 +500,11 @@ def cmd_app(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError('the web app needs Gradio: pip install "diffusers-restore[app]" (or gradio>=6).') from None
     resolve_model(args.model)  # a wrong --model fails before anything starts
-    device, dtype = resolve_device(args.device, args.dtype)
+    device, dtype = resolve_device(args.device, args.dtype, quantize=args.quantize)
     try:
         launch(model=args.model, host=args.host, port=args.port, share=args.share,
                max_image_side=args.max_image_side, max_file_size=args.max_file_size, device=device, dtype=dtype,
-               revision=args.revision, max_queue_size=args.max_queue_size)
+               revision=args.revision, max_queue_size=args.max_queue_size, quantize=args.quantize)
     except OSError as error:  # e.g. the port is taken
         raise CLIError(f"cannot serve on {args.host}:{args.port}: {error}") from None
     except KeyboardInterrupt:
@@ -644,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="Weights dtype (default: bfloat16 on CUDA, float32 elsewhere).")
     app.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    app.add_argument("--quantize", choices=QUANTIZATION_MODES, default="none",
+                     help="Quantized transformer and text encoder weights, as in restore --quantize.")
     app.set_defaults(func=cmd_app)
     return parser
 
