@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --scale real              # SANA 1.6B / DC-AE f32c32 shapes, random weights
     python benchmarks/run_all.py --scale real --device cuda
     python benchmarks/run_all.py --only pipeline data      # a subset
+    python benchmarks/run_all.py --only memory --scale real  # quantized / offloaded memory at SANA 1.6B size
     python benchmarks/run_all.py --scale tiny --skip-learning   # a few minutes: no 1500-step learning check
 
 Each benchmark is a script beside this one, run in its own process (so peak-RSS figures do not mix), that ends its
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "data": "bench_data.py",
     "train": "bench_train.py",
     "sharding": "bench_sharding.py",
+    "memory": "bench_memory.py",
 }
 CPU_ONLY = {"sharding"}  # gloo processes on the CPU: left out of a --device cuda run unless named in --only
 
