@@ -247,7 +247,7 @@ def save_checkpoint(
     accelerator,
     output_dir: str,
     global_step: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     named_weights: list[tuple[str, torch.Tensor]],
     training_state: dict[str, Any],
     checkpoints_total_limit: int | None = None,
@@ -256,8 +256,8 @@ def save_checkpoint(
 
     The weights (`named_weights`: the trained models' and their EMAs') are checked first: a NaN or inf anywhere raises
     `NonFiniteError` and nothing is written or pruned. Everything then goes into `checkpoint-<step>.tmp` (accelerate's
-    state, with whatever its save hooks write, each process's noise-generator state, then training_state.json with
-    `global_step` and `training_state`); only then is it renamed to `checkpoint-<step>` and are old checkpoints
+    state, with whatever its save hooks write, each process's noise-generator state if any, then
+    training_state.json with `global_step` and `training_state`); only then is it renamed to `checkpoint-<step>` and are old checkpoints
     pruned. A run killed while saving leaves the previous checkpoints untouched, and `resolve_checkpoint(...,
     "latest")` never picks an unfinished one.
     """
@@ -269,10 +269,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     accelerator.save_state(tmp_dir)
-    save_file(
-        {"state": generator.get_state()},
-        os.path.join(tmp_dir, f"training_generator_{accelerator.process_index}.safetensors"),
-    )
+    if generator is not None:
+        save_file(
+            {"state": generator.get_state()},
+            os.path.join(tmp_dir, f"training_generator_{accelerator.process_index}.safetensors"),
+        )
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
