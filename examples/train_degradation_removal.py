@@ -101,7 +101,8 @@ Before | stage | target: ![validation](validation.png)
 
 The stage alone: PSNR {validation["psnr"]:.2f} dB, SSIM {validation["ssim"]:.4f} on the validation pairs.
 """
-    model_card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license="other",
+    model_card = load_or_create_model_card(repo_id_or_path=repo_id, token=args.hub_token, from_training=True,
+                                           license="other",
                                            model_description=description)
     model_card.data.pipeline_tag = "image-to-image"
     model_card = populate_model_card(model_card, tags=["image-restoration", "diffusers-restore", "diffusers-training"])

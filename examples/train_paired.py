@@ -165,6 +165,7 @@ def save_model_card(args, repo_id: str, validation: dict | None, train_dataset_s
     )
     model_card = load_or_create_model_card(
         repo_id_or_path=repo_id,
+        token=args.hub_token,
         from_training=True,
         license="other",
         base_model=base if base_is_hub_id else None,
