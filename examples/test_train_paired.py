@@ -317,8 +317,8 @@ def test_every_csv_row_is_checked_before_training(tiny_base, pair_data, tmp_path
     in one line before any model loads; --skip_bad_samples trains on the good rows instead."""
     (tmp_path / "broken.png").write_bytes(b"not an image")
     Image.fromarray(np.zeros((64, 32, 3), np.uint8)).save(tmp_path / "narrow.png")
-    good = [{"image_path": str(pair_data / "clean" / f"{i}.png"), "condition_image_path": str(pair_data / f"noisy{i}.png"),
-             "caption": ""} for i in range(3)]
+    good = [{"image_path": str(pair_data / "clean" / f"{i}.png"),
+             "condition_image_path": str(pair_data / f"noisy{i}.png"), "caption": ""} for i in range(3)]
     bad = [{**good[0], "image_path": str(tmp_path / "missing.png")},
            {**good[0], "condition_image_path": str(tmp_path / "broken.png")},
            {**good[0], "condition_image_path": str(tmp_path / "narrow.png")}]
@@ -437,8 +437,9 @@ def test_one_step_objective_with_the_fidelity_pixel_loss(tiny_base, pair_data, t
     w = 0.5
     with pytest.MonkeyPatch.context() as patch:
         steps = _record_steps(patch)
-        _run(_base_args(tiny_base, pair_data, tmp_path / "out", "--training_objective", "one_step", "--pixel_loss_weight",
-                        w, "--fidelity", 1.0, "--max_train_steps", 1, "--checkpointing_steps", 10, "--center_crop"))
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out", "--training_objective", "one_step",
+                        "--pixel_loss_weight", w, "--fidelity", 1.0, "--max_train_steps", 1,
+                        "--checkpointing_steps", 10, "--center_crop"))
     (step,) = steps
     (pixels, latents), = step["encoded"]
     clean, conditions = pixels.float().chunk(2)
@@ -1197,7 +1198,8 @@ def test_negative_samples_with_a_stage_target_the_raw_degraded_image(shifted_sta
     with pytest.MonkeyPatch.context() as patch:
         steps = _record_steps(patch)
         _run(_base_args(shifted_stage_base, pair_data, tmp_path / "out", "--max_train_steps", 1,
-                        "--negative_sample_prob", 1.0, "--training_objective", "one_step", "--checkpointing_steps", 100))
+                        "--negative_sample_prob", 1.0, "--training_objective", "one_step",
+                        "--checkpointing_steps", 100))
     (both, _), (raw, raw_latents) = steps[0]["encoded"]  # [clean, cleaned condition], then the raw degraded images
     torch.testing.assert_close(both.chunk(2)[1], _shifted(raw), rtol=0, atol=1e-5)
     x0 = steps[0]["x_t"] - steps[0]["prediction"]
@@ -1208,7 +1210,7 @@ def test_negative_samples_with_a_stage_target_the_raw_degraded_image(shifted_sta
                         "--negative_sample_prob", 0.5, "--cache_latents", "--checkpointing_steps", 100))
 
 
-# ------------------------------------------------------------------------------------------- precision, optimiser, nodes
+# ---------------------------------------------------------------------------------------- precision, optimiser, nodes
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_base, pair_data, tmp_path, monkeypatch):

@@ -30,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import upload_folder
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -38,7 +37,6 @@ import diffusers
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
 from diffusers_restore import SanaRestorationPipeline
@@ -49,7 +47,6 @@ from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 from diffusers_restore.training_utils import (
     ArgumentParser,
     EpochShuffleSampler,
-    all_processes_finite,
     build_paired_dataset,
     check_finite_weights,
     check_output_arguments,
@@ -58,6 +55,8 @@ from diffusers_restore.training_utils import (
     ema_weights,
     load_ema_checkpoint,
     load_validation_pairs,
+    log_validation_images,
+    optimizer_step_if_finite,
     prepare_hub_repo,
     read_training_state,
     remove_unfinished_checkpoints,
@@ -126,24 +125,9 @@ def log_validation(stage, args, accelerator, validation_pairs, global_step, is_f
             ssim_values.append(ssim(cleaned, target).item())
     stage.train()
 
-    size, columns = rows[0][0].size, max(len(row) for row in rows)
-    cells = [image.resize(size) for row in rows for image in row + [Image.new("RGB", size)] * (columns - len(row))]
-    grid = make_image_grid(cells, rows=len(rows), cols=columns)
-    phase = "test" if is_final else "validation"
-    grid_path = os.path.join(args.output_dir, "validation.png" if is_final else f"validation/step-{global_step}.png")
-    os.makedirs(os.path.dirname(grid_path), exist_ok=True)
-    grid.save(grid_path)
     metrics = {"psnr": float(np.mean(psnr_values)) if psnr_values else None,
                "ssim": float(np.mean(ssim_values)) if ssim_values else None}
-    accelerator.log({f"{phase}/{key}": value for key, value in metrics.items() if value is not None}, step=global_step)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(phase, np.asarray(grid)[None], global_step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({phase: [wandb.Image(grid, caption="before | stage | target")]}, step=global_step)
-    logger.info(f"Validation at step {global_step}: {grid_path}, {metrics}")
+    log_validation_images(accelerator, rows, metrics, args.output_dir, global_step, is_final, "before | stage | target")
     return metrics
 
 
@@ -488,19 +472,11 @@ def main(args):
                 accelerator.backward(loss)
                 loss_value = loss.detach().item()
                 window_finite = window_finite and math.isfinite(loss_value)
-                grad_norm, step_is_finite = None, True
+                grad_norm, step_is_finite = optimizer_step_if_finite(
+                    accelerator, optimizer, lr_scheduler, stage.parameters(), args.max_grad_norm, window_finite
+                )
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(stage.parameters(), args.max_grad_norm)
-                    step_is_finite = all_processes_finite(
-                        accelerator, window_finite, grad_norm if accelerator.scaler is None else None
-                    )
                     window_finite = True
-                if step_is_finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                elif accelerator.scaler is not None:
-                    accelerator.scaler.update()
-                optimizer.zero_grad()
 
             if accelerator.sync_gradients:
                 if not step_is_finite:

@@ -44,7 +44,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from huggingface_hub import upload_folder
-from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -60,7 +59,6 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
     offload_models,
 )
-from diffusers.utils import make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import is_compiled_module
 
@@ -82,7 +80,6 @@ from diffusers_restore.pipelines.pipeline_sana_restoration import DEFAULT_NEGATI
 from diffusers_restore.training_utils import (
     ArgumentParser,
     EpochShuffleSampler,
-    all_processes_finite,
     build_paired_dataset,
     check_finite_weights,
     check_output_arguments,
@@ -93,6 +90,8 @@ from diffusers_restore.training_utils import (
     is_sharded,
     load_ema_checkpoint,
     load_validation_pairs,
+    log_validation_images,
+    optimizer_step_if_finite,
     prepare_hub_repo,
     read_training_state,
     remove_unfinished_checkpoints,
@@ -210,24 +209,10 @@ def log_validation(
             ssim_values += [ssim(output, target).item() for output in restored]
     pipeline.transformer.train()
 
-    size, columns = rows[0][0].size, max(len(row) for row in rows)
-    cells = [image.resize(size) for row in rows for image in row + [Image.new("RGB", size)] * (columns - len(row))]
-    grid = make_image_grid(cells, rows=len(rows), cols=columns)
-    phase = "test" if is_final else "validation"
-    grid_path = os.path.join(args.output_dir, "validation.png" if is_final else f"validation/step-{global_step}.png")
-    os.makedirs(os.path.dirname(grid_path), exist_ok=True)
-    grid.save(grid_path)
     metrics = {"psnr": float(np.mean(psnr_values)) if psnr_values else None,
                "ssim": float(np.mean(ssim_values)) if ssim_values else None}
-    accelerator.log({f"{phase}/{key}": value for key, value in metrics.items() if value is not None}, step=global_step)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(phase, np.asarray(grid)[None], global_step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({phase: [wandb.Image(grid, caption="before | after | target")]}, step=global_step)
-    logger.info(f"Validation at step {global_step}: {grid_path}, {metrics}")
+    grid_path = log_validation_images(accelerator, rows, metrics, args.output_dir, global_step, is_final,
+                                      "before | after | target")
     return {"grid": grid_path, **metrics}
 
 
@@ -1204,20 +1189,11 @@ def main(args):
                 accelerator.backward(loss)
                 loss_value = loss.detach().item()
                 window_finite = window_finite and math.isfinite(loss_value)
-                grad_norm, step_is_finite = None, True
+                grad_norm, step_is_finite = optimizer_step_if_finite(
+                    accelerator, optimizer, lr_scheduler, trainable_params, args.max_grad_norm, window_finite
+                )
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                    # fp16's GradScaler skips overflowing steps by itself (routine): there only the loss tells
-                    step_is_finite = all_processes_finite(
-                        accelerator, window_finite, grad_norm if accelerator.scaler is None else None
-                    )
                     window_finite = True
-                if step_is_finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                elif accelerator.scaler is not None:
-                    accelerator.scaler.update()  # clip_grad_norm_ unscaled the gradients: close the step
-                optimizer.zero_grad()
 
             if accelerator.sync_gradients:
                 if not step_is_finite:

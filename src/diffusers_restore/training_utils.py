@@ -505,6 +505,59 @@ def load_validation_pairs(images: list[str], targets: list[str] | None) -> list[
     return pairs
 
 
+def optimizer_step_if_finite(
+    accelerator, optimizer, lr_scheduler, parameters, max_grad_norm: float, losses_finite: bool
+) -> tuple[Any, bool]:
+    """The end of a training step of diffusers' examples (gradient clipping, optimizer and learning-rate steps,
+    zero_grad), where the step is taken only if it is finite on every process: its losses (`losses_finite`: all those of
+    the accumulation window) and its gradient norm. Under fp16 the GradScaler skips overflowing steps by itself
+    (routine), so there only the losses decide. Returns `(grad_norm or None, finite)`; `finite` is True between
+    accumulation steps."""
+    grad_norm, finite = None, True
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        finite = all_processes_finite(accelerator, losses_finite, grad_norm if accelerator.scaler is None else None)
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()  # clip_grad_norm_ unscaled the gradients: close the step
+    optimizer.zero_grad()
+    return grad_norm, finite
+
+
+def log_validation_images(
+    accelerator, rows: list[list[Any]], metrics: dict[str, float | None], output_dir: str, global_step: int,
+    is_final: bool, caption: str,
+) -> str:
+    """Save and log a validation grid (one row of PIL images per validation image, shorter rows padded with black, every
+    cell at the first image's size) and its metrics: `validation/<name>` (`test/<name>` for the final validation) to
+    the trackers, the grid to TensorBoard / wandb and to `output_dir/validation/step-<N>.png` (`validation.png` for the
+    final one). Returns the grid's path."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    size, columns = rows[0][0].size, max(len(row) for row in rows)
+    cells = [image.resize(size) for row in rows for image in row + [Image.new("RGB", size)] * (columns - len(row))]
+    grid = make_image_grid(cells, rows=len(rows), cols=columns)
+    phase = "test" if is_final else "validation"
+    path = os.path.join(output_dir, "validation.png" if is_final else f"validation/step-{global_step}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    accelerator.log({f"{phase}/{key}": value for key, value in metrics.items() if value is not None}, step=global_step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images(phase, np.asarray(grid)[None], global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({phase: [wandb.Image(grid, caption=caption)]}, step=global_step)
+    logger.info(f"Validation at step {global_step}: {path}, {metrics}")
+    return path
+
+
 def skip_nonfinite_step(
     accelerator, args: argparse.Namespace, global_step: int, loss: float, grad_norm, skipped_steps: int
 ) -> int:
