@@ -614,6 +614,11 @@ def test_lora_run_saves_what_load_lora_weights_loads_and_resumes_exactly(tiny_ba
     _run(_base_args(tiny_base, pair_data, second, *lora, "--resume_from_checkpoint", "latest"))
     _assert_same_weights(fused, _weights(second / "transformer"))
 
+    _reset_accelerate()
+    with pytest.raises(ValueError, match="holds other LoRA layers: resume with its --rank and --lora_layers"):
+        _run(_base_args(tiny_base, pair_data, second, *lora, "--lora_layers", "to_q,to_k,to_v,to_out.0",
+                        "--resume_from_checkpoint", "checkpoint-3"))
+
 
 def test_resume_is_exact_with_accumulation_and_on_the_fly_data(tiny_base, pair_data, tmp_path):
     """Folder of clean images degraded on the fly, gradient accumulation (the resume position counts batches),

@@ -434,7 +434,7 @@ def main(args):
                 raise ValueError(f"{checkpoint} was not written by this script with --use_ema={args.use_ema}.")
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
             accelerator.load_state(checkpoint)
-            global_step, skipped_steps = saved["global_step"], saved["skipped_steps"]
+            global_step, skipped_steps = saved["global_step"], saved.get("skipped_steps", 0)
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 

@@ -870,7 +870,9 @@ def main(args):
                 from peft import set_peft_model_state_dict
 
                 state_dict = load_file(os.path.join(input_dir, "transformer_lora", "pytorch_lora_weights.safetensors"))
-                set_peft_model_state_dict(model, state_dict, adapter_name="default")
+                result = set_peft_model_state_dict(model, state_dict, adapter_name="default")
+                if result.unexpected_keys or any("lora_" in key for key in result.missing_keys):
+                    raise ValueError(f"{input_dir} holds other LoRA layers: resume with its --rank and --lora_layers.")
                 projection = os.path.join(input_dir, "transformer_lora", "condition_projection.safetensors")
                 model.projection.weight.data.copy_(load_file(projection)["projection.weight"])
             else:
@@ -1038,9 +1040,12 @@ def main(args):
                                  f"--use_ema={saved['use_ema']}; resume it with the same flags.")
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
             accelerator.load_state(checkpoint)  # optimizer, scheduler and RNG states: torch.load(weights_only=True)
-            generator.set_state(load_file(os.path.join(
-                checkpoint, f"training_generator_{accelerator.process_index}.safetensors"))["state"])
-            global_step, skipped_steps = saved["global_step"], saved["skipped_steps"]
+            generator_file = os.path.join(checkpoint, f"training_generator_{accelerator.process_index}.safetensors")
+            if os.path.isfile(generator_file):
+                generator.set_state(load_file(generator_file)["state"])
+            else:
+                logger.warning(f"{generator_file} is missing (another number of processes?): noise is not resumed.")
+            global_step, skipped_steps = saved["global_step"], saved.get("skipped_steps", 0)
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
             if streaming:  # each reader skips the pairs it had given (read, not decoded)
