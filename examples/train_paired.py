@@ -680,6 +680,11 @@ def degrade_direction_item(item: dict) -> dict:
     }
 
 
+def degrade_direction_collate(items: list[dict]) -> dict:
+    """`collate_fn` of a stream read in the degrade direction."""
+    return collate_fn([degrade_direction_item(item) for item in items])
+
+
 class DegradeDirection(torch.utils.data.Dataset):
     """A pairs dataset read in the degrade direction (`degrade_direction_item`); other attributes are the dataset's."""
 
@@ -762,6 +767,9 @@ def main(args):
         if args.direction == "degrade":
             raise ValueError(f"{base} has a degradation removal stage, which would clean the clean condition images of "
                              "--direction degrade.")
+        if args.cache_latents and args.negative_sample_prob > 0:
+            raise ValueError("--negative_sample_prob targets the degraded images' own latents, but with a degradation "
+                             "removal stage the latent cache holds the cleaned ones: drop --cache_latents.")
         stage = DegradationRemovalModel.from_pretrained(base, subfolder="degradation_removal", **weights_kwargs)
         logger.info("The base pipeline has a degradation removal stage: condition images are encoded through it.")
     condition_models = [vae] + ([stage] if stage is not None else [])  # what turns a condition image into a latent
@@ -932,7 +940,7 @@ def main(args):
     collate = collate_fn
     if args.direction == "degrade":  # clean -> degraded: swapped images, degradation-and-severity prompts
         if streaming:
-            collate = lambda items: collate_fn([degrade_direction_item(item) for item in items])  # noqa: E731
+            collate = degrade_direction_collate
         else:
             train_dataset = DegradeDirection(train_dataset)
     if args.cache_latents:
@@ -1063,9 +1071,6 @@ def main(args):
     if args.cache_latents:
         empty_embeds, empty_mask = encode_prompts([""])
         if args.negative_sample_prob > 0:
-            if stage is not None:
-                raise ValueError("--negative_sample_prob targets the degraded images' own latents, but with a "
-                                 "degradation removal stage the cache holds the cleaned ones: drop --cache_latents.")
             negative_embeds, negative_mask = encode_prompts([args.negative_sample_prompt])
 
     window_finite = True  # every loss of the current accumulation window was finite
