@@ -2,8 +2,8 @@
 """Tests of examples/train_paired.py on the tiny offline SANA kit (CPU, no network).
 
 Most runs call `main(parse_args([...]))` in this process (much faster than a launcher); the script's `__main__` (the
-output folder's lock, one-line errors) runs through `runpy`, and two tests launch two processes with accelerate's
-launcher (data parallel on one machine, and two "machines").
+output folder's lock, one-line errors) runs through `runpy`, and one test launches two "machines" with accelerate's
+launcher.
 """
 
 import os
@@ -1024,42 +1024,6 @@ def _assert_ranks_saved_the_same_weights(digests: Path, output_dir: Path) -> Non
     assert digest(saved.state_dict()) == rank0
 
 
-def test_two_processes_train_the_same_weights_and_build_the_latent_cache_together(tiny_base, pair_data, tmp_path):
-    """Two processes, DDP over gloo, started by accelerate's launcher, with --cache_latents: each encodes its share of
-    the cache's shards (3 shards of 2 pairs), the main process merges them; both ranks end with the saved weights.
-
-    `accelerate launch --cpu --num_processes 2` needs MPI; torchrun (accelerate's `--multi_gpu` launcher) with
-    ACCELERATE_USE_CPU=1 gives accelerate's MULTI_CPU mode without it.
-    """
-    from diffusers_restore.data.latents import CachedLatentDataset
-
-    output_dir = tmp_path / "out"
-    script, digests = _rank_digest_script(tmp_path)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(script),
-        *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
-                    "--checkpointing_steps", 2, "--cache_latents", "--latent_cache_shard_size", 2),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "DistributedType.MULTI_CPU" in result.stdout + result.stderr
-
-    _assert_ranks_saved_the_same_weights(digests, output_dir)
-    initial = ConcatConditionedTransformer.from_pretrained(str(tiny_base), subfolder="transformer")
-    assert digest(initial.state_dict()) != (digests / "rank-0.sha256").read_text()
-    assert _checkpoints(output_dir) == {"checkpoint-2"}
-    assert (output_dir / "checkpoint-2" / "training_generator_1.safetensors").is_file()
-    cache = output_dir / "latent_cache"
-    index = json.loads((cache / "index.json").read_text())
-    assert [entry["num_samples"] for entry in index["shards"]] == [2, 2, 2]
-    assert not [name for name in os.listdir(cache) if name.startswith("progress")]
-    cached = CachedLatentDataset(str(cache))
-    assert sorted(int(cached[i]["index"]) for i in range(len(cached))) == list(range(6))
-
-
 def test_repeats_give_distinct_samples_of_each_image(tiny_base, pair_data, tmp_path, capsys):
     args = train_paired.parse_args(_with_data(
         _base_args(tiny_base, pair_data, tmp_path, "--degradation", "gaussian_noise|jpeg", "--repeats", "3"),
@@ -1284,10 +1248,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
+def test_two_nodes_train_the_same_weights_and_build_the_latent_cache_together(tiny_base, pair_data, tmp_path):
     """Two "machines" on this one: `accelerate launch --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1`,
-    one process each, as a real two-node launch runs it (rank 0's machine hosts the rendezvous). Both end with the
-    same weights, and only machine 0 writes the pipeline."""
+    one process each, as a real two-node launch runs it (rank 0's machine hosts the rendezvous): data parallel over
+    gloo (accelerate's MULTI_CPU mode; `--multi_gpu` with ACCELERATE_USE_CPU=1 needs no MPI), with --cache_latents.
+    Each process encodes its share of the cache's shards (3 shards of 2 pairs) and the main one merges them; both
+    processes end with the saved weights, and only machine 0 writes the pipeline."""
+    from diffusers_restore.data.latents import CachedLatentDataset
+
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def launch_both(attempt: int):
@@ -1305,7 +1273,7 @@ def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
                 "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "static",
                 "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
                 *_base_args(tiny_base, pair_data, output_dir, "--max_train_steps", 2, "--train_batch_size", 1,
-                            "--checkpointing_steps", 2),
+                            "--checkpointing_steps", 2, "--cache_latents", "--latent_cache_shard_size", 2),
             ]
             launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                              env=env))
@@ -1327,7 +1295,16 @@ def test_two_nodes_train_the_same_weights(tiny_base, pair_data, tmp_path):
         assert launch.returncode == 0, output[-4000:]
     assert "DistributedType.MULTI_CPU" in outputs[0]
     _assert_ranks_saved_the_same_weights(digests, output_dir)
+    initial = ConcatConditionedTransformer.from_pretrained(str(tiny_base), subfolder="transformer")
+    assert digest(initial.state_dict()) != (digests / "rank-0.sha256").read_text()
     assert json.loads((output_dir / "checkpoint-2" / "training_state.json").read_text())["num_processes"] == 2
+    assert (output_dir / "checkpoint-2" / "training_generator_1.safetensors").is_file()
+    cache = output_dir / "latent_cache"
+    index = json.loads((cache / "index.json").read_text())
+    assert [entry["num_samples"] for entry in index["shards"]] == [2, 2, 2]
+    assert not [name for name in os.listdir(cache) if name.startswith("progress")]
+    cached = CachedLatentDataset(str(cache))
+    assert sorted(int(cached[i]["index"]) for i in range(len(cached))) == list(range(6))
 
 
 # ------------------------------------------------------------------------------------------- streaming data
