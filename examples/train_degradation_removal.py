@@ -335,19 +335,15 @@ def main(args):
         if (tuple(existing) if key == "block_out_channels" else existing) != value:
             raise ValueError(f"--{key} {value} contradicts the degradation removal stage of {base} ({key}={existing}): "
                              "leave it out to train that stage further.")
-    logger.info(f"Training {'a new' if new_stage else 'the base pipeline'}'s degradation removal stage: "
-                f"{dict(stage.config)}")
+    logger.info(f"Training {'a new stage' if new_stage else 'the stage of the base pipeline'}: {dict(stage.config)}")
     stage.to(accelerator.device, dtype=torch.float32).requires_grad_(True).train()
-
-    def unwrap_model(model):
-        return accelerator.unwrap_model(model)
 
     ema_model = None
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                unwrap_model(model).save_pretrained(os.path.join(output_dir, "degradation_removal"))
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "degradation_removal"))
                 weights.pop()
             if ema_model is not None:
                 save_ema_checkpoint(ema_model, os.path.join(output_dir, "degradation_removal_ema"))
@@ -356,7 +352,7 @@ def main(args):
         while models:
             loaded = DegradationRemovalModel.from_pretrained(input_dir, subfolder="degradation_removal",
                                                              use_safetensors=True)
-            unwrap_model(models.pop()).load_state_dict(loaded.state_dict())
+            accelerator.unwrap_model(models.pop()).load_state_dict(loaded.state_dict())
         if ema_model is not None:
             load_ema_checkpoint(ema_model, os.path.join(input_dir, "degradation_removal_ema"), DegradationRemovalModel)
 
@@ -408,7 +404,7 @@ def main(args):
         stage, optimizer, train_dataloader, lr_scheduler
     )
     if args.use_ema:
-        ema_model = create_ema(unwrap_model(stage), args.ema_decay)
+        ema_model = create_ema(accelerator.unwrap_model(stage), args.ema_decay)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -446,7 +442,7 @@ def main(args):
     validation = None
 
     def named_weights():
-        named = list(unwrap_model(stage).named_parameters())
+        named = list(accelerator.unwrap_model(stage).named_parameters())
         if ema_model is not None:
             named += [(f"EMA {name}", shadow) for (name, _), shadow in zip(named, ema_model.shadow_params)]
         return named
@@ -483,7 +479,7 @@ def main(args):
                     skipped_steps = skip_nonfinite_step(accelerator, args, global_step, loss_value, grad_norm,
                                                         skipped_steps)
                 elif ema_model is not None:
-                    ema_model.step(unwrap_model(stage).parameters())
+                    ema_model.step(accelerator.unwrap_model(stage).parameters())
                 progress_bar.update(1)
                 global_step += 1
                 if global_step % args.checkpointing_steps == 0:
@@ -492,8 +488,9 @@ def main(args):
                     save_checkpoint(accelerator, args.output_dir, global_step, None, named_weights(), state,
                                     args.checkpoints_total_limit)
                 if validation_pairs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    with ema_weights(ema_model, unwrap_model(stage)):
-                        log_validation(unwrap_model(stage), args, accelerator, validation_pairs, global_step)
+                    model = accelerator.unwrap_model(stage)
+                    with ema_weights(ema_model, model):
+                        log_validation(model, args, accelerator, validation_pairs, global_step)
 
             logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps}
             progress_bar.set_postfix(loss=loss_value, lr=logs["lr"])
@@ -503,7 +500,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     check_finite_weights(accelerator, named_weights(), f"the final pipeline (step {global_step})")
-    stage = unwrap_model(stage)
+    stage = accelerator.unwrap_model(stage)
     if ema_model is not None:
         ema_model.copy_to(stage.parameters())
     if accelerator.is_main_process:
