@@ -158,7 +158,8 @@ def test_pipeline_file_carries_the_projection(tmp_path):
     _close(_out(pipe.transformer), expected)
 
     # without the projection, the loading pipeline keeps its own
-    SanaRestorationPipeline.save_lora_weights(tmp_path / "bare", transformer_lora_layers=get_peft_model_state_dict(trained))
+    layers = get_peft_model_state_dict(trained)
+    SanaRestorationPipeline.save_lora_weights(tmp_path / "bare", transformer_lora_layers=layers)
     other = _pipe()
     other.load_lora_weights(tmp_path / "bare")
     assert "projection" not in _lora_modules(other.transformer)
@@ -353,7 +354,7 @@ def test_a_lora_without_keys_for_the_model_warns_and_goes_on(caplog):
 def test_bad_lora_files_are_refused_clearly(tmp_path):
     trained = _trained(seed=9)
     trained.save_lora_adapter(tmp_path / "wrong")
-    save_file({"projection.weight": torch.zeros(4, 6, 1, 1)}, str(tmp_path / "wrong" / "condition_projection.safetensors"))
+    save_file({"projection.weight": torch.zeros(4, 6, 1, 1)}, tmp_path / "wrong" / "condition_projection.safetensors")
     pipe = _pipe()
     with pytest.raises(ValueError, match=r"shape \(4, 6, 1, 1\).*\(4, 8, 1, 1\)"):
         pipe.load_lora_weights(tmp_path / "wrong")
@@ -361,9 +362,8 @@ def test_bad_lora_files_are_refused_clearly(tmp_path):
 
     with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
         pipe.load_lora_weights({"transformer.transformer.proj_out.weight": torch.zeros(4, 8)})
-    dora = {k: v for k, v in get_peft_model_state_dict(trained).items()}
     with pytest.raises(ValueError, match="DoRA"):
         pipe.transformer.load_lora_adapter(
-            {**dora, "projection.weight": trained.projection.weight.detach()},
+            {**get_peft_model_state_dict(trained), "projection.weight": trained.projection.weight.detach()},
             metadata={**trained.peft_config["default"].to_dict(), "use_dora": True},
         )

@@ -108,9 +108,10 @@ def test_wrong_channels_raise_a_clear_error_and_one_condition_broadcasts():
     for bad in (dict(hidden_states=torch.randn(2, 5, 8, 8)), dict(condition_latents=torch.randn(2, 4, 8, 8))):
         with pytest.raises(ValueError, match="must have 4 and 3 channels"):
             model(**dict(inputs, **bad))
+    one = inputs["condition_latents"][:1]
     with torch.no_grad():
-        out = model(**dict(inputs, condition_latents=inputs["condition_latents"][:1])).sample
-        expected = model(**dict(inputs, condition_latents=inputs["condition_latents"][:1].expand(2, -1, -1, -1))).sample
+        out = model(**dict(inputs, condition_latents=one)).sample
+        expected = model(**dict(inputs, condition_latents=one.expand(2, -1, -1, -1))).sample
     assert torch.equal(out, expected)
 
 

@@ -38,32 +38,31 @@ CONDITION_PROJECTION_WEIGHT_NAME = "condition_projection.safetensors"
 #: Name of the trained projection in a LoRA state dict relative to this model (`transformer.projection.weight` in a
 #: pipeline LoRA file).
 PROJECTION_KEY = "projection.weight"
-# Hub download arguments of `load_lora_adapter` and the pipeline's `lora_state_dict` that the sidecar fetch uses too.
+# Hub download arguments of `load_lora_adapter` and the pipeline's `lora_state_dict` that `add_condition_projection`
+# uses too.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
-def fetch_condition_projection(
-    pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any
-) -> torch.Tensor | None:
-    """The trained projection saved beside a LoRA adapter by [`~ConcatConditionedTransformer.save_lora_adapter`]
-    (`condition_projection.safetensors`, else `condition_projection.bin` through torch's weights-only loader), or
-    `None` when the folder or Hub repo has neither (or is a single file).
+def add_condition_projection(
+    state_dict: dict[str, torch.Tensor], source: str | os.PathLike, key: str = PROJECTION_KEY, **hub_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """`state_dict` (read from `source`) with the trained projection that
+    [`~ConcatConditionedTransformer.save_lora_adapter`] wrote beside it (`condition_projection.safetensors`, else
+    `condition_projection.bin` through torch's weights-only loader) added as `key`, unless `state_dict` already holds
+    a projection or `source` (a folder, a Hub repo id or a single file) has none.
 
-    Args:
-        pretrained_model_name_or_path (`str` or `os.PathLike`): the folder or Hub repo id the LoRA file was read from.
-        hub_kwargs: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
-
-    Returns:
-        `torch.Tensor` of shape `(in_channels, in_channels + condition_channels, 1, 1)`, or `None`.
+    `hub_kwargs`: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
+    The projection has shape `(in_channels, in_channels + condition_channels, 1, 1)`.
     """
     from diffusers.models.model_loading_utils import load_state_dict
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    path = os.fspath(pretrained_model_name_or_path)
+    path = os.fspath(source)
+    hub_kwargs = {name: value for name, value in hub_kwargs.items() if name in HUB_KWARGS}
     subfolder = hub_kwargs.pop("subfolder", None) or ""
-    if os.path.isfile(path):
-        return None
+    if os.path.isfile(path) or any(name.endswith(PROJECTION_KEY) for name in state_dict):
+        return state_dict
     for name in (CONDITION_PROJECTION_WEIGHT_NAME, CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin")):
         if os.path.isdir(path):
             file = os.path.join(path, subfolder, name)
@@ -79,9 +78,9 @@ def fetch_condition_projection(
                     f"{path}: {name} is neither cached nor downloadable; the LoRA loads without a condition "
                     "projection (the model keeps its own)."
                 )
-                return None
-        return load_state_dict(file)[PROJECTION_KEY]
-    return None
+                return state_dict
+        return {**state_dict, key: load_state_dict(file)[PROJECTION_KEY]}
+    return state_dict
 
 
 class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -379,7 +378,8 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
 
             save_file(weights, os.path.join(save_directory, CONDITION_PROJECTION_WEIGHT_NAME))
         else:
-            torch.save(weights, os.path.join(save_directory, CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin")))
+            name = CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin")
+            torch.save(weights, os.path.join(save_directory, name))
 
     def load_lora_adapter(
         self,
@@ -400,8 +400,9 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
         Args:
             prefix (`str`, *optional*): as in diffusers, the component name in front of the keys
                 (`prefix="transformer"` for a pipeline LoRA file); keys without it are ignored (but for the
-                projection's own, `projection.*`), and a warning says so when none has it. Defaults to `None`, where diffusers defaults to `"transformer"`: the keys of this
-                model's own files already start with `transformer.` (the wrapped SANA).
+                projection's own, `projection.*`), and a warning says so when none has it. Defaults to `None`,
+                where diffusers defaults to `"transformer"`: the keys of this model's own files already start with
+                `transformer.` (the wrapped SANA).
             hotswap, kwargs: as in `PeftAdapterMixin.load_lora_adapter` (`adapter_name`, `weight_name`, `metadata`,
                 `use_safetensors`, `low_cpu_mem_usage`, the Hub arguments).
         """
@@ -410,17 +411,13 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
         if isinstance(source, dict):
             state_dict = dict(source)
         else:
-            fetch_kwargs = {key: kwargs.pop(key) for key in (*HUB_KWARGS, "weight_name", "use_safetensors") if key in kwargs}
+            fetch_names = (*HUB_KWARGS, "weight_name", "use_safetensors")
+            fetch_kwargs = {key: kwargs.pop(key) for key in fetch_names if key in kwargs}
             state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
                 source, return_lora_metadata=True, **fetch_kwargs
             )
-            state_dict, metadata = dict(state_dict), metadata or file_metadata
-            if not any(key.endswith(PROJECTION_KEY) for key in state_dict):
-                projection = fetch_condition_projection(
-                    source, **{key: value for key, value in fetch_kwargs.items() if key in HUB_KWARGS}
-                )
-                if projection is not None:
-                    state_dict[PROJECTION_KEY] = projection
+            state_dict = add_condition_projection(state_dict, source, **fetch_kwargs)
+            metadata = metadata or file_metadata
 
         if prefix is not None:  # the projection's keys are this model's with or without the prefix
             state_dict = {

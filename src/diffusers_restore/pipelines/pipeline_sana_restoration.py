@@ -442,29 +442,28 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     importlib.import_module(value[0])
 
     # ---------------------------------------------------------------------------------------------------- LoRA
-    # A restoration LoRA carries the condition projection that LoRA runs train fully: as `transformer.projection.weight`
-    # in a pipeline LoRA file (`save_lora_weights`), in `condition_projection.safetensors` beside the LoRA file of a
-    # `ConcatConditionedTransformer.save_lora_adapter` folder (what `examples/train_paired.py --use_lora` writes to
-    # `transformer_lora/`). The transformer loads it as a LoRA of its own on the projection, so `set_adapters`,
-    # `fuse_lora`, `unfuse_lora`, `disable_lora`, `delete_adapters` and `unload_lora_weights` treat it as they treat
-    # the other LoRA layers (see `ConcatConditionedTransformer`).
+    # A restoration LoRA carries the condition projection that LoRA runs train fully: as
+    # `transformer.projection.weight` in a pipeline LoRA file (`save_lora_weights`), in
+    # `condition_projection.safetensors` beside the LoRA file of a `ConcatConditionedTransformer.save_lora_adapter`
+    # folder (what `examples/train_paired.py --use_lora` writes to `transformer_lora/`). The transformer loads it as a
+    # LoRA of its own on the projection, so `set_adapters`, `fuse_lora`, `unfuse_lora`, `disable_lora`,
+    # `delete_adapters` and `unload_lora_weights` treat it as they treat the other LoRA layers (see
+    # `ConcatConditionedTransformer`).
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
         """[`SanaLoraLoaderMixin.lora_state_dict`], plus `transformer.projection.weight` from
-        `condition_projection.safetensors` when the folder or Hub repo has one and the LoRA file holds no projection."""
-        from ..models.transformer_sana_concat import HUB_KWARGS, PROJECTION_KEY, fetch_condition_projection
+        `condition_projection.safetensors` when the folder or Hub repo has one and the LoRA file holds no
+        projection."""
+        from ..models.transformer_sana_concat import PROJECTION_KEY, add_condition_projection
 
         return_metadata = kwargs.pop("return_lora_metadata", False)
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         state_dict, metadata = super().lora_state_dict(
             pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
         )
-        projection_key = f"{cls.transformer_name}.{PROJECTION_KEY}"
-        if projection_key not in state_dict and not isinstance(pretrained_model_name_or_path_or_dict, dict):
-            projection = fetch_condition_projection(pretrained_model_name_or_path_or_dict, **hub_kwargs)
-            if projection is not None:
-                state_dict = {**state_dict, projection_key: projection}
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            key = f"{cls.transformer_name}.{PROJECTION_KEY}"
+            state_dict = add_condition_projection(state_dict, pretrained_model_name_or_path_or_dict, key, **kwargs)
         return (state_dict, metadata) if return_metadata else state_dict
 
     def load_lora_weights(
@@ -545,8 +544,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         layers = transformer_lora_layers
         if condition_projection is not None:
             layers = layers.state_dict() if isinstance(layers, torch.nn.Module) else dict(layers or {})
-            weight = condition_projection.weight if isinstance(condition_projection, torch.nn.Module) else condition_projection
-            layers[PROJECTION_KEY] = weight.detach()
+            if isinstance(condition_projection, torch.nn.Module):
+                condition_projection = condition_projection.weight
+            layers[PROJECTION_KEY] = condition_projection.detach()
         super().save_lora_weights(
             save_directory,
             transformer_lora_layers=layers,
