@@ -207,8 +207,9 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
                 f"`transformer` must be a diffusers SanaTransformer2DModel, got {type(transformer).__name__}."
             )
         # SANA is built on the meta device (no memory, no random init), then replaced by the real one
+        sana_config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
         with init_empty_weights():
-            model = cls.from_config(transformer.config, condition_channels=condition_channels)
+            model = cls(**sana_config, condition_channels=condition_channels)
         model.transformer = transformer
         parameter = next(transformer.parameters())
         model.projection = nn.Conv2d(
