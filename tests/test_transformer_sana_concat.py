@@ -101,25 +101,18 @@ def test_torch_dtype_loading(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def test_bad_shapes_raise_clear_errors():
+def test_wrong_channels_raise_a_clear_error_and_one_condition_broadcasts():
     model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer(), condition_channels=3)
     inputs = _inputs()
     inputs["condition_latents"] = inputs["condition_latents"][:, :3]
-    bad = dict(inputs, hidden_states=torch.randn(2, 5, 8, 8))
-    with pytest.raises(ValueError, match=r"hidden_states.*\(batch, 4, height, width\)"):
-        model(**bad)
-    bad = dict(inputs, condition_latents=torch.randn(2, 4, 8, 8))
-    with pytest.raises(ValueError, match=r"condition_latents.*\(batch, 3, height, width\)"):
-        model(**bad)
-    bad = dict(inputs, condition_latents=torch.randn(2, 3, 4, 8))
-    with pytest.raises(ValueError, match="spatial size"):
-        model(**bad)
-    bad = dict(inputs, condition_latents=torch.randn(3, 3, 8, 8))
-    with pytest.raises(ValueError, match="batch size 3"):
-        model(**bad)
-    with torch.no_grad():  # a batch of one condition broadcasts
-        out = model(**dict(inputs, condition_latents=inputs["condition_latents"][:1])).sample
-    assert out.shape == (2, 4, 8, 8)
+    for bad in (dict(hidden_states=torch.randn(2, 5, 8, 8)), dict(condition_latents=torch.randn(2, 4, 8, 8))):
+        with pytest.raises(ValueError, match="must have 4 and 3 channels"):
+            model(**dict(inputs, **bad))
+    one = inputs["condition_latents"][:1]
+    with torch.no_grad():
+        out = model(**dict(inputs, condition_latents=one)).sample
+        expected = model(**dict(inputs, condition_latents=one.expand(2, -1, -1, -1))).sample
+    assert torch.equal(out, expected)
 
 
 def test_condition_half_of_projection_learns():
@@ -207,6 +200,21 @@ def test_fuse_projection_is_equivalent(patch_size, tmp_path):
     assert torch.equal(model(**inputs).sample, expected)
 
 
+@torch.no_grad()
+def test_fuse_projection_folds_a_lora_on_the_projection(tmp_path):
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
+    model.projection.weight.normal_()
+    model.save_lora_adapter(tmp_path)  # the trained projection goes to the sidecar
+    loaded = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    loaded.load_lora_adapter(tmp_path)
+    inputs = _inputs()
+    expected = loaded(**inputs).sample
+    torch.testing.assert_close(expected, model(**inputs).sample, rtol=1e-5, atol=1e-5)
+    loaded.fuse_projection()
+    torch.testing.assert_close(loaded(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_real_size_adds_exactly_the_projection():
     config = real_sana_transformer_config()
     with init_empty_weights():
@@ -215,11 +223,6 @@ def test_real_size_adds_exactly_the_projection():
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in sana.parameters())
     assert extra == (32 + 32) * 32 == 2048
     assert sum(p.numel() for p in sana.parameters()) > 1.5e9
-
-
-def test_invalid_condition_channels():
-    with pytest.raises(ValueError, match="condition_channels"):
-        ConcatConditionedTransformer(**{**get_tiny_transformer().config, "condition_channels": 0})
 
 
 # ---------------------------------------------------------------------------------------------- diffusers behaviour

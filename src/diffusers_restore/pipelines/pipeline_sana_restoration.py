@@ -442,38 +442,28 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     importlib.import_module(value[0])
 
     # ---------------------------------------------------------------------------------------------------- LoRA
-    # A restoration LoRA carries the transformer's condition projection, which LoRA runs train fully. A pipeline LoRA
-    # file (`save_lora_weights`) stores it as `transformer.projection.weight`; a folder written by
-    # `ConcatConditionedTransformer.save_lora_adapter` (what `examples/train_paired.py --use_lora` writes to
-    # `transformer_lora/`) keeps it in `condition_projection.safetensors` beside the LoRA file. `load_lora_weights`
-    # reads both. How adapters combine (`set_adapters`), fuse and unload, the projection included, is defined in
-    # `ConcatConditionedTransformer`'s LoRA section: `unload_lora_weights` restores the projection the pipeline had
-    # before the first LoRA was loaded (keeping only what was fused).
+    # A restoration LoRA carries the condition projection that LoRA runs train fully: as
+    # `transformer.projection.weight` in a pipeline LoRA file (`save_lora_weights`), in
+    # `condition_projection.safetensors` beside the LoRA file of a `ConcatConditionedTransformer.save_lora_adapter`
+    # folder (what `examples/train_paired.py --use_lora` writes to `transformer_lora/`). The transformer loads it as a
+    # LoRA of its own on the projection, so `set_adapters`, `fuse_lora`, `unfuse_lora`, `disable_lora`,
+    # `delete_adapters` and `unload_lora_weights` treat it as they treat the other LoRA layers (see
+    # `ConcatConditionedTransformer`).
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
-        """[`SanaLoraLoaderMixin.lora_state_dict`] from safetensors only (`use_safetensors=False` is refused), with
-        the condition projection.
+        """[`SanaLoraLoaderMixin.lora_state_dict`], plus `transformer.projection.weight` from
+        `condition_projection.safetensors` when the folder or Hub repo has one and the LoRA file holds no
+        projection."""
+        from ..models.transformer_sana_concat import PROJECTION_KEY, add_condition_projection
 
-        Keys are read as the pipeline's: `transformer.` + a key of the transformer (`transformer.transformer.*` and
-        `transformer.projection.weight` in a pipeline file) or of the wrapped SANA (`transformer.transformer_blocks.*`,
-        as in a `save_lora_adapter` folder or a text-to-image SANA LoRA). When the folder or Hub repo has
-        `condition_projection.safetensors` and the LoRA file no projection, the projection is added as
-        `transformer.projection.weight`. Returns the state dict, and the metadata too with `return_lora_metadata=True`.
-        """
-        from ..models.transformer_sana_concat import HUB_KWARGS, PROJECTION_KEY, fetch_condition_projection
-
-        refuse_pickle(kwargs.pop("use_safetensors", None), "LoRA weights")
         return_metadata = kwargs.pop("return_lora_metadata", False)
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         state_dict, metadata = super().lora_state_dict(
-            pretrained_model_name_or_path_or_dict, use_safetensors=True, return_lora_metadata=True, **kwargs
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
         )
-        projection_key = f"{cls.transformer_name}.{PROJECTION_KEY}"
-        if projection_key not in state_dict and not isinstance(pretrained_model_name_or_path_or_dict, dict):
-            projection = fetch_condition_projection(pretrained_model_name_or_path_or_dict, **hub_kwargs)
-            if projection is not None:
-                state_dict = {**state_dict, projection_key: projection}
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            key = f"{cls.transformer_name}.{PROJECTION_KEY}"
+            state_dict = add_condition_projection(state_dict, pretrained_model_name_or_path_or_dict, key, **kwargs)
         return (state_dict, metadata) if return_metadata else state_dict
 
     def load_lora_weights(
@@ -483,23 +473,22 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         hotswap: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load a restoration LoRA into the transformer: a pipeline LoRA file (`save_lora_weights`), a
-        `save_lora_adapter` folder such as the training script's `<output_dir>/transformer_lora`, a Hub repo holding
-        either, or a state dict, with its condition projection (see the LoRA notes above).
+        """[`SanaLoraLoaderMixin.load_lora_weights`], for a pipeline LoRA file, a `save_lora_adapter` folder such as
+        the training script's `<output_dir>/transformer_lora`, a Hub repo holding either, or a state dict; besides
+        LoRA weights, the state dict may hold the trained `transformer.projection.weight`."""
+        from ..models.transformer_sana_concat import PROJECTION_KEY
 
-        As [`SanaLoraLoaderMixin.load_lora_weights`] (`adapter_name`, `hotswap`, `weight_name`, `subfolder`, the Hub
-        arguments, `low_cpu_mem_usage` (default `False`)), except that a state dict may hold
-        `transformer.projection.weight` beside the LoRA weights. Files load from safetensors only.
-        """
-        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", True)
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
         state_dict, metadata = self.lora_state_dict(
             pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
         )
+        if not all("lora" in key or key.endswith(PROJECTION_KEY) for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
         self.load_lora_into_transformer(
             state_dict,
-            transformer=getattr(self, self.transformer_name),
+            transformer=self.transformer,
             adapter_name=adapter_name,
             metadata=metadata,
             _pipeline=self,
@@ -518,16 +507,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         hotswap: bool = False,
         metadata=None,
     ):
-        """Load the `transformer.`-prefixed entries of a pipeline LoRA state dict (`load_lora_weights`), the
-        condition projection included, into `transformer`.
-
-        As [`SanaLoraLoaderMixin.load_lora_into_transformer`], with the prefix passed explicitly: the wrapper's
-        `load_lora_adapter` filters by prefix only when told to (its own keys start with `transformer.`).
-        """
+        """[`SanaLoraLoaderMixin.load_lora_into_transformer`], passing the `transformer` prefix that the wrapper's
+        `load_lora_adapter` does not assume (its own keys start with `transformer.`)."""
         transformer.load_lora_adapter(
             state_dict,
             prefix=cls.transformer_name,
-            network_alphas=None,
             adapter_name=adapter_name,
             metadata=metadata,
             _pipeline=_pipeline,
@@ -547,57 +531,31 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         transformer_lora_adapter_metadata: dict | None = None,
         condition_projection: torch.Tensor | torch.nn.Module | None = None,
     ) -> None:
-        """[`SanaLoraLoaderMixin.save_lora_weights`] plus the condition projection, in safetensors only.
+        """[`SanaLoraLoaderMixin.save_lora_weights`], plus the trained condition projection.
 
         Args:
             condition_projection (`torch.Tensor` of shape `(in_channels, in_channels + condition_channels, 1, 1)` or
-                the `nn.Conv2d`, *optional*): the transformer's trained projection (`pipe.transformer.projection`),
-                saved as `transformer.projection.weight`. LoRA runs train it fully: without it (and without a
-                `projection.weight` entry in `transformer_lora_layers`) the file restores the LoRA layers only, the
-                loading pipeline keeps its own projection, and a warning says so.
-
-        The other arguments are [`SanaLoraLoaderMixin.save_lora_weights`]'s (`transformer_lora_layers` is typically
-        `peft.utils.get_peft_model_state_dict(pipe.transformer)`); `safe_serialization=False` is refused.
+                the `nn.Conv2d`, *optional*): the projection trained with the adapter (`pipe.transformer.projection`
+                after a LoRA run), saved as `transformer.projection.weight`. Not needed when `transformer_lora_layers`
+                already hold it (as `projection.weight`, or as the LoRA pair of a loaded adapter).
         """
         from ..models.transformer_sana_concat import PROJECTION_KEY
 
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` is not supported: LoRA weights are saved as safetensors only.")
-        if not transformer_lora_layers:
-            raise ValueError("`transformer_lora_layers` is required: the LoRA weights to save.")
-        layers = (
-            transformer_lora_layers.state_dict()
-            if isinstance(transformer_lora_layers, torch.nn.Module)
-            else dict(transformer_lora_layers)
-        )
+        layers = transformer_lora_layers
         if condition_projection is not None:
+            layers = layers.state_dict() if isinstance(layers, torch.nn.Module) else dict(layers or {})
             if isinstance(condition_projection, torch.nn.Module):
                 condition_projection = condition_projection.weight
             layers[PROJECTION_KEY] = condition_projection.detach()
-        elif PROJECTION_KEY not in layers:
-            logger.warning(
-                "save_lora_weights: no `condition_projection` given, so the file holds the LoRA layers only and a "
-                "pipeline loading it keeps its own projection. Pass `condition_projection=pipe.transformer.projection` "
-                "if the projection was trained with the adapter (as LoRA runs do)."
-            )
         super().save_lora_weights(
             save_directory,
             transformer_lora_layers=layers,
             is_main_process=is_main_process,
             weight_name=weight_name,
             save_function=save_function,
-            safe_serialization=True,
+            safe_serialization=safe_serialization,
             transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
         )
-
-    def unfuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:
-        """[`SanaLoraLoaderMixin.unfuse_lora`], which unmerges the LoRA layers directly, then the transformer's own
-        `unfuse_lora()`, which takes the fused adapters' terms out of the condition projection again."""
-        components = [self.transformer_name] if components is None else components
-        super().unfuse_lora(components=components, **kwargs)
-        transformer = getattr(self, self.transformer_name, None)
-        if self.transformer_name in components and isinstance(transformer, ConcatConditionedTransformer):
-            transformer.unfuse_lora()
 
     # -------------------------------------------------------------------------------------------- VAE tiling
 
