@@ -121,6 +121,25 @@ def test_every_pil_mode_is_restored_at_its_size(pipe, mode, output_mode):
     assert restored.size == image.size and restored.mode == output_mode
 
 
+def test_high_bit_grey_images_follow_the_packages_one_rule(pipe):
+    """Mode I within 0-255 is 8-bit data, above 255 16-bit (like I;16); F within [0, 1] is taken as it is
+    (`image_io.high_bit_to_unit`): each restores exactly as the L or I;16 image of the same levels."""
+    grey = _photo(19, 23)[..., 0]
+
+    def restore(image):
+        return _run(pipe, image, num_inference_steps=1, output_type="np", **NO_CFG)
+
+    as_l = restore(PIL.Image.fromarray(grey))
+    assert np.array_equal(restore(PIL.Image.fromarray(grey.astype(np.int32))), as_l)
+    assert np.array_equal(restore(PIL.Image.fromarray(grey.astype(np.float32) / 255)), as_l)
+    sixteen = grey.astype(np.uint16) * 257
+    as_sixteen = restore(PIL.Image.fromarray(sixteen))
+    assert np.array_equal(restore(PIL.Image.fromarray(sixteen.astype(np.int32))), as_sixteen)
+    np.testing.assert_allclose(as_sixteen, as_l, atol=1e-5)
+    with pytest.raises(ValueError, match="`image` .item 0.: a mode F image has values in"):
+        restore(PIL.Image.fromarray(np.full((16, 16), -0.5, np.float32)))
+
+
 def test_alpha_is_carried_through_and_resized(pipe):
     image = _pil("RGBA")
     alpha = np.asarray(image)[..., 3]

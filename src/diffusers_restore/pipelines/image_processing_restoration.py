@@ -24,6 +24,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..image_io import HIGH_BIT_MODES, high_bit_to_unit
+
 __all__ = [
     "COLOR_FIX_METHODS",
     "adain_color_fix",
@@ -41,10 +43,8 @@ __all__ = [
 
 COLOR_FIX_METHODS = ("wavelet", "adain")
 
-# PIL modes that carry an alpha channel (premultiplied ones included) and the mode that un-premultiplies them.
-_ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "RGBA", "La": "RGBA", "PA": "RGBA"}
-# Integer grey-level modes read as 16-bit data: value / 65535 (= value / 257 on the 8-bit scale, never clipped at 255).
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# PIL modes that carry an alpha channel (premultiplied ones included).
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -52,7 +52,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 def _pil_to_array(image: PIL.Image.Image, index: int, argument: str) -> tuple[np.ndarray, np.ndarray | None]:
     """One PIL image -> (`float32` HWC array in `[0, 1]` with 1 (grey) or 3 (RGB) channels, `float32` HW alpha in
-    `[0, 1]` or `None`). Float mode "F" is returned unscaled (its range is checked by the caller)."""
+    `[0, 1]` or `None`)."""
     try:
         image.load()  # PIL reads lazily: a damaged file fails here, not in a conversion below
     except OSError as error:
@@ -64,11 +64,11 @@ def _pil_to_array(image: PIL.Image.Image, index: int, argument: str) -> tuple[np
             image = image.convert("LA")
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
         return rgba[..., :3], rgba[..., 3]
-    if mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(image).astype(np.float32) / 65535.0
-        return np.clip(grey, 0.0, 1.0)[..., None], None  # mode "I" is 32-bit signed: beyond 16 bits cannot be shown
-    if mode == "F":
-        return np.asarray(image, dtype=np.float32)[..., None], None
+    if mode in HIGH_BIT_MODES:
+        try:
+            return high_bit_to_unit(image)[..., None], None
+        except ValueError as error:
+            raise ValueError(f"`{argument}` (item {index}): {error}") from None
     if mode in ("1", "L"):
         return np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0, None
     try:
@@ -107,11 +107,12 @@ class ImageItem:
     """One image of an `image` argument, converted by `image_items`."""
 
     pixels: torch.Tensor
-    """`(channels, height, width)`: integer data scaled to [0, 1] (float32); float data as given (float16 -> 32)."""
+    """`(channels, height, width)`: PIL images and integer arrays scaled to [0, 1] (float32); float arrays as given
+    (float16 -> 32)."""
     alpha: torch.Tensor | None
     """`(1, height, width)` alpha in [0, 1] of a PIL image that had one, else `None`."""
     scaled: bool
-    """Whether the data was integer (scaled by its dtype's maximum) rather than float."""
+    """Whether the data was scaled to [0, 1] here (PIL images, integer arrays) rather than float data as given."""
     name: str
     """How to name it in errors: "`image` (item 2, numpy array of shape ...)"."""
 
@@ -161,9 +162,11 @@ def image_items(image, argument: str = "image") -> list[ImageItem]:
     Accepted, alone or in a list or tuple (which may mix kinds):
 
     * `PIL.Image.Image` of any mode. Alpha modes (RGBA, LA, PA, RGBa, La, P with transparency) give their RGB (after
-      un-premultiplying) and keep their alpha aside; grey modes (1, L) give one channel in [0, 1]; 16-bit and 32-bit
-      integer grey (I;16*, I) are read as `value / 65535`; float grey (F) is taken as it is; every other mode (P,
-      CMYK, YCbCr, LAB, HSV, ...) goes through PIL's RGB conversion. A truncated file raises a `ValueError` saying so.
+      un-premultiplying) and keep their alpha aside; grey modes (1, L) give one channel in [0, 1]; 16-bit, 32-bit
+      integer and float grey (I;16*, I, F) follow the package's one rule, `image_io.high_bit_to_unit` (I;16* is
+      16-bit; I is 16-bit when any value exceeds 255, else 8-bit; F is scaled by the smallest of 1, 255 and 65535
+      that holds its values); every other mode (P, CMYK, YCbCr, LAB, HSV, ...) goes through PIL's RGB conversion. A
+      truncated file raises a `ValueError` saying so.
     * `np.ndarray`: HW, HWC or NHWC with 1 or 3 channels last.
     * `torch.Tensor`: HW, CHW or NCHW, channels first.
 
@@ -181,7 +184,7 @@ def image_items(image, argument: str = "image") -> list[ImageItem]:
             pixels = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)  # a writable copy
             alpha = None if alpha is None else torch.from_numpy(np.array(alpha, dtype=np.float32))[None]
             name = f"`{argument}` (item {index}, PIL mode {item.mode!r})"
-            converted.append(ImageItem(pixels, alpha, item.mode != "F", name))
+            converted.append(ImageItem(pixels, alpha, True, name))
         elif isinstance(item, np.ndarray):
             converted += _numpy_items(item, index, argument)
         elif isinstance(item, torch.Tensor):
