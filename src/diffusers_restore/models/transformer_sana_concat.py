@@ -27,7 +27,7 @@ from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
-from .safe_weights import SafetensorsOnlyModelMixin, refuse_pickle, safetensors_only_kwargs
+from .safe_weights import SafeWeightsModelMixin, refuse_pickle, weights_loading_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -83,7 +83,7 @@ def add_condition_projection(
     return state_dict
 
 
-class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A [`SanaTransformer2DModel`] that takes a condition latent (the degraded image) concatenated to its input.
 
@@ -237,21 +237,20 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
                 "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", subfolder="transformer", torch_dtype=torch.bfloat16
             )
         """
-        kwargs = safetensors_only_kwargs(pretrained_model_name_or_path, kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        kwargs = weights_loading_kwargs(folder, kwargs)
         transformer = SanaTransformer2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_transformer(transformer, condition_channels=condition_channels)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        """Load a saved `ConcatConditionedTransformer` (see `ModelMixin.from_pretrained` for the arguments).
+        """Load a saved `ConcatConditionedTransformer` (see `ModelMixin.from_pretrained` for the arguments), under the
+        package's weight-loading rule (`diffusers_restore.models.safe_weights`).
 
-        Weights load from safetensors only (`use_safetensors=True` is always passed; `False` is refused): a folder
-        holding only pickled weights gets an error that says how to convert it. A folder that holds a plain
-        `SanaTransformer2DModel` is recognised from its config and wrapped with
+        A folder that holds a plain `SanaTransformer2DModel` is recognised from its config and wrapped with
         [`~ConcatConditionedTransformer.from_sana_pretrained`] (identity projection), instead of being loaded with
         mismatched weight names.
         """
-        refuse_pickle(kwargs.get("use_safetensors"), "model weights")  # before anything is read
         config_kwargs = {
             key: kwargs[key]
             for key in ("subfolder", "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -265,7 +264,7 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
             )
             condition_channels = kwargs.pop("condition_channels", None)
             return cls.from_sana_pretrained(pretrained_model_name_or_path, condition_channels, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # SafetensorsOnlyModelMixin's
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # SafeWeightsModelMixin's
 
 
     # ------------------------------------------------------------------ inference-time fusion
@@ -324,14 +323,11 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
         use_flashpack: bool = False,
         **kwargs: Any,
     ) -> None:
-        """[`SafetensorsOnlyModelMixin.save_pretrained`] (safetensors only, diffusers' arguments spelled out so that a
-        pipeline passes `variant` and `max_shard_size` on), refusing also a fused model (its weights no longer match
-        its config: call `unfuse_projection()` first) and `use_flashpack=True`.
+        """[`ModelMixin.save_pretrained`] (its arguments spelled out, so that a pipeline passes them on), refusing a
+        fused model: its weights no longer match its config (call `unfuse_projection()` first).
         """
         if self.is_projection_fused:
             raise ValueError("The projection is fused into SANA's patch embedding: call `unfuse_projection()` first.")
-        if use_flashpack:
-            raise ValueError("`use_flashpack=True` is not supported: ConcatConditionedTransformer saves safetensors only.")
         super().save_pretrained(
             save_directory,
             is_main_process=is_main_process,
@@ -340,6 +336,7 @@ class ConcatConditionedTransformer(SafetensorsOnlyModelMixin, ModelMixin, Config
             variant=variant,
             max_shard_size=max_shard_size,
             push_to_hub=push_to_hub,
+            use_flashpack=use_flashpack,
             **kwargs,
         )
 

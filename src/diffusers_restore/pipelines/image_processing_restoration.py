@@ -8,7 +8,7 @@ otherwise, so each helper can be used (and tested) on its own.
   in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept aside.
 * Colour fix (`wavelet_color_fix`, `adain_color_fix`): move a result's low frequencies (or channel statistics) to a
   reference's, the usual last step of diffusion restorers (StableSR, SUPIR, PASD, DiffBIR).
-* Tiles (`tile_starts`, `blend_weights`, `blend_tiles`): evaluate a function on overlapping tiles and blend the
+* Tiles (`TileGrid`, `tile_starts`, `blend_weights`): evaluate a function on overlapping tiles and blend the
   results with smooth weights that never reach zero and fade each tile's border out, so tiled results have no
   seams.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -30,12 +30,12 @@ __all__ = [
     "COLOR_FIX_METHODS",
     "adain_color_fix",
     "apply_color_fix",
-    "blend_tiles",
     "blend_weights",
     "ImageItem",
     "image_items",
     "images_to_tensor",
     "pad_to_multiple",
+    "TileGrid",
     "tile_starts",
     "wavelet_color_fix",
     "wavelet_decomposition",
@@ -366,42 +366,68 @@ def blend_weights(height: int, width: int, ramp: int, device=None, dtype=torch.f
     return weights[None, None]
 
 
-def blend_tiles(
-    function: Callable[[int, int, int, int], torch.Tensor],
-    grid_size: Sequence[int],
-    tile: int,
-    overlap: int,
-    output_scale: int = 1,
-    align: int = 1,
-) -> torch.Tensor:
-    """Evaluate `function` on overlapping tiles of a grid and blend the results into one tensor.
+@dataclass(frozen=True)
+class TileGrid:
+    """Overlapping tiles covering a grid of `size` cells (latent pixels, or pixels), the pipeline's one tiling
+    design: the degradation removal stage, the VAE's encoding and decoding and every denoising step each evaluate a
+    function tile by tile and blend the results (`blend`).
 
     Args:
-        function: called as `function(top, left, height, width)` with a tile in grid cells; returns the tile's result
-            of shape `(batch, channels, height * output_scale, width * output_scale)`.
-        grid_size: `(height, width)` of the grid in cells (e.g. latent pixels).
-        tile, overlap: tile side and minimum overlap in cells (`0 <= overlap < tile`).
-        output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+        size: `(height, width)` of the grid in cells.
+        tile: tile side in cells; one tile covers the whole grid when it is at least the grid's longer side.
+        overlap: minimum overlap of neighbouring tiles in cells (`0 <= overlap < tile`).
         align: tile starts are multiples of it (see `tile_starts`).
-
-    Returns:
-        `(batch, channels, height * output_scale, width * output_scale)` float32: the weighted mean of the tiles'
-        results, weights from `blend_weights` with a ramp of `overlap * output_scale` output pixels.
     """
-    grid_height, grid_width = grid_size
-    tile_height, tile_width = min(tile, grid_height), min(tile, grid_width)
-    output = weight_sum = weights = None
-    for top in tile_starts(grid_height, tile, overlap, align):
-        for left in tile_starts(grid_width, tile, overlap, align):
-            result = function(top, left, tile_height, tile_width).float()
+
+    size: tuple[int, int]
+    tile: int
+    overlap: int = 0
+    align: int = 1
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """`(top, left, height, width)` of every tile, row by row."""
+        height, width = min(self.tile, self.size[0]), min(self.tile, self.size[1])
+        rows = tile_starts(self.size[0], self.tile, self.overlap, self.align)
+        cols = tile_starts(self.size[1], self.tile, self.overlap, self.align)
+        return [(top, left, height, width) for top in rows for left in cols]
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def blend(
+        self,
+        function: Callable[[int, int, int, int], torch.Tensor],
+        output_scale: int = 1,
+        progress=None,
+    ) -> torch.Tensor:
+        """Evaluate `function(top, left, height, width)` on every tile and blend the results into one tensor.
+
+        Args:
+            function: returns the tile's result, `(batch, channels, height * output_scale, width * output_scale)`.
+            output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+            progress: a progress bar (anything with `update()`), advanced once per tile.
+
+        Returns:
+            `(batch, channels, grid height * output_scale, grid width * output_scale)` float32: the single tile's
+            result, or the weighted mean of the tiles' results with weights from `blend_weights` (a ramp of
+            `overlap * output_scale` output pixels).
+        """
+        boxes = self.boxes
+        output = weight_sum = weights = None
+        for top, left, height, width in boxes:
+            result = function(top, left, height, width).float()
+            if progress is not None:
+                progress.update()
+            if len(boxes) == 1:
+                return result
             if output is None:
-                batch, channels = result.shape[:2]
-                full = (grid_height * output_scale, grid_width * output_scale)
-                output = result.new_zeros(batch, channels, *full)
+                full = (self.size[0] * output_scale, self.size[1] * output_scale)
+                output = result.new_zeros(*result.shape[:2], *full)
                 weight_sum = result.new_zeros(1, 1, *full)
-                weights = blend_weights(*result.shape[-2:], overlap * output_scale, device=result.device)
-            rows = slice(top * output_scale, (top + tile_height) * output_scale)
-            cols = slice(left * output_scale, (left + tile_width) * output_scale)
+                weights = blend_weights(*result.shape[-2:], self.overlap * output_scale, device=result.device)
+            rows = slice(top * output_scale, (top + height) * output_scale)
+            cols = slice(left * output_scale, (left + width) * output_scale)
             output[:, :, rows, cols] += result * weights
             weight_sum[:, :, rows, cols] += weights
-    return output / weight_sum
+        return output / weight_sum

@@ -15,9 +15,13 @@ The flow-matching conventions are diffusers': sigma in [0, 1] with sigma = 1 pur
 `x_t = (1 - sigma) * x0 + sigma * noise`, the transformer predicts the velocity `v = noise - x0`, and one Euler step
 is `x_next = x_t + (sigma_next - sigma) * v`.
 
-Images larger than a tile (by default the transformer's native resolution) are processed in overlapping tiles:
-the velocity is predicted per latent tile and blended with smooth weights before the single scheduler step of
-each denoising step, and the VAE encodes and decodes tile by tile, so peak memory depends on the tile size only.
+Images larger than a tile (by default the transformer's native resolution) are processed in overlapping tiles, with
+one layout for every stage (`TileGrid`): the degradation removal stage and the VAE run tile by tile, and each
+denoising step predicts the velocity tile by tile and blends it before its single scheduler step, so peak memory
+depends on the tile size only. Each stage reports its progress through `progress_bar(total=..., desc=...)` (tqdm),
+counting tiles: "degradation removal", "VAE encode", "denoising" (steps x tiles), "VAE decode". Any tqdm hook (e.g.
+Gradio's `gr.Progress(track_tqdm=True)`) sees the stage and the tile; `set_progress_bar_config(disable=True)` silences
+them.
 
 A pipeline carries its recommended sampling settings in its config (`sampling_defaults`, saved in
 model_index.json): a one-step restorer records one step without guidance, a flow-matching fine-tune its steps and
@@ -27,14 +31,12 @@ guidance. Call arguments left at `None` take those values; explicit arguments wi
 from __future__ import annotations
 
 import collections
+import functools
 import glob
-import importlib
 import inspect
-import json
 import math
 import os
-import warnings
-import weakref
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,34 +45,32 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
-from diffusers import (
-    AutoencoderDC,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    SanaPipeline,
-)
+from diffusers import AutoencoderDC, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SanaPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
-from diffusers.utils import BaseOutput, is_torch_xla_available, logging, replace_example_docstring
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    BaseOutput,
+    is_torch_xla_available,
+    logging,
+    replace_example_docstring,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
-from ..models.safe_weights import UNSAFE_WEIGHT_PATTERNS, refuse_pickle, refuse_pickle_only_folder
+from ..models.safe_weights import PICKLE_PATTERNS, pickle_refusals_explained, refuse_pickle, weights_loading_kwargs
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.upscale_decoder import DCUpscaleDecoder
 from ..models.vae_latents import decode_latents, encode_latents, unscale_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
-from .image_processing_restoration import (
-    COLOR_FIX_METHODS,
-    apply_color_fix,
-    blend_tiles,
-    images_to_tensor,
-    pad_to_multiple,
-)
+from .image_processing_restoration import COLOR_FIX_METHODS, TileGrid, apply_color_fix, images_to_tensor, pad_to_multiple
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -110,7 +110,45 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, Any] = {
     "fidelity": 0.0,
 }
 
-_MODEL_COMPONENTS = ("text_encoder", "vae", "transformer", "degradation_removal", "upscale_decoder")
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+# What a call argument that is not `None` must be: (test, the rule in words). The sampling arguments' rules hold for a
+# pipeline's recorded `sampling_defaults` too.
+ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_inference_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "guidance_scale": (lambda v: _is_number(v) and v >= 1, "a number >= 1 (1 = no classifier-free guidance)"),
+    "guidance_scale_start": (lambda v: _is_number(v) and v >= 1, "a number >= 1 (1 = no classifier-free guidance)"),
+    "restoration_guidance": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = off) or None"),
+    "strength": (
+        lambda v: _is_number(v) and 0 < v <= 1,
+        "in (0, 1]: the fraction of the denoising schedule to run (1 = all of it, from pure noise)",
+    ),
+    "fidelity": (lambda v: _is_number(v) and 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    "upscale": (lambda v: _is_number(v) and v >= 1, "a number >= 1 (1 = same size)"),
+    "output_type": (lambda v: v in OUTPUT_TYPES, f"one of {OUTPUT_TYPES}"),
+    "color_fix": (lambda v: v in COLOR_FIX_METHODS, f"one of {COLOR_FIX_METHODS} or None"),
+    "prompt": (_is_text, "a string or a list of strings"),
+    "negative_prompt": (_is_text, "a string or a list of strings"),
+}
+
+
+def _check_arguments(
+    values: dict[str, Any], rules: dict[str, tuple[Callable[[Any], bool], str]], label: str = "`{}`"
+) -> None:
+    """Raise a `ValueError` for the first of `values` that breaks its rule (`None` is not checked); `label` formats
+    the name in the message."""
+    for name, value in values.items():
+        test, rule = rules[name]
+        if value is not None and not test(value):
+            raise ValueError(f"{label.format(name)} must be {rule}, got {value!r}.")
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -142,6 +180,27 @@ def _resize_alphas(alphas: list[torch.Tensor | None], size: tuple[int, int]) -> 
     ]
 
 
+def _one_call_at_a_time(call: Callable) -> Callable:
+    """Serialise the calls of one pipeline, whose scheduler and call state are shared: a call from another thread
+    waits for the running one; a call from inside the running one (e.g. from its callback) is refused."""
+
+    @functools.wraps(call)
+    def serialised(self, *args, **kwargs):
+        if self._calling_thread == threading.get_ident():
+            raise RuntimeError(
+                f"{type(self).__name__} was called from inside its own running call (e.g. from a callback); one "
+                "pipeline runs one call at a time."
+            )
+        with self._call_lock:
+            self._calling_thread = threading.get_ident()
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                self._calling_thread = None
+
+    return serialised
+
+
 @dataclass
 class SanaRestorationPipelineOutput(BaseOutput):
     """Output of [`SanaRestorationPipeline`].
@@ -164,10 +223,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     This model inherits from [`DiffusionPipeline`]: saving, loading, device placement, offloading and Hub upload work
     as for any diffusers pipeline (`import diffusers_restore` first; `from_pretrained` also accepts a Hub repo id).
+    One pipeline runs one call at a time: calls from several threads wait for each other.
 
     Args:
-        tokenizer ([`GemmaTokenizer`] or [`GemmaTokenizerFast`]): the text tokenizer.
-        text_encoder ([`Gemma2PreTrainedModel`]): the text encoder (SANA uses Gemma-2-2B's `Gemma2Model`).
+        tokenizer ([`GemmaTokenizer`] or [`GemmaTokenizerFast`], *optional*): the text tokenizer.
+        text_encoder ([`Gemma2PreTrainedModel`], *optional*): the text encoder (SANA uses Gemma-2-2B's `Gemma2Model`).
         vae ([`AutoencoderDC`]): encodes the degraded image and decodes the result. Any diffusers autoencoder with a
             `scaling_factor` works (`AutoencoderKL`'s latent distribution is read at its mode).
         transformer ([`ConcatConditionedTransformer`]): predicts the flow-matching velocity.
@@ -182,16 +242,21 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             --upscale 2` trains it; `diffusers_restore.install_decoder` adds it to a pipeline folder.
         sampling_defaults (`dict`, *optional*):
             The recommended call of this model: values for `num_inference_steps`, `guidance_scale`,
-            `guidance_scale_start`, `restoration_guidance` and `strength`, used when a call leaves them at `None`.
-            Stored in the pipeline's config (model_index.json); set it with
+            `guidance_scale_start`, `restoration_guidance`, `strength` and `fidelity`, used when a call leaves them at
+            `None`. Stored in the pipeline's config (model_index.json); set it with
             [`~SanaRestorationPipeline.set_sampling_defaults`]. Unset entries fall back to `BUILTIN_SAMPLING_DEFAULTS`.
         direction (`str`, *optional*):
             Set by `from_pretrained` from model_index.json: the direction the folder was saved with. A folder saved
             by [`SanaDegradationPipeline`] ("degrade") is refused here with a message naming that class, and the
             other way round. Folders saved before directions were recorded are restorers.
+        empty_prompt_embeds (`list[list[float]]`, *optional*):
+            The empty prompt's embedding (its unmasked tokens, `(tokens, hidden)`), recorded in the config whenever a
+            tokenizer and text encoder are set. A pipeline without them (built, or loaded, with `tokenizer=None,
+            text_encoder=None`) runs on it for the empty prompt (`prompt=None` or `""`, and `negative_prompt=""`);
+            any other prompt then needs `prompt_embeds` from `encode_prompt` of a pipeline that has a text encoder.
 
-    A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts,
-    or without them when prompt embeddings are passed in); each method says which components it needs.
+    A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts);
+    each method says which components it needs.
     """
 
     model_cpu_offload_seq = "text_encoder->degradation_removal->transformer->vae->upscale_decoder"
@@ -202,6 +267,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     bad_punct_regex = SanaPipeline.bad_punct_regex
     _text_preprocessing = SanaPipeline._text_preprocessing
     _clean_caption = SanaPipeline._clean_caption
+    _get_gemma_prompt_embeds = SanaPipeline._get_gemma_prompt_embeds
 
     #: Number of prompts whose embeddings are kept between calls (least recently used dropped first); 0 disables.
     prompt_cache_size: int = 32
@@ -220,6 +286,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         sampling_defaults: dict[str, Any] | None = None,
         upscale_decoder: DCUpscaleDecoder | None = None,
         direction: str | None = None,
+        empty_prompt_embeds: list[list[float]] | None = None,
     ):
         super().__init__()
         if direction is not None and direction != type(self).direction:
@@ -228,6 +295,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"This model was trained to {direction!r} images, {type(self).__name__} is for {type(self).direction!r}"
                 + (f": load it with {loader}." if loader else "; known directions: 'restore', 'degrade'.")
             )
+        self._prompt_cache: collections.OrderedDict = collections.OrderedDict()
+        self._call_lock, self._calling_thread = threading.Lock(), None
+        self.register_to_config(empty_prompt_embeds=empty_prompt_embeds)
+        # setting the tokenizer and text encoder records their empty prompt (see `__setattr__`)
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -240,9 +311,13 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self.register_to_config(sampling_defaults=self._checked_sampling_defaults(sampling_defaults or {}))
         self.register_to_config(direction=type(self).direction)
         self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
-        self._prompt_cache: collections.OrderedDict = collections.OrderedDict()
-        self._prompt_cache_owner: tuple | None = None
-        self._prompt_cache_bypass = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("tokenizer", "text_encoder"):  # cached embeddings belong to the text encoder they came from
+            self._prompt_cache.clear()
+            if self.__dict__.get("tokenizer") is not None and self.__dict__.get("text_encoder") is not None:
+                self._record_empty_prompt()
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -269,12 +344,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 channels.
             scheduler (*optional*): a scheduler to use instead of the converted one.
         """
-        if not isinstance(sana_pipeline, SanaPipeline):
-            raise ValueError(
-                f"`sana_pipeline` must be a diffusers SanaPipeline, got {type(sana_pipeline).__name__}."
-            )
         if scheduler is None:
-            scheduler = cls._convert_scheduler(sana_pipeline.scheduler)
+            scheduler = RestorationGuidedFlowScheduler.from_sana_config(dict(sana_pipeline.scheduler.config))
         transformer = ConcatConditionedTransformer.from_transformer(
             sana_pipeline.transformer, condition_channels=condition_channels
         )
@@ -286,11 +357,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             scheduler=scheduler,
             sampling_defaults=dict(FLOW_MATCHING_SAMPLING_DEFAULTS),
         )
-
-    @staticmethod
-    def _convert_scheduler(sana_scheduler) -> RestorationGuidedFlowScheduler:
-        """SANA's scheduler (DPM-Solver with `flow_shift`, or flow-matching Euler with `shift`) -> restoration one."""
-        return RestorationGuidedFlowScheduler.from_sana_config(dict(sana_scheduler.config))
 
     @classmethod
     def from_pretrained_sana(
@@ -309,137 +375,69 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", torch_dtype=torch.bfloat16
             )
         """
-        refuse_pickle(kwargs.get("use_safetensors"), "pipeline weights")
-        kwargs["use_safetensors"] = True
-        sana_pipeline = SanaPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        kwargs = weights_loading_kwargs(pretrained_model_name_or_path, kwargs)
+        with pickle_refusals_explained(pretrained_model_name_or_path):
+            sana_pipeline = SanaPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_sana_pipeline(sana_pipeline, condition_channels=condition_channels, scheduler=scheduler)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Load a pipeline saved by `save_pretrained` from a local folder or a Hub repo id.
 
-        Accepts the arguments of [`DiffusionPipeline.from_pretrained`]. A repo id is first fetched with
-        `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`
-        are honoured; pickled weight files are never downloaded) and then loaded like a folder: diffusers' own
-        download step refuses `model_index.json` entries that name a component class from outside diffusers and
-        transformers, such as this package's transformer and scheduler. The component modules named in
-        `model_index.json` that belong to `diffusers_restore` are imported before loading.
+        As [`DiffusionPipeline.from_pretrained`] (same arguments), with the package's weight-loading rule
+        (`diffusers_restore.models.safe_weights`: safetensors first, a pickled `.bin` only through torch's
+        weights-only loader, and code in a weight file never runs). diffusers' own download step refuses a Hub repo
+        whose model_index.json names component classes from outside diffusers and transformers, such as this
+        package's transformer and scheduler: a repo id is therefore fetched here with
+        `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`, `local_files_only`,
+        `force_download`), pickled weights only for a model component that has no safetensors.
 
         A plain SANA checkpoint is refused with a pointer to [`~SanaRestorationPipeline.from_pretrained_sana`],
         unless a `transformer` is passed explicitly.
-
-        Weights load from safetensors only (`use_safetensors=False` is refused). Before anything is loaded, the folder
-        is checked and a `ValueError` names what is broken: an unreadable `model_index.json`, a component subfolder
-        that is missing, a truncated or corrupt `.safetensors` file, or a component with pickled weights only
-        (`*.bin`, `*.pt`, ...: convert them with `save_pretrained(..., safe_serialization=True)` in a trusted
-        environment; this package never unpickles).
         """
-        refuse_pickle(kwargs.get("use_safetensors"), "pipeline weights")
-        kwargs["use_safetensors"] = True
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            proxies = kwargs.pop("proxies", None)
-            if proxies:
-                logger.warning("`proxies` is not supported by huggingface_hub's snapshot_download and is ignored.")
-            path = snapshot_download(
-                path,
-                revision=kwargs.pop("revision", None),
-                token=kwargs.pop("token", None),
-                cache_dir=kwargs.pop("cache_dir", None),
-                local_files_only=bool(kwargs.pop("local_files_only", False)),
-                force_download=kwargs.pop("force_download", False),
-                ignore_patterns=list(UNSAFE_WEIGHT_PATTERNS),
-            )
-        else:
-            for key in ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies"):
-                kwargs.pop(key, None)  # meaningless for a folder; diffusers would warn about some of them
-
-        model_index = cls._read_model_index(path)
-        cls._import_component_modules(model_index)
+            path = cls._download(path, kwargs)
+        model_index = cls.load_config(path)
         if model_index.get("_class_name") == SanaPipeline.__name__ and "transformer" not in kwargs:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a text-to-image SanaPipeline, not a restoration pipeline. "
                 "Build an untrained restorer from it with `SanaRestorationPipeline.from_pretrained_sana(...)`, or "
                 "pass `transformer=ConcatConditionedTransformer.from_pretrained(...)`."
             )
-        cls._check_pipeline_folder(path, model_index, passed=set(kwargs))
-        pipeline = super().from_pretrained(path, **kwargs)
-        if pipeline.transformer is not None and not isinstance(pipeline.transformer, ConcatConditionedTransformer):
+        missing = [
+            name
+            for name, value in model_index.items()
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and name not in kwargs
+            and not os.path.isdir(os.path.join(path, name))
+        ]
+        if missing:  # diffusers would look for the component's files in the pipeline folder itself
             raise ValueError(
-                f"The transformer loaded from {pretrained_model_name_or_path} is a "
-                f"{type(pipeline.transformer).__name__}, not a ConcatConditionedTransformer."
+                f"{path}: model_index.json lists the component '{missing[0]}', but the folder has no {missing[0]}/ "
+                "subfolder: the pipeline folder is incomplete."
             )
-        return pipeline
-
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):
-        """[`DiffusionPipeline.save_pretrained`] (same arguments: `variant`, `max_shard_size`, `push_to_hub`, ...),
-        in safetensors only: `safe_serialization=False` is refused."""
-        if not safe_serialization:
-            raise ValueError(
-                "`safe_serialization=False` is not supported: SanaRestorationPipeline saves weights as safetensors "
-                "only, the only format it loads."
-            )
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        kwargs = weights_loading_kwargs(path, kwargs)
+        with pickle_refusals_explained(path):
+            return super().from_pretrained(path, **kwargs)
 
     @staticmethod
-    def _read_model_index(path: str) -> dict[str, Any]:
-        index_file = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_file):
-            raise ValueError(f"{path} has no model_index.json: it is not a saved pipeline.")
+    def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
+        """The local snapshot of the Hub repo `repo_id` (see `from_pretrained`); takes the Hub arguments out of
+        `kwargs`."""
+        hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only", "force_download") if k in kwargs}
         try:
-            with open(index_file, encoding="utf-8") as handle:
-                model_index = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(
-                f"{index_file} is not valid JSON ({error}): the pipeline folder is damaged. Save the pipeline again "
-                "or download a fresh copy."
-            ) from None
-        if not isinstance(model_index, dict):
-            raise ValueError(f"{index_file} does not hold a JSON object: the pipeline folder is damaged.")
-        return model_index
-
-    @staticmethod
-    def _check_pipeline_folder(path: str, model_index: dict[str, Any], passed: set[str]) -> None:
-        """Raise a `ValueError` naming the first broken part of a pipeline folder (components passed as arguments
-        are not checked): a missing component subfolder, a model component without safetensors weights (pickled
-        ones only, or none), or a `.safetensors` file whose header or length is damaged (e.g. a truncated copy)."""
-        from safetensors import safe_open
-
-        for name, value in model_index.items():
-            if name.startswith("_") or name in passed or not isinstance(value, (list, tuple)) or len(value) != 2:
-                continue
-            if value[0] is None:  # saved as None (an optional component that was not set)
-                continue
-            folder = os.path.join(path, name)
-            if not os.path.isdir(folder):
-                raise ValueError(
-                    f"{path}: model_index.json lists the component '{name}' ({value[1]}) but the folder has no "
-                    f"{name}/ subfolder: the pipeline folder is incomplete."
-                )
-            safetensors_files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-            for file in safetensors_files:
-                try:
-                    with safe_open(file, framework="pt"):
-                        pass
-                except Exception as error:  # SafetensorError, OSError: unreadable, truncated or not safetensors
-                    raise ValueError(
-                        f"{file} is damaged ({error}); it may be a truncated copy. Save or download the pipeline "
-                        "again."
-                    ) from None
-            if name in _MODEL_COMPONENTS and not safetensors_files:
-                refuse_pickle_only_folder(folder)
-                raise ValueError(f"{folder} has no weights (*.safetensors): the pipeline folder is incomplete.")
-
-    @staticmethod
-    def _import_component_modules(model_index: dict[str, Any]) -> None:
-        """Import this package's modules named as component libraries (diffusers only resolves loaded modules).
-
-        Only `diffusers_restore.*` names are imported: a downloaded index must not choose what code runs.
-        """
-        for value in model_index.values():
-            if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
-                if value[0].startswith(f"{__package__.split('.')[0]}."):
-                    importlib.import_module(value[0])
+            path = snapshot_download(repo_id, ignore_patterns=list(PICKLE_PATTERNS), **hub)
+        except HFValidationError:
+            raise FileNotFoundError(f"{repo_id} is neither a folder (none exists there) nor a Hub repo id ('org/name').") from None
+        pickled_only = [
+            name
+            for name in os.listdir(path)
+            if os.path.isfile(os.path.join(path, name, "config.json"))
+            and not glob.glob(os.path.join(path, name, "*.safetensors"))
+        ]
+        if pickled_only and kwargs.get("use_safetensors") is not True:
+            path = snapshot_download(repo_id, allow_patterns=[f"{name}/*" for name in pickled_only], **hub)
+        return path
 
     # ---------------------------------------------------------------------------------------------------- LoRA
     # A restoration LoRA carries the condition projection that LoRA runs train fully: as
@@ -557,92 +555,92 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
         )
 
-    # -------------------------------------------------------------------------------------------- VAE tiling
-
-    def enable_vae_tiling(self, **kwargs: Any) -> None:
-        """Turn on the VAE's own tiling (`vae.enable_tiling(**kwargs)`), used inside every VAE call.
-
-        Independent of the pipeline's `tile_size`, which already tiles large images at the pipeline level.
-        """
-        self.vae.enable_tiling(**kwargs)
-
-    def disable_vae_tiling(self) -> None:
-        """Turn off the VAE's own tiling (`vae.disable_tiling()`)."""
-        self.vae.disable_tiling()
-
     # ----------------------------------------------------------------------------------------- prompt encoding
 
     def clear_prompt_cache(self) -> None:
-        """Forget all cached prompt embeddings."""
+        """Forget the cached prompt embeddings. Setting `pipe.text_encoder` or `pipe.tokenizer` does this; call it
+        after changing the text encoder's weights in place (e.g. `load_state_dict`)."""
         self._prompt_cache.clear()
-        self._prompt_cache_owner = None
 
-    def _prompt_cache_active(self) -> bool:
-        """Whether cached embeddings may be used, resetting the cache when the text encoder has changed."""
-        encoder = getattr(self, "text_encoder", None)
-        if self.prompt_cache_size <= 0 or encoder is None or self._prompt_cache_bypass or torch.is_grad_enabled():
-            return False
-        if getattr(encoder, "peft_config", None) or getattr(encoder, "_hf_peft_config_loaded", False):
-            return False  # adapters can be switched or rescaled in place
-        # Entries belong to one text encoder and tokenizer (held weakly: a replaced encoder must be freeable) and to
-        # one state of its weights: in-place updates (load_state_dict, training) bump the version counters.
-        version = sum(parameter._version for parameter in encoder.parameters())
-        owner = self._prompt_cache_owner
-        if owner is None or owner[0]() is not encoder or owner[1]() is not self.tokenizer or owner[2] != version:
-            self._prompt_cache.clear()
-            tokenizer_ref = weakref.ref(self.tokenizer) if self.tokenizer is not None else (lambda: None)
-            self._prompt_cache_owner = (weakref.ref(encoder), tokenizer_ref, version)
-        return True
+    @torch.no_grad()
+    def _record_empty_prompt(self) -> None:
+        """Record the empty prompt's embedding in the config (`empty_prompt_embeds`): its unmasked tokens, which are
+        all a transformer sees of it (the attention mask hides the rest)."""
+        encoder = self.text_encoder
+        if encoder.device.type == "meta":
+            return
+        embeds, mask = self._get_gemma_prompt_embeds([""], encoder.device, encoder.dtype, max_sequence_length=8)
+        self.register_to_config(empty_prompt_embeds=embeds[0, mask[0].bool()].float().tolist())
 
-    def _get_gemma_prompt_embeds(
+    def _text_embeddings(
         self,
-        prompt: str | list[str],
+        prompts: list[str],
         device: torch.device,
-        dtype: torch.dtype,
-        clean_caption: bool = False,
-        max_sequence_length: int = 300,
-        complex_human_instruction: list[str] | None = None,
+        clean_caption: bool,
+        max_sequence_length: int,
+        complex_human_instruction: list[str] | None,
+        lora_scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[`SanaPipeline._get_gemma_prompt_embeds`] with a per-prompt LRU cache.
+        """Embeddings `(len(prompts), max_sequence_length, hidden)` and attention masks of `prompts`, after SANA's
+        token selection (the first token and the last `max_sequence_length - 1`).
 
-        Returns `(embeds, mask)` of shapes `(batch, max_sequence_length, hidden)` and `(batch, max_sequence_length)`:
-        SANA's token selection (the first token and the last `max_sequence_length - 1`) is applied here, which
-        makes the selection in `encode_prompt` an identity and keeps cache entries short when a complex human
-        instruction is prepended. Only prompts missing from the cache reach the text encoder, once each.
+        They come from a least-recently-used cache of `prompt_cache_size` prompts, keyed by the prompt and these
+        arguments; the text encoder sees each missing prompt once. The cache is bypassed while gradients are enabled
+        and when the text encoder carries LoRA adapters (whose scale may change between calls). Without a text
+        encoder, only the empty prompt is known: `empty_prompt_embeds`, padded with masked zeros.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        selection = [0] + list(range(-max_sequence_length + 1, 0))
+        if self.tokenizer is None or self.text_encoder is None:
+            recorded = self.config.get("empty_prompt_embeds")
+            if recorded is None or any(prompts):
+                what = f"the prompt {next(p for p in prompts if p)!r}" if any(prompts) else "the empty prompt"
+                raise ValueError(
+                    f"This pipeline has no text encoder to encode {what}; without one, only the empty prompt "
+                    "(`prompt=None` or \"\", `negative_prompt=\"\"`) works, from the embedding recorded when the "
+                    "pipeline had a text encoder"
+                    f"{' (this one has none recorded)' if recorded is None else ''}. Otherwise pass `prompt_embeds` "
+                    "and `prompt_attention_mask` (and `negative_prompt_embeds` and `negative_prompt_attention_mask` "
+                    "for classifier-free guidance) from `encode_prompt` of a pipeline that has a text encoder."
+                )
+            dtype = self.transformer.dtype if self.transformer is not None else torch.float32
+            tokens = torch.tensor(recorded, dtype=dtype, device=device)
+            embeds = tokens.new_zeros(len(prompts), max_sequence_length, tokens.shape[1])
+            embeds[:, : len(tokens)] = tokens
+            mask = torch.zeros(len(prompts), max_sequence_length, dtype=torch.long, device=device)
+            mask[:, : len(tokens)] = 1
+            return embeds, mask
+
+        selection = [0, *range(-max_sequence_length + 1, 0)]
 
         def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            embeds, mask = SanaPipeline._get_gemma_prompt_embeds(
-                self, texts, device, dtype, clean_caption, max_sequence_length, complex_human_instruction
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                scale_lora_layers(self.text_encoder, lora_scale)
+            embeds, mask = self._get_gemma_prompt_embeds(
+                texts, device, self.text_encoder.dtype, clean_caption, max_sequence_length, complex_human_instruction
             )
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                unscale_lora_layers(self.text_encoder, lora_scale)
             return embeds[:, selection], mask[:, selection]
 
-        if not self._prompt_cache_active():
+        if self.prompt_cache_size <= 0 or torch.is_grad_enabled() or getattr(self.text_encoder, "peft_config", None):
             return encode(prompts)
-
-        instruction = tuple(complex_human_instruction) if complex_human_instruction else None
-        settings = (max_sequence_length, instruction, bool(clean_caption), str(torch.device(device)), dtype)
-        missing = list(dict.fromkeys(p for p in prompts if (p, *settings) not in self._prompt_cache))
+        settings = (clean_caption, max_sequence_length, tuple(complex_human_instruction or ()), str(device))
+        keys = [(text, *settings, self.text_encoder.dtype) for text in prompts]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._prompt_cache))
         if missing:
-            embeds, mask = encode(missing)
-            for index, text in enumerate(missing):
-                self._prompt_cache[(text, *settings)] = (embeds[index].detach().clone(), mask[index].clone())
-        rows = []
-        for text in prompts:
-            key = (text, *settings)
+            for key, embeds, mask in zip(missing, *encode([key[0] for key in missing])):
+                self._prompt_cache[key] = (embeds, mask)
+        for key in keys:
             self._prompt_cache.move_to_end(key)
-            rows.append(self._prompt_cache[key])
-        while len(self._prompt_cache) > max(self.prompt_cache_size, len(set(prompts))):
+        rows = [self._prompt_cache[key] for key in keys]
+        while len(self._prompt_cache) > self.prompt_cache_size:
             self._prompt_cache.popitem(last=False)
         return torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
 
     def encode_prompt(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         do_classifier_free_guidance: bool = True,
-        negative_prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = "",
         num_images_per_prompt: int = 1,
         device: torch.device | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -654,53 +652,48 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         complex_human_instruction: list[str] | None = None,
         lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """[`SanaPipeline.encode_prompt`] (same arguments and returns), with cached embeddings for repeated prompts.
+        r"""Encode the prompt and, for classifier-free guidance, the negative prompt: [`SanaPipeline.encode_prompt`]
+        (same arguments and returns), with the embeddings of repeated prompts cached (see `prompt_cache_size`).
 
-        Returns `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`,
-        embeddings of shape `(batch * num_images_per_prompt, max_sequence_length, hidden)`; the negative ones are
-        `None` without classifier-free guidance. `negative_prompt=None` is the empty negative prompt. Needs only the
-        `tokenizer` and `text_encoder` components (a pipeline built with the others set to `None` works). The cache is skipped while a LoRA scale is applied to the text
-        encoder, when gradients are enabled, and when the text encoder carries adapters; it is reset whenever the
-        text encoder or tokenizer object changes or its weights are modified in place (see `clear_prompt_cache`).
+        `prompt=None` and `negative_prompt=None` are the empty prompt. Needs only the `tokenizer` and `text_encoder`
+        components; without them, only the empty prompt is known (see `empty_prompt_embeds`).
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`:
+            embeddings `(batch * num_images_per_prompt, max_sequence_length, hidden)` and masks `(batch *
+            num_images_per_prompt, max_sequence_length)`; the negative ones are `None` without classifier-free
+            guidance.
         """
-        if negative_prompt is None:
-            negative_prompt = ""
-        needs_text_encoder = prompt_embeds is None or (do_classifier_free_guidance and negative_prompt_embeds is None)
-        if needs_text_encoder and (getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None):
-            raise ValueError(
-                "Encoding a prompt needs the pipeline's `tokenizer` and `text_encoder`, and this pipeline has "
-                f"{'no tokenizer' if getattr(self, 'tokenizer', None) is None else 'no text_encoder'}. Pass "
-                "`prompt_embeds` / `prompt_attention_mask` (and `negative_prompt_embeds` / "
-                "`negative_prompt_attention_mask` for classifier-free guidance) instead, computed with a pipeline "
-                "that has them (`encode_prompt`)."
+        device = device or self._execution_device
+        text_kwargs = dict(
+            device=device, clean_caption=clean_caption, max_sequence_length=max_sequence_length, lora_scale=lora_scale
+        )
+        if prompt_embeds is None:
+            prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self._text_embeddings(
+                prompts, complex_human_instruction=complex_human_instruction, **text_kwargs
             )
-        self._prompt_cache_bypass = lora_scale is not None
-        try:
-            return SanaPipeline.encode_prompt(
-                self,
-                prompt,
-                do_classifier_free_guidance=do_classifier_free_guidance,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images_per_prompt,
-                device=device,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                prompt_attention_mask=prompt_attention_mask,
-                negative_prompt_attention_mask=negative_prompt_attention_mask,
-                clean_caption=clean_caption,
-                max_sequence_length=max_sequence_length,
-                complex_human_instruction=complex_human_instruction,
-                lora_scale=lora_scale,
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            batch_size = prompt_embeds.shape[0]
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
+            negative_prompt_embeds, negative_prompt_attention_mask = self._text_embeddings(
+                negatives, complex_human_instruction=None, **text_kwargs
             )
-        finally:
-            self._prompt_cache_bypass = False
+
+        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        prompt_embeds, prompt_attention_mask = repeat(prompt_embeds), repeat(prompt_attention_mask)
+        negative_prompt_embeds = repeat(negative_prompt_embeds)
+        negative_prompt_attention_mask = repeat(negative_prompt_attention_mask)
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # -------------------------------------------------------------------------------------------- properties
 
     @property
     def guidance_scale(self) -> float:
-        """The classifier-free guidance scale of the current step. A `callback_on_step_end` may change
-        `pipe._guidance_scale`; the new value holds from the next step on (it also replaces a linear schedule)."""
+        """The classifier-free guidance scale of the current step (with `guidance_scale_start`, the linear schedule
+        sets it before every step)."""
         return self._guidance_scale
 
     @property
@@ -723,8 +716,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     @property
     def default_tile_size(self) -> int:
         """Automatic tile size in pixels: the transformer's native resolution (`sample_size` latent pixels; 1024 px
-        for SANA 1024 px checkpoints)."""
-        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+        for SANA 1024 px checkpoints); 0 (never tile) without a transformer."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor if self.transformer is not None else 0
 
     @property
     def _patch_size(self) -> int:
@@ -748,31 +741,27 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """Record this model's recommended call in the pipeline's config (saved in model_index.json).
 
         Keyword arguments among `SAMPLING_ARGUMENTS` (`num_inference_steps`, `guidance_scale`,
-        `guidance_scale_start`, `restoration_guidance`, `strength`, `fidelity`), validated as a call validates them; `None`
-        removes a recorded value (the built-in default applies again). Other recorded values are kept. Example, a
-        one-step restorer::
+        `guidance_scale_start`, `restoration_guidance`, `strength`, `fidelity`), validated as a call validates them;
+        `None` removes a recorded value (the built-in default applies again). Other recorded values are kept.
+        Example, a one-step restorer::
 
             pipe.set_sampling_defaults(num_inference_steps=1, guidance_scale=1.0)
             pipe.save_pretrained("my-restorer")   # SanaRestorationPipeline.from_pretrained("my-restorer")(image)
         """
         recorded = {**(self.config.get("sampling_defaults") or {}), **sampling_defaults}
-        recorded = {name: value for name, value in recorded.items() if value is not None}
         self.register_to_config(sampling_defaults=self._checked_sampling_defaults(recorded))
 
     @staticmethod
-    def _checked_sampling_defaults(values: Any) -> dict[str, Any]:
-        if not isinstance(values, dict):
-            raise ValueError(f"`sampling_defaults` must be a dict, got {type(values).__name__}.")
+    def _checked_sampling_defaults(values: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(values) - set(SAMPLING_ARGUMENTS))
         if unknown:
-            raise ValueError(
-                f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_ARGUMENTS)}."
-            )
-        _check_sampling_values(values, "sampling_defaults")
+            raise ValueError(f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_ARGUMENTS)}.")
+        _check_arguments(values, ARGUMENT_RULES, "`sampling_defaults['{}']`")
         return {name: values[name] for name in SAMPLING_ARGUMENTS if values.get(name) is not None}
 
-    def _resolve_sampling_arguments(self, given: dict[str, Any]) -> dict[str, Any]:
-        """The sampling arguments of a call: each value of `given` that is `None` comes from `sampling_defaults`.
+    def resolve_sampling_arguments(self, **given: Any) -> dict[str, Any]:
+        """The sampling arguments (`SAMPLING_ARGUMENTS`) a call with the keyword arguments `given` uses: each one
+        `given` leaves out or at `None` comes from `sampling_defaults`; other keys of `given` are ignored.
 
         One coupling: `guidance_scale_start` is taken from the defaults only when `guidance_scale` is too, so an
         explicit `guidance_scale` alone always means a constant scale (`guidance_scale=1.0`: no guidance at all).
@@ -783,182 +772,139 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             resolved["guidance_scale_start"] = None
         return resolved
 
-    def check_call_arguments(self, **call_kwargs: Any) -> None:
-        """Validate keyword arguments of `__call__` (any but `image`) exactly as a call would, without running a model.
-
-        Arguments left out take their `__call__` defaults, and the sampling arguments resolve from
-        `sampling_defaults`. Raises a `ValueError` naming the first invalid argument; useful to refuse bad settings
-        before a batch of images (the `sana-restore` CLI does).
-        """
-        parameters = inspect.signature(self.__call__).parameters
-        unknown = sorted(set(call_kwargs) - set(parameters))
-        if unknown:
-            raise ValueError(f"{type(self).__name__}.__call__ has no argument(s) {unknown}.")
-        arguments = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
-        arguments.update(call_kwargs)
-        arguments.update(self._resolve_sampling_arguments(arguments))
-        check_parameters = inspect.signature(self.check_inputs).parameters
-        self.check_inputs(**{name: arguments.get(name) for name in check_parameters})
-
     # ----------------------------------------------------------------------------------------------- checks
 
     def check_inputs(
         self,
-        prompt,
-        negative_prompt,
-        num_inference_steps,
-        timesteps,
-        sigmas,
-        guidance_scale,
-        guidance_scale_start,
-        restoration_guidance,
-        strength,
-        fidelity,
-        upscale,
-        num_images_per_prompt,
-        prompt_embeds,
-        prompt_attention_mask,
-        negative_prompt_embeds,
-        negative_prompt_attention_mask,
-        output_type,
-        callback_on_step_end_tensor_inputs,
-        max_sequence_length,
-        color_fix,
-        tile_size,
-        tile_overlap,
+        prompt=None,
+        negative_prompt=None,
+        num_inference_steps=None,
+        timesteps=None,
+        sigmas=None,
+        guidance_scale=None,
+        guidance_scale_start=None,
+        restoration_guidance=None,
+        strength=None,
+        fidelity=None,
+        upscale=1.0,
+        prompt_embeds=None,
+        prompt_attention_mask=None,
+        negative_prompt_embeds=None,
+        negative_prompt_attention_mask=None,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=None,
+        color_fix=None,
+        tile_size=None,
+        tile_overlap=None,
     ) -> None:
-        """Raise a `ValueError` naming the first invalid argument (image checks happen while converting).
+        """Raise a `ValueError` naming the first invalid argument, before any model runs (images are checked while
+        they are converted).
 
-        The sampling arguments are the resolved ones (see `sampling_defaults`)."""
-        for name in ("vae", "transformer", "scheduler"):
-            if getattr(self, name, None) is None:
-                raise ValueError(
-                    f"This pipeline has no `{name}`, which restoring an image needs (it was built or loaded with "
-                    f"{name}=None, e.g. to encode prompts only)."
-                )
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
-        if timesteps is None and sigmas is None:
-            _check_sampling_values({"num_inference_steps": num_inference_steps}, "argument")
-        else:
-            name, values = ("sigmas", sigmas) if sigmas is not None else ("timesteps", timesteps)
-            upper = 1.0 if name == "sigmas" else float(self.scheduler.config.get("num_train_timesteps", 1000))
-            _check_schedule(name, values, upper)
-            schedule_parameters = set(inspect.signature(self.scheduler.set_timesteps).parameters)
-            if name not in schedule_parameters:
-                raise ValueError(
-                    f"`{name}` needs a scheduler whose `set_timesteps` accepts them; {type(self.scheduler).__name__} "
-                    "does not."
-                )
-        _check_sampling_values(
-            {
-                "guidance_scale": guidance_scale,
-                "guidance_scale_start": guidance_scale_start,
-                "restoration_guidance": restoration_guidance,
-                "strength": strength,
-                "fidelity": fidelity,
-            },
-            "argument",
+        The arguments are `__call__`'s, the sampling ones as `resolve_sampling_arguments` resolves them; `None` is
+        not checked. Callers that restore a batch of images check their settings once first::
+
+            pipe.check_inputs(**{**kwargs, **pipe.resolve_sampling_arguments(**kwargs)})
+        """
+        missing = [name for name in ("vae", "transformer", "scheduler") if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"This pipeline has no {' or '.join(f'`{name}`' for name in missing)}, which restoring an image needs "
+                f"(it was built or loaded with {missing[0]}=None, e.g. to encode prompts only)."
+            )
+        on_meta = [
+            name
+            for name, module in self.components.items()
+            if isinstance(module, torch.nn.Module)
+            and not hasattr(module, "_hf_hook")  # offloaded by accelerate: its weights come in when needed
+            and any(parameter.is_meta for parameter in module.parameters())
+        ]
+        if on_meta:
+            raise ValueError(
+                f"The pipeline's {', '.join(on_meta)} weights are on the meta device, which holds no values (as after "
+                "`pipe.to('meta')`): load the pipeline again with `from_pretrained`."
+            )
+        multiple, factor = self.size_multiple, self.vae_scale_factor
+        tile = self.default_tile_size if tile_size is None else tile_size
+        rules = {
+            **ARGUMENT_RULES,
+            "tile_size": (
+                lambda v: isinstance(v, int) and v >= 0 and v % multiple == 0,
+                f"None (automatic), 0 (never tile) or a positive multiple of {multiple} px (the VAE's factor {factor} "
+                "x the transformer's patch size: one token)",
+            ),
+            "tile_overlap": (
+                lambda v: isinstance(v, int) and v >= 0 and v % factor == 0 and not 0 < tile <= v,
+                f"None (a quarter of the tile) or a multiple of {factor} px (the VAE's factor) smaller than the tile "
+                f"({tile} px)",
+            ),
+            "callback_on_step_end_tensor_inputs": (
+                lambda v: set(v) <= set(self._callback_tensor_inputs), f"a list of names from {self._callback_tensor_inputs}"
+            ),
+        }
+        _check_arguments(
+            dict(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                guidance_scale_start=guidance_scale_start,
+                restoration_guidance=restoration_guidance,
+                strength=strength,
+                fidelity=fidelity,
+                upscale=upscale,
+                output_type=output_type,
+                color_fix=color_fix,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ),
+            rules,
         )
+        train_timesteps = float(self.scheduler.config.get("num_train_timesteps", 1000))
+        for name, schedule, upper in (("timesteps", timesteps, train_timesteps), ("sigmas", sigmas, 1.0)):
+            values = None if schedule is None else np.asarray(torch.as_tensor(schedule).cpu(), dtype=np.float64)
+            if values is not None and not (
+                values.ndim == 1
+                and values.size > 0
+                and np.isfinite(values).all()
+                and 0 < values.min() <= values.max() <= upper
+                and (np.diff(values) <= 0).all()
+            ):
+                raise ValueError(
+                    f"`{name}` must be a non-empty list of finite numbers in (0, {upper:g}] that does not increase "
+                    f"(denoising goes from noisy to clean), got {schedule!r}."
+                )
         if restoration_guidance and "restoration_guidance_tau" not in inspect.signature(self.scheduler.step).parameters:
             raise ValueError(
                 f"`restoration_guidance` needs a RestorationGuidedFlowScheduler; this pipeline's scheduler is a "
                 f"{type(self.scheduler).__name__}. Leave it None (or 0), or swap the scheduler with "
                 "`RestorationGuidedFlowScheduler.from_config(pipe.scheduler.config)`."
             )
-        if not _is_number(upscale) or upscale < 1.0:
-            raise ValueError(f"`upscale` must be a number >= 1 (1 = same size), got {upscale!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if color_fix is not None and color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"`color_fix` must be one of {COLOR_FIX_METHODS} or None, got {color_fix!r}.")
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
-        multiple, factor = self.size_multiple, self.vae_scale_factor
-        if tile_size is not None:
-            if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 0 or tile_size % multiple:
-                raise ValueError(
-                    f"`tile_size` must be None (automatic), 0 (never tile) or a positive multiple of {multiple} px "
-                    f"(the VAE's factor {factor} x the transformer's patch size: one token), got {tile_size!r}."
-                )
-        if tile_overlap is not None:
-            if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or tile_overlap % factor:
-                raise ValueError(
-                    f"`tile_overlap` must be None (a quarter of the tile) or a multiple of {factor} pixels (the VAE's "
-                    f"factor), got {tile_overlap!r}."
-                )
-            effective_tile = self.default_tile_size if tile_size is None else tile_size
-            if effective_tile and tile_overlap >= effective_tile:
-                raise ValueError(
-                    f"`tile_overlap` ({tile_overlap}) must be smaller than the tile size ({effective_tile} px)."
-                )
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}."
-                )
-
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is not None and not (isinstance(prompt, str) or _is_list_of_str(prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-        if negative_prompt is not None and not (isinstance(negative_prompt, str) or _is_list_of_str(negative_prompt)):
-            raise ValueError(
-                f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}."
-            )
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if prompt_embeds is not None and prompt_attention_mask is None:
-            raise ValueError("`prompt_attention_mask` is required with `prompt_embeds`.")
-        if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            raise ValueError("`negative_prompt_attention_mask` is required with `negative_prompt_embeds`.")
+        for name, text, embeds, mask_name, mask in (
+            ("prompt", prompt, prompt_embeds, "prompt_attention_mask", prompt_attention_mask),
+            ("negative_prompt", negative_prompt, negative_prompt_embeds, "negative_prompt_attention_mask",
+             negative_prompt_attention_mask),
+        ):
+            if text is not None and embeds is not None:
+                raise ValueError(f"Pass either `{name}` or `{name}_embeds`, not both.")
+            if embeds is not None and mask is None:
+                raise ValueError(f"`{mask_name}` is required with `{name}_embeds`.")
         if prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
                 raise ValueError(
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
                 )
-        has_text_encoder = getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
-        if not has_text_encoder:
-            if prompt_embeds is None:
-                raise ValueError(
-                    "This pipeline has no tokenizer/text encoder: pass `prompt_embeds` and `prompt_attention_mask` "
-                    "(from `encode_prompt` of a pipeline that has them)."
-                )
-            uses_guidance = guidance_scale > 1 or (guidance_scale_start is not None and guidance_scale_start > 1)
-            if uses_guidance and negative_prompt_embeds is None:
-                raise ValueError(
-                    "`negative_prompt_embeds` is required for classifier-free guidance when the pipeline has no text "
-                    "encoder (or set `guidance_scale=1.0`)."
-                )
 
-    @staticmethod
-    def _prompt_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
-        """`(prompt, negative_prompt)` as the call uses them: the defaults (`""` and `DEFAULT_NEGATIVE_PROMPT`) step
-        aside when embeddings are passed instead, and no prompt at all is the empty prompt."""
-        if prompt_embeds is not None and prompt == "":
-            prompt = None
-        if prompt is None and prompt_embeds is None:
-            prompt = ""
-        if negative_prompt_embeds is not None and negative_prompt == DEFAULT_NEGATIVE_PROMPT:
-            negative_prompt = None
-        return prompt, negative_prompt
-
-    def _check_batch(self, batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if isinstance(value, list) and len(value) != batch_size:
-                raise ValueError(
-                    f"`{name}` has {len(value)} entries but `image` holds {batch_size} image(s): pass one entry per "
-                    "image, or a single string for all."
-                )
-        for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if value is not None and value.shape[0] != batch_size:
-                raise ValueError(
-                    f"`{name}` has batch size {value.shape[0]} but `image` holds {batch_size} image(s)."
-                )
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+        """[`DiffusionPipeline.progress_bar`], with `desc` naming the stage it counts (the module docstring lists
+        them); a `desc` given to `set_progress_bar_config` wins."""
+        config = getattr(self, "_progress_bar_config", {})
+        self._progress_bar_config = {"desc": desc, **config} if desc else config
+        try:
+            return super().progress_bar(iterable=iterable, total=total)
+        finally:
+            self._progress_bar_config = config
 
     # -------------------------------------------------------------------------------------------- image side
 
@@ -969,18 +915,17 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         device: torch.device,
         remove_degradations: bool = False,
         tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Convert `image` (see `__call__`) to RGB `(batch, 3, height * upscale, width * upscale)` in [0, 1] on
         `device`: first cleaned by the `degradation_removal` stage when asked and present (at the input's
         resolution, where the degradation lives), then resized bicubically when `upscale > 1`. Returns it with the
         images' alpha channels (or `None`)."""
-        if image is None:
-            raise ValueError("`image` is required: the degraded image(s) to restore.")
         pixels, alphas = images_to_tensor(image)
         pixels = pixels.to(device)
         height, width = pixels.shape[-2:]
-        if remove_degradations and getattr(self, "degradation_removal", None) is not None:
-            pixels = self.remove_degradations(pixels, tile_size)
+        if remove_degradations and self.degradation_removal is not None:
+            pixels = self.remove_degradations(pixels, tile_size, tile_overlap)
         if upscale != 1:
             size = (max(1, round(height * upscale)), max(1, round(width * upscale)))
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
@@ -992,102 +937,79 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             )
         return pixels, alphas
 
+    def _tile_grid(self, size, tile_size: int | None, tile_overlap: int | None, cell: int = 1, align: int = 1) -> TileGrid:
+        """The tiles of an image of `size` cells of `cell` x `cell` pixels (pixels for the degradation removal stage,
+        latent pixels for the VAE and the transformer), the one tiling rule of a call: a single tile when the image
+        fits in `tile_size` px (`None`: `default_tile_size`; 0: never tile), else tiles of `tile_size` px (a whole
+        number of `align` cells) overlapping by `tile_overlap` px (`None`: a quarter of the tile)."""
+        size = (int(size[0]), int(size[1]))
+        tile_px = self.default_tile_size if tile_size is None else tile_size
+        if tile_px == 0 or max(size) * cell <= tile_px:
+            return TileGrid(size, max(size))
+        tile = max(tile_px // cell // align, 1) * align
+        overlap = (tile_px // 4 if tile_overlap is None else tile_overlap) // cell
+        return TileGrid(size, tile, min(overlap, tile - 1), align)
+
     @torch.no_grad()
-    def remove_degradations(self, pixels: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    def remove_degradations(
+        self, pixels: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None
+    ) -> torch.Tensor:
         """Run the `degradation_removal` stage on RGB `(batch, 3, H, W)` pixels in [0, 1]; returns the cleaned
-        pixels clamped to [0, 1] (float32). Images larger than the tile (`tile_size` as in `__call__`) are processed in
-        overlapping pixel tiles blended like the latent tiles, so memory stays bounded."""
+        pixels clamped to [0, 1] (float32). Tiled as a call tiles (`tile_size`, `tile_overlap`), on the stage's own
+        grid (its pixel-unshuffle and strided convolutions), so memory stays bounded."""
         model = self.degradation_removal
-        dtype = next(model.parameters()).dtype
-        tile_px = self.default_tile_size if tile_size is None else tile_size
-        if tile_px == 0 or max(pixels.shape[-2:]) <= tile_px:
-            cleaned = model(pixels.to(dtype)).float()
-        else:
-            # tiles on the model's own grid (its pixel-unshuffle and strided convolutions), as the whole image is
-            multiple = getattr(model, "size_multiple", 1)
-            height, width = pixels.shape[-2:]
-            padded = pad_to_multiple(pixels, multiple)
-            tile = max(tile_px // multiple, 1) * multiple
+        height, width = pixels.shape[-2:]
+        padded = pad_to_multiple(pixels, model.size_multiple)
+        tiles = self._tile_grid(padded.shape[-2:], tile_size, tile_overlap, align=model.size_multiple)
+        # a stage conditioned on the noise level gets the whole image's in every tile
+        level = estimate_noise_level(pixels) if model.config.get("noise_level_input") else None
 
-            # a stage conditioned on the noise level gets the whole image's in every tile
-            level = estimate_noise_level(pixels) if model.config.get("noise_level_input") else None
+        def clean(top: int, left: int, tile_height: int, tile_width: int) -> torch.Tensor:
+            tile = padded[:, :, top : top + tile_height, left : left + tile_width].to(model.dtype)
+            return model(tile) if level is None else model(tile, noise_level=level)
 
-            def clean_tile(top: int, left: int, tile_height: int, tile_width: int) -> torch.Tensor:
-                tile_pixels = padded[:, :, top : top + tile_height, left : left + tile_width].to(dtype)
-                return (model(tile_pixels) if level is None else model(tile_pixels, noise_level=level)).float()
+        with self.progress_bar(total=len(tiles), desc="degradation removal") as progress:
+            cleaned = tiles.blend(clean, progress=progress)
+        return cleaned[:, :, :height, :width].clamp(0.0, 1.0)
 
-            cleaned = blend_tiles(clean_tile, padded.shape[-2:], tile, tile // 4, align=multiple)[:, :, :height, :width]
-        _check_finite(cleaned, "the degradation removal stage's output", _NON_FINITE_ADVICE)
-        return cleaned.clamp(0.0, 1.0)
+    def _vae_encode(self, pixels: torch.Tensor, tiles: TileGrid) -> torch.Tensor:
+        """`(batch, 3, H, W)` in [-1, 1] -> scaled latents `(batch, C, H / f, W / f)` float32, tile by tile."""
+        factor = self.vae_scale_factor
 
-    def _tiling_plan(self, height: int, width: int, tile_size: int | None, tile_overlap: int | None):
-        """`(tile, overlap)` in latent pixels for an image of `height` x `width` padded pixels, or `None` (untiled).
+        def encode(top: int, left: int, height: int, width: int) -> torch.Tensor:
+            rows, cols = slice(top * factor, (top + height) * factor), slice(left * factor, (left + width) * factor)
+            return encode_latents(self.vae, pixels[:, :, rows, cols])
 
-        Tiles are multiples of the transformer's patch size (`check_inputs` checks `tile_size`), and so is the padded
-        image, so every tile the transformer sees has whole patches."""
-        tile_px = self.default_tile_size if tile_size is None else tile_size
-        if tile_px == 0 or max(height, width) <= tile_px:
-            return None
-        if tile_overlap is None:
-            tile_overlap = (tile_px // 4) // self.vae_scale_factor * self.vae_scale_factor
-        return tile_px // self.vae_scale_factor, tile_overlap // self.vae_scale_factor
+        with self.progress_bar(total=len(tiles), desc="VAE encode") as progress:
+            return tiles.blend(encode, progress=progress)
 
-    def _vae_encode(self, pixels: torch.Tensor, tiling) -> torch.Tensor:
-        """`(batch, 3, H, W)` in [-1, 1] -> scaled latents `(batch, C, H / f, W / f)` float32, tile by tile when
-        `tiling` says so."""
-        try:
-            if tiling is None:
-                return encode_latents(self.vae, pixels)
-            tile, overlap = tiling
-            factor = self.vae_scale_factor
-            grid = (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
-
-            def encode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
-                rows = slice(top * factor, (top + height) * factor)
-                cols = slice(left * factor, (left + width) * factor)
-                return encode_latents(self.vae, pixels[:, :, rows, cols])
-
-            return blend_tiles(encode_tile, grid, tile, overlap, align=self._patch_size)
-        except torch.OutOfMemoryError:
-            warnings.warn(_OOM_ADVICE.format(stage="encoding the image"))
-            raise
-
-    def _vae_decode(self, latents: torch.Tensor, tiling, upscale_decoder: bool = False) -> torch.Tensor:
-        """Scaled latents -> images `(batch, 3, H, W)` in [0, 1] float32, decoded by the VAE or, with
-        `upscale_decoder`, by `self.upscale_decoder` (then `upscale_factor` times larger)."""
+    def _vae_decode(self, latents: torch.Tensor, tiles: TileGrid | None, upscale_decoder: bool = False) -> torch.Tensor:
+        """Scaled latents -> images `(batch, 3, H, W)` in [0, 1] float32, tile by tile (`tiles` of the latents;
+        `None`: whole), decoded by the VAE or, with `upscale_decoder`, by `self.upscale_decoder` (then
+        `upscale_factor` times larger)."""
+        if tiles is None:
+            tiles = TileGrid(tuple(latents.shape[-2:]), max(latents.shape[-2:]))
+        decoder, factor = self.upscale_decoder, self.vae_scale_factor
         if upscale_decoder:
-            decoder, factor = self.upscale_decoder, self.vae_scale_factor * self.upscale_decoder.config.upscale_factor
+            factor *= decoder.config.upscale_factor
 
-            def decode(part: torch.Tensor) -> torch.Tensor:
-                return decoder(unscale_latents(self.vae, part).to(decoder.dtype), return_dict=False)[0].float()
-        else:
-            factor = self.vae_scale_factor
+        def decode(top: int, left: int, height: int, width: int) -> torch.Tensor:
+            part = latents[:, :, top : top + height, left : left + width]
+            if upscale_decoder:
+                return decoder(unscale_latents(self.vae, part).to(decoder.dtype), return_dict=False)[0]
+            return decode_latents(self.vae, part)
 
-            def decode(part: torch.Tensor) -> torch.Tensor:
-                return decode_latents(self.vae, part)
-
-        try:
-            if tiling is None:
-                decoded = decode(latents)
-            else:
-                tile, overlap = tiling
-
-                def decode_tile(top: int, left: int, height: int, width: int) -> torch.Tensor:
-                    return decode(latents[:, :, top : top + height, left : left + width])
-
-                decoded = blend_tiles(decode_tile, latents.shape[-2:], tile, overlap, factor, align=self._patch_size)
-        except torch.OutOfMemoryError:
-            warnings.warn(_OOM_ADVICE.format(stage="decoding the latents"))
-            raise
+        with self.progress_bar(total=len(tiles), desc="VAE decode") as progress:
+            decoded = tiles.blend(decode, output_scale=factor, progress=progress)
         return (decoded / 2 + 0.5).clamp(0.0, 1.0)
 
     def _encode_condition(self, pixels: torch.Tensor, tile_size: int | None, tile_overlap: int | None):
-        """Pad RGB `pixels` in [0, 1] to `size_multiple` and encode them: `(latents, tiling)`."""
+        """Pad RGB `pixels` in [0, 1] to `size_multiple` and encode them: `(latents, tiles of the latents)`."""
         padded = pad_to_multiple(pixels, self.size_multiple)
-        tiling = self._tiling_plan(padded.shape[-2], padded.shape[-1], tile_size, tile_overlap)
-        latents = self._vae_encode(padded * 2.0 - 1.0, tiling)
-        _check_finite(latents, "the VAE's encoding of the image", "the VAE weights are broken, or fp16 overflowed")
-        return latents, tiling
+        factor = self.vae_scale_factor
+        latent_size = (padded.shape[-2] // factor, padded.shape[-1] // factor)
+        tiles = self._tile_grid(latent_size, tile_size, tile_overlap, cell=factor, align=self._patch_size)
+        return self._vae_encode(padded * 2.0 - 1.0, tiles), tiles
 
     def prepare_latents(
         self,
@@ -1136,6 +1058,16 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(t_start * order)
         return timesteps, num_inference_steps - t_start
+
+    def prepare_extra_step_kwargs(
+        self, generator, restoration_guidance: float | None, condition_latents: torch.Tensor
+    ) -> dict[str, Any]:
+        """The keyword arguments of `scheduler.step` that the scheduler takes: `generator` (stochastic samplers),
+        `condition_latents` and `restoration_guidance_tau` (restoration guidance; `None` keeps the scheduler's
+        configured strength)."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra = dict(generator=generator, condition_latents=condition_latents, restoration_guidance_tau=restoration_guidance)
+        return {name: value for name, value in extra.items() if name in accepted and value is not None}
 
     @staticmethod
     def _scheduled_guidance(sigma: float, sigma_max: float, guidance_scale: float, start: float | None) -> float:
@@ -1186,6 +1118,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @_one_call_at_a_time
     def __call__(
         self,
         image: PipelineImageInput = None,
@@ -1232,14 +1165,15 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 The degraded image(s), any size of at least one latent pixel per side; a batch shares one size (call
                 once per size otherwise). PIL: any mode. RGBA/LA/PA (and P with transparency) restore the RGB and
                 carry the original alpha, resized with `upscale`, to PIL outputs (RGBA); `np`/`pt` outputs are RGB.
-                16-bit grey (I;16, I) is read as value / 65535; grey and other modes (CMYK, YCbCr, ...) are converted
-                to RGB. numpy: HW, HWC or NHWC (1 or 3 channels), uint8, uint16, or float in [0, 1]. torch: HW, CHW
+                16-bit, 32-bit and float grey (I;16, I, F) follow `image_io.high_bit_to_unit` (I;16 is 16-bit, I is
+                16-bit when any value exceeds 255 else 8-bit, F is scaled by the smallest of 1, 255 and 65535 that
+                holds it); grey and other modes (CMYK, YCbCr, ...) are converted to RGB. numpy: HW, HWC or NHWC (1 or 3 channels), uint8, uint16, or float in [0, 1]. torch: HW, CHW
                 or NCHW (1 or 3 channels), uint8 or float in **[0, 1]** (not [-1, 1]; negative values raise). Each
                 image is padded (by reflection) to a multiple of `size_multiple` (one transformer token) and the
                 result cropped back, so the output has the input's size times `upscale`.
             prompt (`str` or `list[str]`, *optional*):
                 What the restoration should produce (e.g. "Restore this image to high quality"); one per image or
-                one for all. No prompt is the empty prompt.
+                one for all. No prompt is the empty prompt (the only one a pipeline without a text encoder knows).
             negative_prompt (`str` or `list[str]`, defaults to `DEFAULT_NEGATIVE_PROMPT`):
                 The negative-quality prompt classifier-free guidance pushes away from ("blurry, noisy, jpeg
                 artifacts, ..."). `""` reproduces text-to-image CFG. Ignored without guidance.
@@ -1301,9 +1235,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             tile_size (`int`, *optional*):
                 Tile side in pixels (a multiple of `size_multiple`: the VAE factor x the transformer's patch size).
                 `None`: automatic, the transformer's native resolution (`sample_size * f`, 1024 px for SANA 1024 px
-                checkpoints); `0`: never tile. Images whose padded side exceeds it are denoised in overlapping latent
-                tiles (blended every step with smooth weights before the single scheduler step) and encoded/decoded
-                by the VAE tile by tile, so memory is bounded by the tile.
+                checkpoints); `0`: never tile. An image whose padded side exceeds it is processed in overlapping
+                tiles by every stage: the degradation removal stage and the VAE run tile by tile, and each denoising
+                step predicts the velocity tile by tile, blended with smooth weights before its single scheduler
+                step, so memory is bounded by the tile. Each stage's progress bar counts its tiles.
             tile_overlap (`int`, *optional*):
                 Minimum overlap of neighbouring tiles in pixels (a multiple of the VAE factor, smaller than the
                 tile); defaults to a quarter of the tile.
@@ -1319,7 +1254,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after every step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; the
                 returned dict may replace any of the tensors it was given. Setting `pipe._guidance_scale` there
-                changes the guidance scale from the next step on.
+                changes a constant guidance scale from the next step on (a linear schedule sets it every step).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors given to the callback, from `_callback_tensor_inputs` (`latents`, `prompt_embeds`,
                 `negative_prompt_embeds`, `condition_latents`).
@@ -1339,93 +1274,78 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             `ValueError` for invalid arguments or images (naming them); `RuntimeError` when the model produces NaN or
             infinite values (broken weights, or fp16 overflow) instead of returning garbage.
         """
+        # 1. Resolve the model's sampling defaults, check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        prompt, negative_prompt = self._prompt_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        sampling = self._resolve_sampling_arguments(
-            dict(
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                guidance_scale_start=guidance_scale_start,
-                restoration_guidance=restoration_guidance,
-                strength=strength,
-                fidelity=fidelity,
-            )
+        if negative_prompt_embeds is not None and negative_prompt == DEFAULT_NEGATIVE_PROMPT:
+            negative_prompt = None  # the default steps aside for the embeddings given instead
+        fidelity_asked = fidelity is not None and fidelity > 0
+        sampling = self.resolve_sampling_arguments(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_scale_start=guidance_scale_start,
+            restoration_guidance=restoration_guidance,
+            strength=strength,
+            fidelity=fidelity,
         )
-        num_inference_steps, guidance_scale = sampling["num_inference_steps"], sampling["guidance_scale"]
-        guidance_scale_start, restoration_guidance = sampling["guidance_scale_start"], sampling["restoration_guidance"]
-        fidelity_given = fidelity is not None
-        strength, fidelity = sampling["strength"], sampling["fidelity"]
-
-        # 1. Check inputs
         self.check_inputs(
-            prompt,
-            negative_prompt,
-            num_inference_steps,
-            timesteps,
-            sigmas,
-            guidance_scale,
-            guidance_scale_start,
-            restoration_guidance,
-            strength,
-            fidelity,
-            upscale,
-            num_images_per_prompt,
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            max_sequence_length,
-            color_fix,
-            tile_size,
-            tile_overlap,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            upscale=upscale,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            color_fix=color_fix,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            **sampling,
         )
-        condition_channels = self.transformer.config.condition_channels
-        if self.vae.config.latent_channels != condition_channels:
-            raise ValueError(
-                f"The VAE has {self.vae.config.latent_channels} latent channels but the transformer expects "
-                f"{condition_channels} condition channels."
-            )
+        num_inference_steps, guidance_scale, guidance_scale_start = (sampling[name] for name in SAMPLING_ARGUMENTS[:3])
+        restoration_guidance, strength, fidelity = (sampling[name] for name in SAMPLING_ARGUMENTS[3:])
 
+        # 2. Define call parameters
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
-        # 2. Images: RGB in [0, 1], cleaned by the degradation removal stage (if any), upscaled (by the upscale
-        # decoder at the end when there is one for this factor, else resized now)
+        # 3. Preprocess the image: RGB in [0, 1], cleaned by the degradation removal stage (if any), upscaled (by the
+        # upscale decoder at the end when it has this factor, else resized now)
         decoder_upscale = 1
         if self.upscale_decoder is not None and upscale == self.upscale_decoder.config.upscale_factor:
             decoder_upscale = self.upscale_decoder.config.upscale_factor
-            if fidelity > 0 and fidelity_given:
+            if fidelity_asked:
                 raise ValueError(
-                    f"`fidelity` ({fidelity}) needs the reference image at the output's resolution, which does not "
-                    f"exist when the upscale decoder produces the x{decoder_upscale} image: pass `fidelity=0`."
+                    f"`fidelity` needs the reference image at the output's resolution, which does not exist when the "
+                    f"upscale decoder produces the x{decoder_upscale} image: pass `fidelity=0`."
                 )
             fidelity = 0.0
-        pixels, alphas = self.prepare_image(
-            image, upscale / decoder_upscale, device, remove_degradations=True, tile_size=tile_size
-        )
+        pixels, alphas = self.prepare_image(image, upscale / decoder_upscale, device, True, tile_size, tile_overlap)
         batch_size = pixels.shape[0]
-        self._check_batch(batch_size, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if isinstance(prompt, str):
-            prompt = [prompt] * batch_size
+        for name, value in (
+            ("prompt", prompt),
+            ("negative_prompt", negative_prompt),
+            ("prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if isinstance(value, (list, torch.Tensor)) and len(value) != batch_size:
+                raise ValueError(
+                    f"`{name}` has {len(value)} entries but `image` holds {batch_size} image(s): pass one entry per "
+                    "image, or a single string for all."
+                )
         out_height, out_width = pixels.shape[-2] * decoder_upscale, pixels.shape[-1] * decoder_upscale
         if decoder_upscale > 1:
             alphas = _resize_alphas(alphas, (out_height, out_width))
 
-        # 3. Text: prompt, and the negative-quality prompt when any step uses guidance (cached across calls)
-        lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
-        text_kwargs = dict(
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
-            lora_scale=lora_scale,
-        )
-        uses_guidance = guidance_scale > 1 or (guidance_scale_start is not None and guidance_scale_start > 1)
+        # 4. Encode the prompt, and the negative-quality prompt when any step uses guidance (cached across calls)
+        if prompt_embeds is None and not isinstance(prompt, list):
+            prompt = [prompt or ""] * batch_size
+        uses_guidance = max(guidance_scale, guidance_scale_start or 1.0) > 1
         (
             prompt_embeds,
             prompt_attention_mask,
@@ -1435,19 +1355,23 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             prompt,
             uses_guidance,
             negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             prompt_attention_mask=prompt_attention_mask,
             negative_prompt_attention_mask=negative_prompt_attention_mask,
+            clean_caption=clean_caption,
+            max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
-            **text_kwargs,
+            lora_scale=attention_kwargs.get("scale") if attention_kwargs is not None else None,
         )
 
-        # 4. Condition latents of the degraded image (padded to whole transformer tokens), one per output image
-        reference_latents, tiling = self._encode_condition(pixels, tile_size, tile_overlap)
+        # 5. Encode the condition: the image padded to whole transformer tokens, VAE-encoded tile by tile
+        reference_latents, tiles = self._encode_condition(pixels, tile_size, tile_overlap)
         condition_latents = reference_latents.repeat_interleave(num_images_per_prompt, dim=0)
 
-        # 5. Timesteps: the tail of the schedule that `strength` runs
+        # 6. Prepare timesteps: the tail of the schedule that `strength` runs
         timestep_device = "cpu" if XLA_AVAILABLE else device
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
@@ -1457,36 +1381,22 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
         start_index = len(self.scheduler.timesteps) - len(timesteps)
 
-        # 6. Starting latents: noise, or the degraded latent noised to the first remaining sigma
+        # 7. Prepare latents: noise, or the degraded latent noised to the first remaining sigma
         start_sigma = float(self.scheduler.sigmas[start_index]) if strength < 1.0 else None
         latents = self.prepare_latents(condition_latents, start_sigma, generator, latents)
 
-        # 7. Scheduler extras: the condition for restoration guidance, generators for stochastic samplers
-        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
-        step_kwargs: dict[str, Any] = {}
-        if "condition_latents" in step_parameters:
-            step_kwargs["condition_latents"] = condition_latents
-        if restoration_guidance is not None and "restoration_guidance_tau" in step_parameters:
-            step_kwargs["restoration_guidance_tau"] = restoration_guidance
-        if "generator" in step_parameters:
-            step_kwargs["generator"] = generator
+        # 8. Prepare extra step kwargs: the condition for restoration guidance, generators for stochastic samplers
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, restoration_guidance, condition_latents)
 
-        # 8. Denoising loop
+        # 9. Denoising loop: the velocity tile by tile, blended, then one scheduler step on the whole latent
         self._num_timesteps = len(timesteps)
-        scheduled_guidance = guidance_scale_start is not None  # False once a callback sets the scale itself
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps) * len(tiles), desc="denoising") as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if scheduled_guidance:
+                if guidance_scale_start is not None:  # SUPIR's linear guidance in sigma
                     sigma = float(self.scheduler.sigmas[start_index + i])
                     self._guidance_scale = self._scheduled_guidance(sigma, sigma_max, guidance_scale, guidance_scale_start)
-                step_guidance = self._guidance_scale
-                if step_guidance > 1 and negative_prompt_embeds is None:
-                    # a callback turned guidance on in a call that started without it
-                    negative_prompt_embeds, negative_prompt_attention_mask = self._negative_embeddings(
-                        negative_prompt, batch_size, text_kwargs
-                    )
                 timestep = t.to(device=device, dtype=torch.float32)
 
                 def predict(top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -1499,78 +1409,56 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                         negative_prompt_embeds,
                         negative_prompt_attention_mask,
                         timestep,
-                        step_guidance,
+                        self.guidance_scale,
                     )
 
-                if tiling is None:
-                    velocity = predict(0, 0, *latents.shape[-2:])
-                else:  # tiles start on the patch grid, so each token covers the same latent pixels as untiled
-                    velocity = blend_tiles(predict, latents.shape[-2:], *tiling, align=self._patch_size)
-
-                # one scheduler step on the whole latent: guidance and solver state advance exactly once
-                if "condition_latents" in step_kwargs:
-                    step_kwargs["condition_latents"] = condition_latents
-                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+                velocity = tiles.blend(predict, progress=progress_bar)
+                if "condition_latents" in extra_step_kwargs:
+                    extra_step_kwargs["condition_latents"] = condition_latents
+                latents = self.scheduler.step(velocity, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                        "condition_latents": condition_latents,
-                    }
-                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     condition_latents = callback_outputs.pop("condition_latents", condition_latents)
-                    if self._guidance_scale != step_guidance:
-                        scheduled_guidance = False  # the callback's scale holds from the next step on
 
-                progress_bar.update()
                 if XLA_AVAILABLE:
                     xm.mark_step()
 
-        # 9. Decode, crop the padding, colour fix, convert
-        if not self.interrupt:
-            _check_finite(latents, "the denoised latents", _NON_FINITE_ADVICE)
+        # 10. Decode tile by tile, put back what the VAE loses of the reference (fidelity), crop the padding, fix
+        # the colours toward the (cleaned) input; never return non-finite values
         if output_type == "latent":
-            images = latents
+            result = latents
         else:
-            restored = self._vae_decode(latents, tiling, upscale_decoder=decoder_upscale > 1)
-            restored = restored[:, :, :out_height, :out_width]
-            _check_finite(restored, "the decoded image", _NON_FINITE_ADVICE)
-            reference = pixels
-            if decoder_upscale > 1:  # the colour-fix reference at the output's size
-                reference = F.interpolate(pixels, size=(out_height, out_width), mode="bicubic", align_corners=False)
-            reference = reference.repeat_interleave(num_images_per_prompt, dim=0)
-            if fidelity > 0:
-                # what the VAE loses of the reference: reference - decode(encode(reference))
-                round_trip = self._vae_decode(reference_latents, tiling)[:, :, :out_height, :out_width]
+            result = self._vae_decode(latents, tiles, upscale_decoder=decoder_upscale > 1)[:, :, :out_height, :out_width]
+            if fidelity > 0:  # reference - decode(encode(reference))
+                round_trip = self._vae_decode(reference_latents, tiles)[:, :, :out_height, :out_width]
                 residual = (pixels - round_trip).repeat_interleave(num_images_per_prompt, dim=0)
-                restored = (restored + fidelity * residual).clamp(0.0, 1.0)
+                result = (result + fidelity * residual).clamp(0.0, 1.0)
             if color_fix is not None:
-                restored = apply_color_fix(restored, reference, color_fix)
-            images = self._postprocess(restored, alphas, num_images_per_prompt, output_type)
+                reference = pixels
+                if decoder_upscale > 1:
+                    reference = F.interpolate(pixels, size=(out_height, out_width), mode="bicubic", align_corners=False)
+                result = apply_color_fix(result, reference.repeat_interleave(num_images_per_prompt, dim=0), color_fix)
+        if not torch.isfinite(result).all():
+            raise RuntimeError(
+                f"The {'latents' if output_type == 'latent' else 'restored images'} hold NaN or infinite values: the "
+                "model's weights are likely broken (e.g. saved from a diverged training run) or float16 overflowed. "
+                "Check the weights with torch.isfinite, or load the pipeline in float32 or bfloat16."
+            )
+        images = result if output_type == "latent" else self._postprocess(result, alphas, num_images_per_prompt, output_type)
 
+        # 11. Offload all models
         self.maybe_free_model_hooks()
 
         if not return_dict:
             return (images,)
         return SanaRestorationPipelineOutput(images=images)
-
-    def _negative_embeddings(self, negative_prompt, batch_size: int, text_kwargs: dict[str, Any]):
-        """Embeddings `(embeds, mask)` of the negative prompt, encoded as SanaPipeline encodes negatives (no
-        instruction prefix); for guidance switched on mid-call by a callback."""
-        if getattr(self, "text_encoder", None) is None or negative_prompt is None:
-            raise ValueError(
-                "A callback raised `guidance_scale` above 1 in a call without negative prompt embeddings and the "
-                "pipeline cannot encode them: pass `negative_prompt_embeds`, or start the call with guidance."
-            )
-        prompts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-        embeds, mask, _, _ = self.encode_prompt(prompts, False, complex_human_instruction=None, **text_kwargs)
-        return embeds, mask
 
     def _postprocess(self, images: torch.Tensor, alphas, num_images_per_prompt: int, output_type: str):
         """`(batch, 3, H, W)` in [0, 1] -> `output_type`; PIL outputs get their input's alpha back (RGBA)."""
@@ -1582,84 +1470,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         outputs = []
         for index, rgb in enumerate(array):
             alpha = alphas[index // num_images_per_prompt]
-            if alpha is None:
-                outputs.append(PIL.Image.fromarray(_to_uint8(rgb)))
-            else:
-                rgba = np.concatenate([rgb, alpha.permute(1, 2, 0).float().cpu().numpy()], axis=2)
-                outputs.append(PIL.Image.fromarray(_to_uint8(rgba)))
+            if alpha is not None:
+                rgb = np.concatenate([rgb, alpha.permute(1, 2, 0).float().cpu().numpy()], axis=2)
+            outputs.append(PIL.Image.fromarray((rgb * 255.0).round().clip(0, 255).astype(np.uint8)))
         return outputs
-
-
-_NON_FINITE_ADVICE = (
-    "the model's weights are likely broken (e.g. saved from a diverged training run) or float16 overflowed: check "
-    "the weights with torch.isfinite, or load the pipeline in float32 / bfloat16"
-)
-
-_OOM_ADVICE = (
-    "Out of memory while {stage}. Process the image in tiles: pass a smaller `tile_size` (e.g. tile_size=512) to "
-    "the pipeline call, or enable the VAE's own tiling with `pipe.enable_vae_tiling()`."
-)
-
-
-def _check_finite(tensor: torch.Tensor, what: str, advice: str) -> None:
-    """Raise a `RuntimeError` when `tensor` holds NaN or infinite values: never return garbage silently."""
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise RuntimeError(f"{what} contain {bad} NaN or infinite value(s) of {tensor.numel()}: {advice}.")
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    return (array * 255.0).round().clip(0, 255).astype(np.uint8)
-
-
-def _is_list_of_str(value) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_sampling_values(values: dict[str, Any], kind: str) -> None:
-    """Validate the sampling arguments present (not `None`) in `values`; `kind` names them in errors ("argument" for
-    a call, "sampling_defaults" for recorded defaults)."""
-
-    def name(key: str) -> str:
-        return f"`{key}`" if kind == "argument" else f"`{kind}['{key}']`"
-
-    steps = values.get("num_inference_steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"{name('num_inference_steps')} must be an integer >= 1, got {steps!r}.")
-    for key in ("guidance_scale", "guidance_scale_start"):
-        value = values.get(key)
-        if value is not None and (not _is_number(value) or value < 1.0):
-            raise ValueError(f"{name(key)} must be a number >= 1 (1 = no classifier-free guidance), got {value!r}.")
-    tau = values.get("restoration_guidance")
-    if tau is not None and (not _is_number(tau) or tau < 0):
-        raise ValueError(f"{name('restoration_guidance')} must be a number >= 0 (0 = off) or None, got {tau!r}.")
-    fidelity = values.get("fidelity")
-    if fidelity is not None and (not _is_number(fidelity) or not 0.0 <= fidelity <= 1.0):
-        raise ValueError(f"{name('fidelity')} must be in [0, 1] (0 = off), got {fidelity!r}.")
-    strength = values.get("strength")
-    if strength is not None and (not _is_number(strength) or not 0.0 < strength <= 1.0):
-        raise ValueError(
-            f"{name('strength')} must be in (0, 1]: the fraction of the denoising schedule to run (1 = all of it, "
-            f"from pure noise), got {strength!r}."
-        )
-
-
-def _check_schedule(name: str, values, upper: float) -> None:
-    """A custom `sigmas` / `timesteps` schedule: a non-empty 1-D sequence of finite numbers in (0, upper], not
-    increasing (denoising goes from noisy to clean)."""
-    try:
-        array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a sequence of numbers, got {type(values).__name__}.") from None
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"`{name}` must be a non-empty 1-D sequence of numbers, got shape {array.shape}.")
-    if not np.isfinite(array).all():
-        raise ValueError(f"`{name}` contains NaN or infinite values: {values!r}.")
-    if array.min() <= 0.0 or array.max() > upper:
-        raise ValueError(f"`{name}` must lie in (0, {upper:g}], got values in [{array.min():g}, {array.max():g}].")
-    if (np.diff(array) > 0).any():
-        raise ValueError(f"`{name}` must not increase (from noisy to clean), got {values!r}.")
