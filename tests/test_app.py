@@ -126,7 +126,7 @@ def test_bad_requests_are_refused_with_a_message_before_any_work(app, pipe, monk
         app.restore(_photo(), "Gaussian blur", 4)
     # a setting the pipeline refuses carries the pipeline's own message
     with pytest.raises(ValueError) as expected:
-        pipe.check_call_arguments(tile_size=33)
+        pipe.check_inputs(tile_size=33)
     with pytest.raises(AppRequestError) as refused:
         app.restore(_photo(), tile_size=33)
     assert str(refused.value) == str(expected.value)

@@ -228,7 +228,7 @@ class RestorationApp:
                        guidance_scale: float | None = None, restoration_guidance: float | None = None,
                        strength: float | None = None, fidelity: float | None = None, color_fix: str | None = "wavelet",
                        upscale: float | None = None, tile_size: int | None = None) -> dict[str, Any]:
-        """The pipeline arguments for these settings, checked by the pipeline's own :meth:`check_call_arguments`.
+        """The pipeline arguments for these settings, checked by the pipeline's own :meth:`check_inputs`.
         A setting that is ``None`` or equal to its :attr:`control_defaults` value is left out (the model's default).
 
         Raises:
@@ -250,7 +250,7 @@ class RestorationApp:
             kwargs[name] = kind(value) if kind is float else value
         kwargs["color_fix"] = None if color_fix in (None, "none") else color_fix
         try:
-            self.pipe.check_call_arguments(**kwargs)
+            self.pipe.check_inputs(**{**kwargs, **self.pipe.resolve_sampling_arguments(**kwargs)})
         except ValueError as error:
             raise AppRequestError(str(error)) from error
         return kwargs
