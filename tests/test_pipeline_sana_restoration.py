@@ -757,10 +757,20 @@ def test_lora_weights_round_trip_through_the_pipeline(tmp_path):
 def test_a_textless_pipeline_runs_on_a_full_pipelines_encode_prompt_outputs(pipe, tmp_path):
     """diffusers' `test_encode_prompt_works_in_isolation`: the outputs of `encode_prompt`, passed by the names of its
     single return statement, drive a pipeline built without tokenizer and text encoder."""
+    import ast
+    import inspect
+    import textwrap
+
+    from diffusers.utils.source_code_parsing_utils import ReturnNameVisitor
+
+    visitor = ReturnNameVisitor()  # what diffusers' test reads: the names of every return statement's values
+    visitor.visit(ast.parse(textwrap.dedent(inspect.getsource(SanaRestorationPipeline.encode_prompt))))
+    assert visitor.return_names == [
+        "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"
+    ]
     image = _photo(16, 16)
     kwargs = dict(output_type="np", guidance_scale=3.0)
-    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-    encoded = dict(zip(names, pipe.encode_prompt("denoise", True, negative_prompt="blurry")))
+    encoded = dict(zip(visitor.return_names, pipe.encode_prompt("denoise", True, negative_prompt="blurry")))
     textless = SanaRestorationPipeline(**{**pipe.components, "tokenizer": None, "text_encoder": None})
     textless.set_progress_bar_config(disable=True)
     expected = _run(pipe, image, prompt="denoise", negative_prompt="blurry", **kwargs)

@@ -679,13 +679,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             negative_prompt_embeds, negative_prompt_attention_mask = self._text_embeddings(
                 negatives, complex_human_instruction=None, **text_kwargs
             )
-
-        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        prompt_embeds, prompt_attention_mask = repeat(prompt_embeds), repeat(prompt_attention_mask)
-        negative_prompt_embeds = repeat(negative_prompt_embeds)
-        negative_prompt_attention_mask = repeat(negative_prompt_attention_mask)
+        # one return statement, of these names: diffusers' tests read encode_prompt's outputs from it
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+            for tensor in (prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)
+        )
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # -------------------------------------------------------------------------------------------- properties
