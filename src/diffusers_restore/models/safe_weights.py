@@ -93,7 +93,7 @@ class SafeWeightsModelMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        """`ModelMixin.from_pretrained` (same arguments), with the loading rule of `diffusers_restore.models.safe_weights`."""
+        """`ModelMixin.from_pretrained` (same arguments), under the loading rule of this module."""
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         kwargs = weights_loading_kwargs(folder, kwargs)
         with pickle_refusals_explained(folder):

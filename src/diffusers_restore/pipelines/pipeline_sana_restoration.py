@@ -70,7 +70,13 @@ from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.upscale_decoder import DCUpscaleDecoder
 from ..models.vae_latents import decode_latents, encode_latents, unscale_latents, vae_spatial_factor
 from ..schedulers.scheduling_restoration_guided_flow import RestorationGuidedFlowScheduler
-from .image_processing_restoration import COLOR_FIX_METHODS, TileGrid, apply_color_fix, images_to_tensor, pad_to_multiple
+from .image_processing_restoration import (
+    COLOR_FIX_METHODS,
+    TileGrid,
+    apply_color_fix,
+    images_to_tensor,
+    pad_to_multiple,
+)
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -142,10 +148,10 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _check_arguments(
     values: dict[str, Any], rules: dict[str, tuple[Callable[[Any], bool], str]], label: str = "`{}`"
 ) -> None:
-    """Raise a `ValueError` for the first of `values` that breaks its rule (`None` is not checked); `label` formats
-    the name in the message."""
-    for name, value in values.items():
-        test, rule = rules[name]
+    """Raise a `ValueError` for the first value of `values` that breaks its rule in `rules` (`None`, and names
+    without a rule, are not checked); `label` formats the name in the message."""
+    for name, (test, rule) in rules.items():
+        value = values.get(name)
         if value is not None and not test(value):
             raise ValueError(f"{label.format(name)} must be {rule}, got {value!r}.")
 
@@ -424,11 +430,14 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
         """The local snapshot of the Hub repo `repo_id` (see `from_pretrained`); takes the Hub arguments out of
         `kwargs`."""
-        hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only", "force_download") if k in kwargs}
+        names = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+        hub = {name: kwargs.pop(name) for name in names if name in kwargs}
         try:
             path = snapshot_download(repo_id, ignore_patterns=list(PICKLE_PATTERNS), **hub)
         except HFValidationError:
-            raise FileNotFoundError(f"{repo_id} is neither a folder (none exists there) nor a Hub repo id ('org/name').") from None
+            raise FileNotFoundError(
+                f"{repo_id} is neither a folder (none exists there) nor a Hub repo id ('org/name')."
+            ) from None
         pickled_only = [
             name
             for name in os.listdir(path)
@@ -593,13 +602,12 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             recorded = self.config.get("empty_prompt_embeds")
             if recorded is None or any(prompts):
                 what = f"the prompt {next(p for p in prompts if p)!r}" if any(prompts) else "the empty prompt"
+                none = " (none is)" if recorded is None else ""
                 raise ValueError(
-                    f"This pipeline has no text encoder to encode {what}; without one, only the empty prompt "
-                    "(`prompt=None` or \"\", `negative_prompt=\"\"`) works, from the embedding recorded when the "
-                    "pipeline had a text encoder"
-                    f"{' (this one has none recorded)' if recorded is None else ''}. Otherwise pass `prompt_embeds` "
-                    "and `prompt_attention_mask` (and `negative_prompt_embeds` and `negative_prompt_attention_mask` "
-                    "for classifier-free guidance) from `encode_prompt` of a pipeline that has a text encoder."
+                    f"This pipeline has no text encoder to encode {what}. Pass `prompt_embeds` and "
+                    "`prompt_attention_mask` (and the `negative_` ones for guidance) from `encode_prompt` of a "
+                    "pipeline that has one; without, only the empty prompt works (`prompt=None` or \"\", "
+                    f"`negative_prompt=\"\"`), from its embedding recorded with the model{none}."
                 )
             dtype = self.transformer.dtype if self.transformer is not None else torch.float32
             tokens = torch.tensor(recorded, dtype=dtype, device=device)
@@ -753,7 +761,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     def _checked_sampling_defaults(values: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(values) - set(SAMPLING_ARGUMENTS))
         if unknown:
-            raise ValueError(f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_ARGUMENTS)}.")
+            raise ValueError(
+                f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_ARGUMENTS)}."
+            )
         _check_arguments(values, ARGUMENT_RULES, "`sampling_defaults['{}']`")
         return {name: values[name] for name in SAMPLING_ARGUMENTS if values.get(name) is not None}
 
@@ -803,6 +813,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
             pipe.check_inputs(**{**kwargs, **pipe.resolve_sampling_arguments(**kwargs)})
         """
+        arguments = locals()
         missing = [name for name in ("vae", "transformer", "scheduler") if getattr(self, name, None) is None]
         if missing:
             raise ValueError(
@@ -836,28 +847,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"({tile} px)",
             ),
             "callback_on_step_end_tensor_inputs": (
-                lambda v: set(v) <= set(self._callback_tensor_inputs), f"a list of names from {self._callback_tensor_inputs}"
+                lambda v: set(v) <= set(self._callback_tensor_inputs),
+                f"a list of names from {self._callback_tensor_inputs}",
             ),
         }
-        _check_arguments(
-            dict(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                guidance_scale_start=guidance_scale_start,
-                restoration_guidance=restoration_guidance,
-                strength=strength,
-                fidelity=fidelity,
-                upscale=upscale,
-                output_type=output_type,
-                color_fix=color_fix,
-                tile_size=tile_size,
-                tile_overlap=tile_overlap,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            ),
-            rules,
-        )
+        _check_arguments(arguments, rules)
         train_timesteps = float(self.scheduler.config.get("num_train_timesteps", 1000))
         for name, schedule, upper in (("timesteps", timesteps, train_timesteps), ("sigmas", sigmas, 1.0)):
             values = None if schedule is None else np.asarray(torch.as_tensor(schedule).cpu(), dtype=np.float64)
@@ -935,7 +929,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             )
         return pixels, alphas
 
-    def _tile_grid(self, size, tile_size: int | None, tile_overlap: int | None, cell: int = 1, align: int = 1) -> TileGrid:
+    def _tile_grid(
+        self, size, tile_size: int | None, tile_overlap: int | None, cell: int = 1, align: int = 1
+    ) -> TileGrid:
         """The tiles of an image of `size` cells of `cell` x `cell` pixels (pixels for the degradation removal stage,
         latent pixels for the VAE and the transformer), the one tiling rule of a call: a single tile when the image
         fits in `tile_size` px (`None`: `default_tile_size`; 0: never tile), else tiles of `tile_size` px (a whole
@@ -1064,7 +1060,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         `condition_latents` and `restoration_guidance_tau` (restoration guidance; `None` keeps the scheduler's
         configured strength)."""
         accepted = set(inspect.signature(self.scheduler.step).parameters)
-        extra = dict(generator=generator, condition_latents=condition_latents, restoration_guidance_tau=restoration_guidance)
+        extra = dict(
+            generator=generator, condition_latents=condition_latents, restoration_guidance_tau=restoration_guidance
+        )
         return {name: value for name, value in extra.items() if name in accepted and value is not None}
 
     @staticmethod
@@ -1165,8 +1163,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 carry the original alpha, resized with `upscale`, to PIL outputs (RGBA); `np`/`pt` outputs are RGB.
                 16-bit, 32-bit and float grey (I;16, I, F) follow `image_io.high_bit_to_unit` (I;16 is 16-bit, I is
                 16-bit when any value exceeds 255 else 8-bit, F is scaled by the smallest of 1, 255 and 65535 that
-                holds it); grey and other modes (CMYK, YCbCr, ...) are converted to RGB. numpy: HW, HWC or NHWC (1 or 3 channels), uint8, uint16, or float in [0, 1]. torch: HW, CHW
-                or NCHW (1 or 3 channels), uint8 or float in **[0, 1]** (not [-1, 1]; negative values raise). Each
+                holds it); grey and other modes (CMYK, YCbCr, ...) are converted to RGB. numpy: HW, HWC or NHWC (1
+                or 3 channels), uint8, uint16, or float in [0, 1]. torch: HW, CHW or NCHW (1 or 3 channels), uint8 or
+                float in **[0, 1]** (not [-1, 1]; negative values raise). Each
                 image is padded (by reflection) to a multiple of `size_multiple` (one transformer token) and the
                 result cropped back, so the output has the input's size times `upscale`.
             prompt (`str` or `list[str]`, *optional*):
@@ -1394,7 +1393,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     continue
                 if guidance_scale_start is not None:  # SUPIR's linear guidance in sigma
                     sigma = float(self.scheduler.sigmas[start_index + i])
-                    self._guidance_scale = self._scheduled_guidance(sigma, sigma_max, guidance_scale, guidance_scale_start)
+                    self._guidance_scale = self._scheduled_guidance(
+                        sigma, sigma_max, guidance_scale, guidance_scale_start
+                    )
                 timestep = t.to(device=device, dtype=torch.float32)
 
                 def predict(top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -1433,7 +1434,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if output_type == "latent":
             result = latents
         else:
-            result = self._vae_decode(latents, tiles, upscale_decoder=decoder_upscale > 1)[:, :, :out_height, :out_width]
+            result = self._vae_decode(latents, tiles, upscale_decoder=decoder_upscale > 1)
+            result = result[:, :, :out_height, :out_width]
             if fidelity > 0:  # reference - decode(encode(reference))
                 round_trip = self._vae_decode(reference_latents, tiles)[:, :, :out_height, :out_width]
                 residual = (pixels - round_trip).repeat_interleave(num_images_per_prompt, dim=0)
@@ -1449,14 +1451,15 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 "model's weights are likely broken (e.g. saved from a diverged training run) or float16 overflowed. "
                 "Check the weights with torch.isfinite, or load the pipeline in float32 or bfloat16."
             )
-        images = result if output_type == "latent" else self._postprocess(result, alphas, num_images_per_prompt, output_type)
+        if output_type != "latent":
+            result = self._postprocess(result, alphas, num_images_per_prompt, output_type)
 
         # 11. Offload all models
         self.maybe_free_model_hooks()
 
         if not return_dict:
-            return (images,)
-        return SanaRestorationPipelineOutput(images=images)
+            return (result,)
+        return SanaRestorationPipelineOutput(images=result)
 
     def _postprocess(self, images: torch.Tensor, alphas, num_images_per_prompt: int, output_type: str):
         """`(batch, 3, H, W)` in [0, 1] -> `output_type`; PIL outputs get their input's alpha back (RGBA)."""
