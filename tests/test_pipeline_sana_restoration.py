@@ -17,6 +17,7 @@ from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 from diffusers_restore.models.safe_weights import UnsafeWeightsError
 from diffusers_restore.pipelines import pipeline_sana_restoration as pipeline_module
 from diffusers_restore.pipelines.image_processing_restoration import (
+    TileGrid,
     adain_color_fix,
     blend_weights,
     images_to_tensor,
@@ -414,6 +415,15 @@ def test_tile_layout_and_weights():
         tile_starts(99, 32, 8, align=4)
     weights = blend_weights(16, 16, 8)
     assert weights.shape == (1, 1, 16, 16) and float(weights.min()) > 0 and float(weights.max()) == 1.0
+    # blending tiles of one tensor gives it back, at any output scale; a grid that fits is one tile
+    full = torch.rand(2, 3, 30, 50, generator=_gen(0))
+    tiles = TileGrid((30, 50), 16, 4, align=2)
+    assert len(tiles) == 3 * 5 and all(box[2:] == (16, 16) for box in tiles.boxes)
+    torch.testing.assert_close(tiles.blend(lambda top, left, h, w: full[:, :, top : top + h, left : left + w]), full)
+    large = full.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+    scaled = tiles.blend(lambda top, left, h, w: large[:, :, 4 * top : 4 * (top + h), 4 * left : 4 * (left + w)], 4)
+    torch.testing.assert_close(scaled, large)
+    assert TileGrid((30, 50), 50).boxes == [(0, 0, 30, 50)]
 
 
 def test_tiles_are_used_automatically_and_when_forced(pipe):
