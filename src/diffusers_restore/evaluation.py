@@ -65,7 +65,7 @@ def autoencode(pipe, image, output_type: str = "pil") -> list[PIL.Image.Image] |
     """``decode(encode(image))`` with `pipe`'s VAE, as a restoration call encodes its input: RGB in [0, 1], padded by
     reflection to `pipe.size_multiple`, scaled latents (:mod:`~diffusers_restore.models.vae_latents`), decoded and
     cropped back. Scored against the clean image this is the VAE's ceiling: the best any restorer working in this
-    latent space can reach. The VAE's own tiling applies when enabled (``pipe.enable_vae_tiling()``).
+    latent space can reach. The VAE's own tiling applies when enabled (``pipe.vae.enable_tiling()``).
 
     Args:
         pipe: a `SanaRestorationPipeline` (only its `vae` and `size_multiple` are used).

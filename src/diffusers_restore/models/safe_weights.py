@@ -40,16 +40,6 @@ class UnsafeWeightsError(ValueError):
     """Weights that were not loaded because loading them could run code."""
 
 
-def refuse_pickle(use_safetensors: bool | None, what: str) -> None:
-    """Raise if a caller asks to load `what` from a pickle (`use_safetensors=False`): the LoRA loaders read
-    safetensors only."""
-    if use_safetensors is False:
-        raise ValueError(
-            f"`use_safetensors=False` is not supported: {what} load from safetensors only (unpickling a weight file "
-            "can run arbitrary code)."
-        )
-
-
 def weights_loading_kwargs(folder: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs` of a diffusers `from_pretrained` of `folder` (a model folder, or a pipeline folder and its component
     subfolders), under the rule above: unchanged on torch >= 2.6; on older torch, `use_safetensors=True`, after

@@ -27,7 +27,7 @@ from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
-from .safe_weights import SafeWeightsModelMixin, refuse_pickle, weights_loading_kwargs
+from .safe_weights import SafeWeightsModelMixin, weights_loading_kwargs
 
 logger = logging.get_logger(__name__)
 

@@ -65,7 +65,7 @@ from diffusers.utils import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
-from ..models.safe_weights import PICKLE_PATTERNS, pickle_refusals_explained, refuse_pickle, weights_loading_kwargs
+from ..models.safe_weights import PICKLE_PATTERNS, pickle_refusals_explained, weights_loading_kwargs
 from ..models.transformer_sana_concat import ConcatConditionedTransformer
 from ..models.upscale_decoder import DCUpscaleDecoder
 from ..models.vae_latents import decode_latents, encode_latents, unscale_latents, vae_spatial_factor
