@@ -256,10 +256,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             by [`SanaDegradationPipeline`] ("degrade") is refused here with a message naming that class, and the
             other way round. Folders saved before directions were recorded are restorers.
         empty_prompt_embeds (`list[list[float]]`, *optional*):
-            The empty prompt's embedding (its unmasked tokens, `(tokens, hidden)`), recorded in the config whenever a
-            tokenizer and text encoder are set. A pipeline without them (built, or loaded, with `tokenizer=None,
-            text_encoder=None`) runs on it for the empty prompt (`prompt=None` or `""`, and `negative_prompt=""`);
-            any other prompt then needs `prompt_embeds` from `encode_prompt` of a pipeline that has a text encoder.
+            The empty prompt's embedding (its unmasked tokens, `(tokens, hidden)`), recorded in the config by
+            `save_pretrained` and when the tokenizer or text encoder is set to `None`. A pipeline without them (loaded
+            with `tokenizer=None, text_encoder=None`, or set so) runs on it for the empty prompt (`prompt=None` or
+            `""`, and `negative_prompt=""`); any other prompt then needs `prompt_embeds` from `encode_prompt` of a
+            pipeline that has a text encoder.
 
     A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts);
     each method says which components it needs.
@@ -304,7 +305,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self._prompt_cache: collections.OrderedDict = collections.OrderedDict()
         self._call_lock, self._calling_thread = threading.Lock(), None
         self.register_to_config(empty_prompt_embeds=empty_prompt_embeds)
-        # setting the tokenizer and text encoder records their empty prompt (see `__setattr__`)
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -319,11 +319,19 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self.vae_scale_factor = vae_spatial_factor(vae) if vae is not None else 32
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("tokenizer", "text_encoder"):
+            has_text_encoder = all(self.__dict__.get(key) is not None for key in ("tokenizer", "text_encoder"))
+            if value is None and has_text_encoder:
+                self._record_empty_prompt()  # the pipeline keeps running on the empty prompt without them
+            self._prompt_cache.clear()  # cached embeddings belong to the text encoder they came from
         super().__setattr__(name, value)
-        if name in ("tokenizer", "text_encoder"):  # cached embeddings belong to the text encoder they came from
-            self._prompt_cache.clear()
-            if self.__dict__.get("tokenizer") is not None and self.__dict__.get("text_encoder") is not None:
-                self._record_empty_prompt()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """[`DiffusionPipeline.save_pretrained`] (same arguments), with the empty prompt's embedding recorded first
+        (`empty_prompt_embeds`), so that the folder loaded without a text encoder still runs on the empty prompt."""
+        if self.tokenizer is not None and self.text_encoder is not None:
+            self._record_empty_prompt()
+        super().save_pretrained(save_directory, **kwargs)
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -574,12 +582,16 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     @torch.no_grad()
     def _record_empty_prompt(self) -> None:
         """Record the empty prompt's embedding in the config (`empty_prompt_embeds`): its unmasked tokens, which are
-        all a transformer sees of it (the attention mask hides the rest)."""
-        encoder = self.text_encoder
-        if encoder.device.type == "meta":
-            return
-        embeds, mask = self._get_gemma_prompt_embeds([""], encoder.device, encoder.dtype, max_sequence_length=8)
-        self.register_to_config(empty_prompt_embeds=embeds[0, mask[0].bool()].float().tolist())
+        all a transformer sees of it (the attention mask hides the rest). Taken from the prompt cache when it holds
+        the empty prompt (without an instruction prefix), else encoded."""
+        cached = next((row for key, row in self._prompt_cache.items() if key[0] == "" and not key[3]), None)
+        if cached is None and self.text_encoder.device.type != "meta":
+            embeds, mask = self._get_gemma_prompt_embeds(
+                [""], self.text_encoder.device, self.text_encoder.dtype, max_sequence_length=8
+            )
+            cached = embeds[0], mask[0]
+        if cached is not None:
+            self.register_to_config(empty_prompt_embeds=cached[0][cached[1].bool()].float().tolist())
 
     def _text_embeddings(
         self,
