@@ -256,11 +256,11 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             by [`SanaDegradationPipeline`] ("degrade") is refused here with a message naming that class, and the
             other way round. Folders saved before directions were recorded are restorers.
         empty_prompt_embeds (`list[list[float]]`, *optional*):
-            The empty prompt's embedding (its unmasked tokens, `(tokens, hidden)`), recorded in the config by
-            `save_pretrained` and when the tokenizer or text encoder is set to `None`. A pipeline without them (loaded
-            with `tokenizer=None, text_encoder=None`, or set so) runs on it for the empty prompt (`prompt=None` or
-            `""`, and `negative_prompt=""`); any other prompt then needs `prompt_embeds` from `encode_prompt` of a
-            pipeline that has a text encoder.
+            The empty prompt's embedding (its unmasked tokens, `(tokens, hidden)`), recorded in the config when the
+            tokenizer or text encoder is set to `None`: such a pipeline, and the folder it saves, runs on it for the
+            empty prompt (`prompt=None` or `""`, and `negative_prompt=""`); any other prompt then needs
+            `prompt_embeds` from `encode_prompt` of a pipeline that has a text encoder. To ship a restorer without
+            its text encoder: `pipe.tokenizer = pipe.text_encoder = None`, then `save_pretrained`.
 
     A pipeline may be built with only some components (e.g. only `tokenizer` and `text_encoder` to encode prompts);
     each method says which components it needs.
@@ -326,12 +326,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             self._prompt_cache.clear()  # cached embeddings belong to the text encoder they came from
         super().__setattr__(name, value)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """[`DiffusionPipeline.save_pretrained`] (same arguments), with the empty prompt's embedding recorded first
-        (`empty_prompt_embeds`), so that the folder loaded without a text encoder still runs on the empty prompt."""
-        if self.tokenizer is not None and self.text_encoder is not None:
-            self._record_empty_prompt()
-        super().save_pretrained(save_directory, **kwargs)
 
     # ------------------------------------------------------------------------------------------ construction
 
