@@ -595,12 +595,11 @@ class RestorationApp:
         `keep_outputs - 1` earlier outputs (Gradio has copied them into its own cache), so that a long-running
         server's folder stays bounded."""
         with self._cancel_lock:
-            folders = [os.path.join(self.output_dir, name) for name in os.listdir(self.output_dir)
-                       if name.startswith("request-")]
-            folders.sort(key=os.path.getmtime)
+            folders = sorted(name for name in os.listdir(self.output_dir) if name.startswith("request-"))
             for stale in folders[: max(0, len(folders) - self.keep_outputs + 1)]:
-                shutil.rmtree(stale, ignore_errors=True)
-            folder = tempfile.mkdtemp(prefix="request-", dir=self.output_dir)
+                shutil.rmtree(os.path.join(self.output_dir, stale), ignore_errors=True)
+            # named by creation time, so that sorting the names puts the oldest first
+            folder = tempfile.mkdtemp(prefix=f"request-{time.time_ns():020d}-", dir=self.output_dir)
         return os.path.join(folder, f"{_output_stem(input_name)}_restored.png")
 
     @staticmethod
