@@ -845,12 +845,12 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
         path = samples[event.index]
         return (path, *cleared, f"Sample `{os.path.basename(path)}` loaded. Press **Restore**.")
 
-    def level_control(degradation):
+    def level_control(degradation, value=None):
         entry = DEGRADATION_CHOICES.get(degradation)
         if entry is None or not entry.has_level:
             return gr.Slider(visible=False)
-        return gr.Slider(minimum=entry.minimum, maximum=entry.maximum, step=entry.step, value=entry.default,
-                         label=entry.level_label, visible=True)
+        return gr.Slider(minimum=entry.minimum, maximum=entry.maximum, step=entry.step,
+                         value=entry.default if value is None else value, label=entry.level_label, visible=True)
 
     def step_dependent(steps):
         """Restoration guidance and strength act only when more than one step runs."""
@@ -868,9 +868,12 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
             return "Unavailable at 1 step: raise Steps to use it."
         return "How much of the process runs: 1 starts from noise; lower starts from your photo and changes it less."
 
-    choice, choice_level = app.sample_degradation
-    entry = DEGRADATION_CHOICES[choice] or DEGRADATION_CHOICES["Gaussian noise"]
-    show_level = DEGRADATION_CHOICES[choice] is not None and entry.has_level
+    def ready():
+        """The page opens with the degradation the model was trained on (the API's default stays none)."""
+        choice, value = app.sample_degradation
+        return choice, level_control(choice, value)
+
+    noise = DEGRADATION_CHOICES["Gaussian noise"]
     steps_note = (f"This model was made for {start['num_inference_steps']} step(s) (its recorded default)"
                   + ("; more steps change its result, usually for the worse." if one_step else "."))
 
@@ -882,12 +885,12 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
                                  value=samples[0] if samples else None, height=300, elem_id="input-image")
                 with gr.Row():
                     degradation = gr.Dropdown(
-                        list(DEGRADATION_CHOICES), value=choice, elem_id="degradation", scale=3,
+                        list(DEGRADATION_CHOICES), value=NO_DEGRADATION, elem_id="degradation", scale=3,
                         label="Simulate a degradation",
                         info="Damage a clean photo on purpose to see the model repair it (and get scores).")
-                    level = gr.Slider(minimum=entry.minimum, maximum=entry.maximum, step=entry.step,
-                                      value=choice_level if show_level else entry.default, label=entry.level_label,
-                                      visible=show_level, scale=2, elem_id="level")
+                    level = gr.Slider(minimum=noise.minimum, maximum=noise.maximum, step=noise.step,
+                                      value=noise.default, label=noise.level_label, visible=False, scale=2,
+                                      elem_id="level")
                 with gr.Row():
                     run_button = gr.Button("Restore", variant="primary", elem_id="restore-button", scale=4)
                     stop_button = gr.Button("Stop", variant="secondary", size="sm", interactive=False,
@@ -955,7 +958,10 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
         if samples:
             gallery.select(pick_sample, inputs=None, outputs=[image, *results, status], api_visibility="private",
                            show_progress="hidden")
-        degradation.change(level_control, inputs=degradation, outputs=level, api_visibility="private")
+        demo.load(ready, inputs=None, outputs=[degradation, level], queue=False, api_visibility="private",
+                  show_progress="hidden")
+        degradation.input(level_control, inputs=degradation, outputs=level, api_visibility="private",
+                          show_progress="hidden")
         steps.change(step_dependent, inputs=steps, outputs=[restoration_guidance, strength],
                      api_visibility="private", show_progress="hidden")
         restore_event = run_button.click(
