@@ -386,33 +386,40 @@ def test_a_first_time_visitor_in_a_real_browser(server, tmp_path):
         assert "cmyk_coffee_restored.png" in restore_and_wait()
         assert download_names() == ["cmyk_coffee_restored.png"] * 2
 
-        # 3. A large image shows its progress stage by stage and tile by tile under Restore; Stop cancels it.
+        # 3. A large image shows its progress stage by stage and tile by tile under Restore; Stop cancels it. (20
+        # steps make its denoising stage long enough to be stopped in.)
         large = str(tmp_path / "large.jpg")
         load_photo("chelsea").resize((MAX_SIDE, MAX_SIDE * 3 // 4)).save(large, quality=90)
         upload(large)
         wait_status("Ready")
+        driver.find_element(By.XPATH, "//button[contains(., 'Advanced settings')]").click()
+        steps = driver.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
+        steps.clear()
+        steps.send_keys("20\t")
+        wait.until(lambda _: driver.find_element(By.CSS_SELECTOR, "#strength input[type=range]").is_enabled())
         driver.execute_script("window.statusLog.length = 0;")
         driver.find_element(By.CSS_SELECTOR, "#restore-button").click()
 
-        def tiles_counted(_):
-            return any(int(match.group(3)) > 1 for match in (PROGRESS.search(entry[0])
-                                                             for entry in driver.execute_script(
-                                                                 "return window.statusLog;")) if match)
+        def progress_seen():
+            seen = [PROGRESS.search(entry[0]) for entry in driver.execute_script("return window.statusLog;")]
+            return [(match.group(1), int(match.group(2)), int(match.group(3))) for match in seen if match]
+
+        def stages_and_tiles(_):
+            seen = progress_seen()
+            return len({stage for stage, _, _ in seen}) >= 2 and any(total > 1 for _, _, total in seen)
 
         try:
-            wait.until(tiles_counted)
+            WebDriverWait(driver, 180, poll_frequency=0.1).until(stages_and_tiles)
         except Exception:
-            pytest.fail(f"no tile progress was shown: {driver.execute_script('return window.statusLog;')}")
+            pytest.fail(f"no stage and tile progress was shown: {driver.execute_script('return window.statusLog;')}")
         driver.find_element(By.CSS_SELECTOR, "#stop-button").click()
         assert wait_status("Cancelled") == CANCELLED.replace("**", "")
         wait.until(lambda _: not driver.find_element(By.CSS_SELECTOR, "#restore-button").get_attribute("disabled"))
-        stages = {match.group(1) for match in (PROGRESS.search(entry[0])
-                                               for entry in driver.execute_script("return window.statusLog;"))
-                  if match}
-        assert len(stages) >= 2, stages
+        assert driver.find_element(By.CSS_SELECTOR, "#stop-button").get_attribute("disabled")
+        steps.clear()
+        steps.send_keys("1\t")
 
         # 5. An error at Restore stays off the scores; picking a sample clears it.
-        driver.find_element(By.XPATH, "//button[contains(., 'Advanced settings')]").click()
         tile = driver.find_element(By.CSS_SELECTOR, "#tile-size textarea")
         tile.clear()
         tile.send_keys("33")
@@ -429,6 +436,10 @@ def test_a_first_time_visitor_in_a_real_browser(server, tmp_path):
         assert bottom <= 900, f"Restore ends at {bottom} px, below the 900 px screen"
         screenshot("first_load_phone")
         restore_and_wait()
+        driver.find_element(By.CSS_SELECTOR, "#status a[href='#comparison']").click()  # "see the result"
+        wait.until(lambda _: driver.execute_script(
+            "const box = document.querySelector('#comparison').getBoundingClientRect();"
+            "return box.top >= 0 && box.top < window.innerHeight;"))
         screenshot("result_phone")
         upload(next(iter(_bad_files(tmp_path))))
         wait_status("⚠ Refused")

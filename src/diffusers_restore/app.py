@@ -814,7 +814,7 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
             before = to_rgb(before)
         spec = result.settings.get("simulated_degradation")
         details = {"settings": result.settings, "scores": result.scores}
-        done = (f"**Done** in {elapsed:.1f} s: compare with the slider, download "
+        done = (f"**Done** in {elapsed:.1f} s: [see the result](#comparison), download "
                 f"`{os.path.basename(result.output_path)}`.")
         yield (before, result.output_path), result.output_path, _scores_markdown(result.scores, spec), details, done
 
@@ -901,7 +901,7 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
                     gallery = gr.Gallery(
                         value=[(path, os.path.splitext(os.path.basename(path))[0]) for path in samples],
                         label="Sample photos (click one to use it)", columns=6, rows=1, height=150, allow_preview=False,
-                        selected_index=0, interactive=False, elem_id="samples")
+                        selected_index=0, interactive=False, buttons=[], elem_id="samples")
                 with gr.Accordion("Advanced settings", open=False):
                     prompt = gr.Textbox(
                         label="Prompt", value="", placeholder="empty: the model's default",
@@ -942,9 +942,10 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
                              f"auto = the model's own size ({getattr(app.pipe, 'default_tile_size', '?')} px), "
                              f"0 = never split, or a multiple of {multiple}.")
             with gr.Column():
-                comparison = gr.ImageSlider(label="Before (left) · Restored (right): drag to compare", type="pil",
+                comparison = gr.ImageSlider(label="Before (left) · Restored (right)", type="pil",
                                             format="png", elem_id="comparison", buttons=["download", "fullscreen"])
-                download = gr.File(label="Download the restored image (PNG, full resolution)", elem_id="download")
+                download = gr.File(label="Download the restored image (PNG, full resolution)", height=100,
+                                   elem_id="download")
                 scores = gr.Markdown("Simulate a degradation to see PSNR / SSIM against the clean photo.",
                                      elem_id="scores")
                 with gr.Accordion("Details", open=False):
