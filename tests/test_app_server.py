@@ -271,7 +271,7 @@ return Array.from(document.querySelectorAll('#status .error, #scores .error, #co
 
 
 @pytest.mark.skipif(bool(_browser_missing()), reason=_browser_missing() or "browser present")
-def test_a_first_time_visitor_in_a_real_browser(server, tmp_path):
+def test_restore_in_a_real_browser(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
