@@ -706,10 +706,11 @@ APP_CSS = """
 #status p { margin: 0.25rem 0; }
 #header p { margin: 0.2rem 0; }
 #samples .caption-label { font-size: 0.8rem; }
+#download .empty { min-height: 0 !important; height: 5rem !important; }
 #samples .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important; }
 @media (max-width: 640px) {
   #samples .grid-container { --grid-cols: 3 !important; }
-  #samples .grid-wrap { height: auto !important; max-height: none !important; }
+  #samples, #samples .gallery-container, #samples .grid-wrap { height: auto !important; }
 }
 """
 """The page's few style rules (passed to ``launch(css=...)``)."""
@@ -874,7 +875,9 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
         return choice, level_control(choice, value)
 
     noise = DEGRADATION_CHOICES["Gaussian noise"]
-    steps_note = (f"This model was made for {start['num_inference_steps']} step(s) (its recorded default)"
+    recorded_steps = start["num_inference_steps"]
+    steps_note = (f"This model was made for {recorded_steps} step{'s' if recorded_steps > 1 else ''} (its recorded "
+                  "default)"
                   + ("; more steps change its result, usually for the worse." if one_step else "."))
 
     with gr.Blocks(title="SANA restoration", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -915,7 +918,7 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
                         1.0, 10.0, step=0.1, value=start["guidance_scale"], label="Guidance scale",
                         interactive="guidance_scale" not in disabled, elem_id="guidance",
                         info=disabled.get("guidance_scale", "How hard the result is pushed away from \"blurry, "
-                                                            "noisy, low quality\". 1 = off (twice as fast)."))
+                                                            "noisy, low quality\". 1 = off (and twice as fast)."))
                     several = not one_step
                     restoration_guidance = gr.Slider(
                         0.0, 10.0, step=0.1, value=start["restoration_guidance"], label="Restoration guidance",
@@ -944,8 +947,7 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
             with gr.Column():
                 comparison = gr.ImageSlider(label="Before (left) · Restored (right)", type="pil",
                                             format="png", elem_id="comparison", buttons=["download", "fullscreen"])
-                download = gr.File(label="Download the restored image (PNG, full resolution)", height=100,
-                                   elem_id="download")
+                download = gr.File(label="Download the restored image (PNG, full resolution)", elem_id="download")
                 scores = gr.Markdown("Simulate a degradation to see PSNR / SSIM against the clean photo.",
                                      elem_id="scores")
                 with gr.Accordion("Details", open=False):
