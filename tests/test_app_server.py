@@ -432,7 +432,8 @@ def test_restore_in_a_real_browser(server, tmp_path):
 
         # On a phone, Restore is above the fold; the result and the errors read the same.
         open_page(420, 900)
-        bottom = driver.execute_script("return document.querySelector('#restore-button').getBoundingClientRect().bottom")
+        bottom = driver.execute_script(
+            "return document.querySelector('#restore-button').getBoundingClientRect().bottom;")
         assert bottom <= 900, f"Restore ends at {bottom} px, below the 900 px screen"
         screenshot("first_load_phone")
         restore_and_wait()

@@ -128,7 +128,7 @@ def degradation_spec(choice: str, level: float | None = None) -> str | None:
 # ------------------------------------------------------------------------------------------- the model's card
 
 
-def read_model_card(location: str, revision: str | None = None) -> str | None:
+def read_model_card(location: str) -> str | None:
     """The text of the model card (``README.md``) of a pipeline folder or Hub repo id; ``None`` when there is none
     (or the Hub cannot be reached)."""
     if not location:
@@ -138,7 +138,7 @@ def read_model_card(location: str, revision: str | None = None) -> str | None:
         try:
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(location, MODEL_CARD, revision=revision)
+            path = hf_hub_download(location, MODEL_CARD)
         except Exception as error:  # noqa: BLE001 - offline, no card, private repo: the page says it has none
             logger.info("no model card for %s (%s)", location, type(error).__name__)
             return None
@@ -346,7 +346,7 @@ class RestorationApp:
 
     @property
     def has_text_encoder(self) -> bool:
-        return getattr(self.pipe, "text_encoder", None) is not None and getattr(self.pipe, "tokenizer", None) is not None
+        return all(getattr(self.pipe, name, None) is not None for name in ("text_encoder", "tokenizer"))
 
     def describe_model(self) -> str:
         """One line naming the model, with its card's opening description (Markdown)."""
@@ -1013,8 +1013,7 @@ def launch(model: str = "bundled", host: str = "127.0.0.1", port: int = 7860, sh
     source = resolve_model(model)
     pipe = load_pipeline(source, dtype=dtype, device=device, revision=revision)
     pipe.set_progress_bar_config(disable=True)
-    app = RestorationApp(pipe, model_name=model, max_image_side=max_image_side,
-                         model_card=read_model_card(source.location, revision))
+    app = RestorationApp(pipe, model_name=model, max_image_side=max_image_side)
     samples = sample_photo_files(tempfile.mkdtemp(prefix="sana-restore-samples-"), max_side=max_image_side)
     demo = build_demo(app, samples)
     demo.queue(default_concurrency_limit=1, max_size=max_queue_size)
