@@ -368,6 +368,10 @@ def test_restore_in_a_real_browser(server, tmp_path):
         assert any(text.startswith(("Waiting", "Restoring")) and run and not stop for text, run, stop in log), log
         assert log[-1][1:] == [False, True], log  # Restore active again, Stop inactive
         assert download_names() == ["coffee_restored.png", "coffee_restored.png"]
+        assert driver.execute_script(  # the slider's sides are labelled on the image
+            "const side = document.querySelector('#comparison .slider-wrap');"
+            "return [getComputedStyle(side, '::before').content, getComputedStyle(side, '::after').content];"
+        ) == ['"Before"', '"Restored"']
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#scores"), "PSNR"))
         assert driver.execute_script(_VISIBLE_BADGES) == []
         screenshot("result")

@@ -707,6 +707,13 @@ APP_CSS = """
 #header p { margin: 0.2rem 0; }
 #samples .caption-label { font-size: 0.8rem; }
 #download .empty { min-height: 0 !important; height: 5rem !important; }
+#comparison .slider-wrap { position: relative; }
+#comparison .slider-wrap::before, #comparison .slider-wrap::after {
+  position: absolute; bottom: 0.5rem; z-index: 25; padding: 0.1rem 0.5rem; border-radius: 0.3rem;
+  background: rgba(0, 0, 0, 0.6); color: #fff; font-size: 0.85rem; pointer-events: none;
+}
+#comparison .slider-wrap::before { content: "Before"; left: 0.5rem; }
+#comparison .slider-wrap::after { content: "Restored"; right: 0.5rem; }
 #samples .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important; }
 @media (max-width: 640px) {
   #samples .grid-container { --grid-cols: 3 !important; }
