@@ -303,8 +303,8 @@ def test_restore_in_a_real_browser(server, tmp_path):
         try:
             wait.until(lambda _: status().startswith(start))
         except Exception:
-            pytest.fail(f"the status never started with {start!r}; it reads {status()!r}; page:\n"
-                        f"{driver.find_element(By.TAG_NAME, 'body').text[:2000]}")
+            pytest.fail(f"the status never started with {start!r}; it reads {status()!r}; its changes: "
+                        f"{driver.execute_script('return window.statusLog;')}")
         return status()
 
     def upload(path: str) -> None:

@@ -832,13 +832,13 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
                 "**Waiting** for the model…")
 
     def idle():
-        return gr.Button(value="Restore", interactive=True), gr.Button(interactive=False)
+        return gr.Button(value="Restore", interactive=True), gr.Button(value="Stop", interactive=False)
 
     def cancel(request: gr.Request):
         app.cancel(session_of(request))
 
-    def stopping():
-        return gr.Button(interactive=False), STOPPING
+    def stopping():  # the request's own status line says "Stopping", then "Cancelled"
+        return gr.Button(value="Stopping…", interactive=False)
 
     cleared = (None, None, "", None)
 
@@ -992,8 +992,8 @@ def build_demo(app: RestorationApp, samples: list[str] | None = None):
             after(idle, inputs=None, outputs=[run_button, stop_button], queue=False, api_visibility="private",
                   show_progress="hidden")
         stop_button.click(cancel, inputs=None, outputs=None, queue=False, api_name="cancel")
-        stop_button.click(stopping, inputs=None, outputs=[stop_button, status], queue=False,
-                          api_visibility="private", show_progress="hidden")
+        stop_button.click(stopping, inputs=None, outputs=stop_button, queue=False, api_visibility="private",
+                          show_progress="hidden")
     return demo
 
 
