@@ -382,7 +382,6 @@ def test_restore_in_a_real_browser(server, tmp_path):
             wait_status(f"⚠ Refused: {message}")
             text = page_text()
             assert "/tmp" not in text and str(tmp_path) not in text and "Error" not in text, text[:2000]
-        screenshot("error")
 
         # A CMYK JPEG restores and downloads.
         upload(_cmyk_jpeg(tmp_path))
