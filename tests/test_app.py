@@ -145,7 +145,9 @@ def test_the_page_describes_the_loaded_model_from_its_own_folder(app, pipe, tmp_
     assert description.rstrip(".") in " ".join(card.split())
     # a folder without a card says so
     bare = RestorationApp(StagedPipeline(), model_name="org/other", output_dir=str(tmp_path))
-    assert bare.describe_model() == "**Model:** `other`. Its folder has no model card (README.md) describing it."
+    assert bare.describe_model() == "**Model:** `org/other`. Its folder has no model card (README.md) describing it."
+    folder = RestorationApp(StagedPipeline(), model_name=str(tmp_path) + "/", output_dir=str(tmp_path))
+    assert folder.describe_model().startswith(f"**Model:** `{tmp_path.name}`.")
 
 
 def test_the_first_degradation_is_one_the_model_was_trained_on(app):

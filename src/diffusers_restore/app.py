@@ -350,11 +350,13 @@ class RestorationApp:
 
     def describe_model(self) -> str:
         """One line naming the model, with its card's opening description (Markdown)."""
-        name = self.model_name or getattr(self.pipe, "name_or_path", "") or type(self.pipe).__name__
+        name = str(self.model_name or getattr(self.pipe, "name_or_path", "") or type(self.pipe).__name__)
+        if os.path.isdir(name):  # a folder by its name; a Hub repo id as it is
+            name = os.path.basename(os.path.abspath(name))
         description = describe_model_card(self.model_card)
         if description is None:
             description = "Its folder has no model card (README.md) describing it."
-        return f"**Model:** `{os.path.basename(str(name).rstrip('/')) or name}`. {description}"
+        return f"**Model:** `{name}`. {description}"
 
     @property
     def sample_degradation(self) -> tuple[str, float | None]:
