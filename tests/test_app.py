@@ -73,8 +73,11 @@ class StagedPipeline:
     def __init__(self):
         self.work: list[tuple[str, int]] = []
 
-    def check_call_arguments(self, **kwargs):
+    def check_inputs(self, **kwargs):  # this stand-in accepts every setting
         pass
+
+    def resolve_sampling_arguments(self, **given):
+        return {name: given.get(name, value) for name, value in self.sampling_defaults.items()}
 
     def progress_bar(self, iterable=None, total=None, desc=None):
         return tqdm(iterable, total=total, desc=desc, disable=True)
