@@ -187,7 +187,8 @@ def test_two_concurrent_requests_are_both_answered(server, tmp_path):
     paths = [_photo_file(tmp_path, seed=seed) for seed in (3, 4)]
     clients = [gradio_client.Client(server, verbose=False) for _ in paths]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_restore, c, p, degradation="JPEG compression", level=20) for c, p in zip(clients, paths)]
+        futures = [pool.submit(_restore, client, path, degradation="JPEG compression", level=20)
+                   for client, path in zip(clients, paths)]
         results = [future.result(timeout=300) for future in futures]
     for result in results:
         assert result[3]["scores"]["restored"]["psnr"] > 0
@@ -354,7 +355,10 @@ def test_restore_in_a_real_browser(server, tmp_path):
         choice = driver.find_element(By.CSS_SELECTOR, "#degradation input").get_attribute("value")
         assert DEGRADATION_CHOICES[choice].name in recorded, (choice, recorded)
         assert re.sub(r"[`*_]", "", describe_model_card(card)) in page_text()
-        assert driver.find_element(By.CSS_SELECTOR, "#stop-button").get_attribute("disabled")  # nothing runs
+        run, stop = (driver.find_element(By.CSS_SELECTOR, selector) for selector in ("#restore-button", "#stop-button"))
+        assert stop.get_attribute("disabled")  # nothing runs
+        assert stop.size["height"] < run.size["height"]  # smaller than Restore, and not coloured like it
+        assert stop.value_of_css_property("background-color") != run.value_of_css_property("background-color")
         screenshot("first_load")
 
         # One click on Restore shows a change, named after the sample; Restore is busy meanwhile.
