@@ -370,8 +370,11 @@ class RestorationApp:
         needs the negative prompt encoded) is unavailable."""
         if self.has_text_encoder:
             return {}
-        reason = "Unavailable: this model has no text encoder, so it cannot read a prompt."
-        return {"prompt": reason, "guidance_scale": reason}
+        return {
+            "prompt": "Unavailable: this model has no text encoder, so it reads no prompt (it runs on the empty one).",
+            "guidance_scale": "Unavailable: this model has no text encoder to read the \"blurry, noisy, low quality\" "
+                              "prompt that guidance pushes away from.",
+        }
 
     # ----------------------------------------------------------------------------------------- cancelling
 
