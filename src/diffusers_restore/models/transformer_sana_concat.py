@@ -24,6 +24,7 @@ from torch import nn
 from diffusers import ConfigMixin, ModelMixin, SanaTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
@@ -83,7 +84,7 @@ def add_condition_projection(
     return state_dict
 
 
-class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A [`SanaTransformer2DModel`] that takes a condition latent (the degraded image) concatenated to its input.
 
