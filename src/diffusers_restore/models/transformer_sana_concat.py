@@ -28,7 +28,7 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
-from .safe_weights import SafeWeightsModelMixin, weights_loading_kwargs
+from .safe_weights import SafeWeightsModelMixin, pickle_refusals_explained, weights_loading_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -45,12 +45,16 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "tok
 
 
 def add_condition_projection(
-    state_dict: dict[str, torch.Tensor], source: str | os.PathLike, key: str = PROJECTION_KEY, **hub_kwargs: Any
+    state_dict: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    key: str = PROJECTION_KEY,
+    use_safetensors: bool | None = None,
+    **hub_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """`state_dict` (read from `source`) with the trained projection that
-    [`~ConcatConditionedTransformer.save_lora_adapter`] wrote beside it (`condition_projection.safetensors`, else
-    `condition_projection.bin` through torch's weights-only loader) added as `key`, unless `state_dict` already holds
-    a projection or `source` (a folder, a Hub repo id or a single file) has none.
+    [`~ConcatConditionedTransformer.save_lora_adapter`] wrote beside it (`condition_projection.safetensors`, else,
+    unless `use_safetensors=True`, `condition_projection.bin` through torch's weights-only loader) added as `key`,
+    unless `state_dict` already holds a projection or `source` (a folder, a Hub repo id or a single file) has none.
 
     `hub_kwargs`: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
     The projection has shape `(in_channels, in_channels + condition_channels, 1, 1)`.
@@ -64,7 +68,10 @@ def add_condition_projection(
     subfolder = hub_kwargs.pop("subfolder", None) or ""
     if os.path.isfile(path) or any(name.endswith(PROJECTION_KEY) for name in state_dict):
         return state_dict
-    for name in (CONDITION_PROJECTION_WEIGHT_NAME, CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin")):
+    names = [CONDITION_PROJECTION_WEIGHT_NAME]
+    if use_safetensors is not True:
+        names.append(CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin"))
+    for name in names:
         if os.path.isdir(path):
             file = os.path.join(path, subfolder, name)
             if not os.path.isfile(file):
@@ -412,10 +419,13 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         else:
             fetch_names = (*HUB_KWARGS, "weight_name", "use_safetensors")
             fetch_kwargs = {key: kwargs.pop(key) for key in fetch_names if key in kwargs}
-            state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
-                source, return_lora_metadata=True, **fetch_kwargs
-            )
-            state_dict = add_condition_projection(state_dict, source, **fetch_kwargs)
+            folder = os.path.join(os.fspath(source), fetch_kwargs.get("subfolder") or "")
+            fetch_kwargs = weights_loading_kwargs(folder, fetch_kwargs)
+            with pickle_refusals_explained(folder):
+                state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
+                    source, return_lora_metadata=True, **fetch_kwargs
+                )
+                state_dict = add_condition_projection(state_dict, source, **fetch_kwargs)
             metadata = metadata or file_metadata
 
         if prefix is not None:  # the projection's keys are this model's with or without the prefix

@@ -466,13 +466,17 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         projection."""
         from ..models.transformer_sana_concat import PROJECTION_KEY, add_condition_projection
 
+        source = pretrained_model_name_or_path_or_dict
         return_metadata = kwargs.pop("return_lora_metadata", False)
-        state_dict, metadata = super().lora_state_dict(
-            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
-        )
-        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+        if isinstance(source, dict):
+            state_dict, metadata = super().lora_state_dict(source, return_lora_metadata=True, **kwargs)
+            return (state_dict, metadata) if return_metadata else state_dict
+        folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "")
+        kwargs = weights_loading_kwargs(folder, kwargs)
+        with pickle_refusals_explained(folder):
+            state_dict, metadata = super().lora_state_dict(source, return_lora_metadata=True, **kwargs)
             key = f"{cls.transformer_name}.{PROJECTION_KEY}"
-            state_dict = add_condition_projection(state_dict, pretrained_model_name_or_path_or_dict, key, **kwargs)
+            state_dict = add_condition_projection(state_dict, source, key, **kwargs)
         return (state_dict, metadata) if return_metadata else state_dict
 
     def load_lora_weights(
