@@ -241,7 +241,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             [`FlowMatchEulerDiscreteScheduler`] works too, without restoration guidance.
         degradation_removal ([`DegradationRemovalModel`], *optional*): a pixel-space first stage (as in DiffBIR and
             PASD) applied to the degraded image before it is encoded; its output is also the colour-fix reference.
-            `examples/train_paired.py --train_degradation_removal` trains it.
+            `examples/train_degradation_removal.py` trains it.
         upscale_decoder ([`DCUpscaleDecoder`], *optional*): a decoder whose output is `upscale_factor` times larger
             than the VAE's. A call with that `upscale` then encodes the image at its own size and decodes with it,
             instead of resizing the image first (4x fewer latent pixels to denoise at 2x). `examples/train_decoder.py
