@@ -185,7 +185,7 @@ def test_lora_add_save_load(tmp_path):
     fresh = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
     with torch.no_grad():
         assert not torch.allclose(fresh(**inputs).sample, expected)
-    fresh.load_lora_adapter(tmp_path)  # the default prefix (None) reads the wrapper's own files
+    fresh.load_lora_adapter(tmp_path)  # the default prefix ("transformer", as diffusers') reads the wrapper's own files
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).sample, expected, rtol=1e-5, atol=1e-6)
 

@@ -390,7 +390,7 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
     def load_lora_adapter(
         self,
         pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        prefix: str | None = None,
+        prefix: str | None = "transformer",
         hotswap: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -404,11 +404,10 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         LoRA applies to the wrapped model).
 
         Args:
-            prefix (`str`, *optional*): as in diffusers, the component name in front of the keys
-                (`prefix="transformer"` for a pipeline LoRA file); keys without it are ignored (but for the
-                projection's own, `projection.*`), and a warning says so when none has it. Defaults to `None`,
-                where diffusers defaults to `"transformer"`: the keys of this model's own files already start with
-                `transformer.` (the wrapped SANA).
+            prefix (`str`, *optional*, defaults to `"transformer"`): as in diffusers, the component name in front of
+                the keys of a pipeline LoRA file; keys without it are ignored (but for the projection's own,
+                `projection.*`), and a warning says so when none has it. This model's own files (keys `transformer.*`,
+                the wrapped SANA) load with the default; keys relative to the wrapped SANA need `prefix=None`.
             hotswap, kwargs: as in `PeftAdapterMixin.load_lora_adapter` (`adapter_name`, `weight_name`, `metadata`,
                 `use_safetensors`, `low_cpu_mem_usage`, the Hub arguments).
         """

@@ -378,10 +378,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         `transformer.projection.weight` from `condition_projection.safetensors` when the folder or Hub repo has one
         and the LoRA file holds no projection."""
         source = pretrained_model_name_or_path_or_dict
-        return_metadata = kwargs.pop("return_lora_metadata", False)
         if isinstance(source, dict):
-            state_dict, metadata = super().lora_state_dict(source, return_lora_metadata=True, **kwargs)
-            return (state_dict, metadata) if return_metadata else state_dict
+            return super().lora_state_dict(source, **kwargs)
+        return_metadata = kwargs.pop("return_lora_metadata", False)
         folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "")
         kwargs = weights_loading_kwargs(folder, kwargs)
         with pickle_refusals_explained(folder):
@@ -414,23 +413,6 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             adapter_name=adapter_name,
             metadata=metadata,
             _pipeline=self,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            hotswap=hotswap,
-        )
-
-    @classmethod
-    def load_lora_into_transformer(
-        cls, state_dict, transformer, adapter_name=None, _pipeline=None, low_cpu_mem_usage=False, hotswap=False,
-        metadata=None,
-    ):
-        """[`SanaLoraLoaderMixin.load_lora_into_transformer`], passing the `transformer` prefix that the wrapper's
-        `load_lora_adapter` does not assume (its own keys start with `transformer.`)."""
-        transformer.load_lora_adapter(
-            state_dict,
-            prefix=cls.transformer_name,
-            adapter_name=adapter_name,
-            metadata=metadata,
-            _pipeline=_pipeline,
             low_cpu_mem_usage=low_cpu_mem_usage,
             hotswap=hotswap,
         )
@@ -919,8 +901,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             num_inference_steps (`int`, *optional*):
                 Steps of the full schedule (`strength < 1` runs its tail). Default: 20 for a flow-matching model.
             timesteps (`list[float]`, *optional*), sigmas (`list[float]`, *optional*):
-                A custom schedule for `set_timesteps`, instead of `num_inference_steps`: non-empty, finite, not
-                increasing; sigmas in (0, 1], timesteps in (0, num_train_timesteps].
+                A custom schedule instead of `num_inference_steps`: not increasing, sigmas in (0, 1], timesteps in (0,
+                num_train_timesteps].
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale, constant over the steps; `1.0` disables guidance (one transformer pass
                 per step). With `guidance_scale_start`, the scale at sigma -> 0. Default: 4.5 for a flow-matching model.
@@ -946,8 +928,7 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Makes the noise deterministic; a list needs one generator per output image.
             latents (`torch.Tensor`, *optional*):
-                Starting latents `(batch * num_images_per_prompt, C, padded height / f, padded width / f)`, used as
-                given.
+                Starting latents `(batch * num_images_per_prompt, C, padded height / f, padded width / f)`.
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
                 (`torch.Tensor`, *optional*):
                 The outputs of `encode_prompt`, instead of `prompt` / `negative_prompt`.
@@ -964,19 +945,9 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` (NHWC float32 in [0, 1]), `"pt"` (NCHW in [0, 1]) or `"latent"` (the padded image's
                 final latents).
-            return_dict (`bool`, defaults to `True`):
-                Return a [`SanaRestorationPipelineOutput`] instead of a tuple.
-            clean_caption (`bool`, defaults to `False`):
-                Clean the prompts as SANA does (needs `beautifulsoup4` and `ftfy`).
-            attention_kwargs (`dict`, *optional*):
-                Passed to the transformer's attention processors (`{"scale": lora_scale}` for LoRA).
-            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                Called after every step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; the returned
-                dict may replace the tensors it was given.
-            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
-                Tensors given to the callback, from `_callback_tensor_inputs`.
-            max_sequence_length (`int`, defaults to 300):
-                Text tokens kept per prompt.
+            return_dict, clean_caption, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            max_sequence_length:
+                As in [`SanaPipeline.__call__`]; the callback's tensors come from `_callback_tensor_inputs`.
             complex_human_instruction (`list[str]`, *optional*):
                 SANA's prompt-enhancing instruction prefix; off by default (it costs ~1k tokens per prompt).
 
@@ -1054,8 +1025,8 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         size = (max(1, round(height * upscale / decoder_upscale)), max(1, round(width * upscale / decoder_upscale)))
         if min(size) < self.vae_scale_factor:
             raise ValueError(
-                f"`image` is too small: {height}x{width} px (x{upscale} = {size[0]}x{size[1]}); each side must be at "
-                f"least {self.vae_scale_factor} px after `upscale` (one latent pixel)."
+                f"`image` is too small: {height}x{width} px, encoded at {size[0]}x{size[1]} (`upscale`={upscale}); each "
+                f"side must be at least {self.vae_scale_factor} px there (one latent pixel)."
             )
         pixels = pixels.to(device)
         if self.degradation_removal is not None:
