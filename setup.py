@@ -36,6 +36,7 @@ install_requires = [
     "peft>=0.18.0",
     "safetensors>=0.8.0",
     "huggingface-hub>=1.23.0",
+    "filelock>=3.0.0",  # training_utils.output_dir_lock (huggingface-hub needs it too)
     "pillow>=10.0.0",
     "numpy>=1.26.4",
     "tokenizers>=0.22.1",

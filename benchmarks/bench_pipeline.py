@@ -264,7 +264,9 @@ def memory_run(args) -> None:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _rss_kib("VmHWM") * 1024
-    tiling = pipe._tiling_plan(args.memory_run, args.memory_run, args.tile_size, None)
+    factor = pipe.vae_scale_factor
+    tiles = pipe._tile_grid((args.memory_run // factor,) * 2, args.tile_size, None, cell=factor, align=pipe._patch_size)
+    tiling = None if len(tiles) == 1 else (tiles.tile, tiles.overlap)
     print(MEMORY_MARKER + " " + json.dumps(dict(size=args.memory_run, baseline=baseline, peak=peak,
                                                 seconds=seconds, tiling=tiling)), flush=True)
 

@@ -16,9 +16,9 @@ same command is run again with the same `--work_dir`:
    photos (the real DC-AE cannot be downloaded here), scored on the validation photos.
 4. **base**: a `SanaPipeline` folder from that VAE, the offline kit's tokenizer and tiny Gemma-2 text encoder
    (`diffusers_restore.testing`) and a new small `SanaTransformer2DModel` (`TRANSFORMER_CONFIG`, random weights).
-5. **degradation removal**: `train_paired.py --train_degradation_removal --degradation_removal_noise_level` trains
-   the pixel-space first stage (`DegradationRemovalModel`, DiffBIR/PASD's design, conditioned on the estimated noise
-   level) on random crops degraded on the fly (`DEGRADATION`).
+5. **degradation removal**: `train_degradation_removal.py --noise_level_input` trains the pixel-space first stage
+   (`DegradationRemovalModel`, DiffBIR/PASD's design, conditioned on the estimated noise level) on random crops
+   degraded on the fly (`DEGRADATION`).
 6. **flow matching**: `train_paired.py` trains the transformer by flow matching on conditions cleaned by that stage.
 7. **one step**: `train_paired.py` again, `--training_objective one_step` with a pixel loss and `--fidelity 1`: the
    model learns the latent correction of the first stage's output, and the pipeline puts back the first stage's detail
@@ -89,9 +89,8 @@ COMMON_ARGS = [
 # so the budget goes into steps (validation, sigma 25: 29.35 dB after 2000 steps at 48-96-192, 30.23 dB after 3000 of
 # 4500 steps at 32-64-128). Residual blocks start as the identity, so a learning rate of 1e-3 trains smoothly.
 DEGRADATION_REMOVAL_ARGS = [
-    "--train_degradation_removal",
-    "--degradation_removal_noise_level",
-    "--degradation_removal_channels", "32,64,128",
+    "--noise_level_input",
+    "--block_out_channels", "32,64,128",
     "--max_train_steps", "8000",
     "--learning_rate", "1e-3",
     "--lr_warmup_steps", "200",
@@ -122,10 +121,11 @@ ONE_STEP_ARGS = [
     "--ema_decay", "0.99",
     *COMMON_ARGS,
 ]
+# (output folder, script, recipe) of each training stage, run in turn, each from the previous stage's folder.
 TRAINING_STAGES = (
-    ("degradation_removal", DEGRADATION_REMOVAL_ARGS),
-    ("flow_matching", FLOW_MATCHING_ARGS),
-    ("one_step", ONE_STEP_ARGS),
+    ("degradation_removal", "train_degradation_removal.py", DEGRADATION_REMOVAL_ARGS),
+    ("flow_matching", "train_paired.py", FLOW_MATCHING_ARGS),
+    ("one_step", "train_paired.py", ONE_STEP_ARGS),
 )
 # Photos with a short side above this are halved by area averaging before training.
 MAX_PHOTO_SIDE = 1024
@@ -220,9 +220,10 @@ The tokenizer and the 1-layer Gemma-2 text encoder are the offline test kit's (r
 no information). Everything was trained on a CPU on the training split of the project's photo corpus
 (`scripts/build_photo_corpus.py`: {num_train_photos} photos from package registries), degraded on the fly by
 `{degradation}`; its validation photos tuned the recipe and its held-out photos (another package's) were used only
-for the final report. `train_paired.py` ran three times: {stage_steps} steps for the degradation removal stage,
-{flow_matching_steps} steps of flow matching, then {one_step_steps} steps of one-step regression with a pixel loss for
-the output with `fidelity=1` (the first stage's detail that the VAE cannot carry is put back). Rebuild it with
+for the final report. `train_degradation_removal.py` trained the first stage for {stage_steps} steps, then
+`train_paired.py` ran twice: {flow_matching_steps} steps of flow matching, then {one_step_steps} steps of one-step
+regression with a pixel loss for the output with `fidelity=1` (the first stage's detail that the VAE cannot carry is
+put back). Rebuild it with
 `python examples/build_bundled_model.py`.
 
 Its folder records how to sample it (`sampling_defaults` in model_index.json), so the plain call is the right one:
@@ -321,13 +322,13 @@ def main(args: argparse.Namespace) -> str:
 
     # 5-7. the training stages, each from the previous stage's folder
     previous = base
-    for name, recipe in TRAINING_STAGES:
+    for name, script, recipe in TRAINING_STAGES:
         recipe = list(recipe)
         if args.max_train_steps is not None:
             recipe[recipe.index("--max_train_steps") + 1] = str(args.max_train_steps)
         output_dir = os.path.join(work, name)
         if not _complete(output_dir):
-            _run([sys.executable, os.path.join(HERE, "train_paired.py"), "--pretrained_model_name_or_path", previous,
+            _run([sys.executable, os.path.join(HERE, script), "--pretrained_model_name_or_path", previous,
                   "--train_data_dir", photos, "--output_dir", output_dir, "--seed", str(args.seed), *recipe],
                  threads=args.num_threads)
         previous = output_dir

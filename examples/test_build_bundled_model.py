@@ -1,5 +1,6 @@
 """Checks of examples/build_bundled_model.py that run in seconds: the base folder it assembles, the photos it trains
-on, and that train_paired.py accepts every stage's recipe (shortened) in turn and leaves every file the package ships."""
+on, and that the training scripts accept every stage's recipe (shortened) in turn and leave every file the package
+ships."""
 
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ def test_photos_base_folder_and_every_training_stage(tmp_path):
     first, second = pipe.transformer.state_dict(), SanaPipeline.from_pretrained(again).transformer.state_dict()
     assert all(first[k].equal(second[k]) for k in first)
 
-    # Every stage's recipe, shortened: train_paired accepts it and continues from the previous stage's folder.
+    # Every stage's recipe, shortened: its script accepts it and continues from the previous stage's folder.
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     previous = base
-    for name, recipe in build.TRAINING_STAGES:
+    for name, script, recipe in build.TRAINING_STAGES:
         output = tmp_path / name
-        subprocess.run([sys.executable, os.path.join(build.HERE, "train_paired.py"), "--pretrained_model_name_or_path",
+        subprocess.run([sys.executable, os.path.join(build.HERE, script), "--pretrained_model_name_or_path",
                         str(previous), "--train_data_dir", photos, "--output_dir", str(output), "--seed", "0",
                         *_shorten(recipe)], check=True, env=env, capture_output=True)
         assert build._complete(str(output)), name

@@ -16,6 +16,7 @@ from diffusers_restore.image_io import (
     atomic_write,
     atomic_write_json,
     find_images,
+    high_bit_to_unit,
     image_size,
     load_image,
     load_rgb,
@@ -214,6 +215,37 @@ def test_to_rgb_conversions():
     assert to_rgb(rgb) is rgb
     with pytest.raises(TypeError, match="PIL.Image.Image"):
         to_rgb(np.zeros((4, 4, 3)))
+
+
+@pytest.mark.parametrize(
+    "values, dtype, expected_scale",
+    [
+        ([0, 128, 255], np.uint16, 65535),  # I;16: always 16-bit
+        ([0, 128, 255], np.int32, 255),  # I within 0-255: 8-bit data in a 32-bit image
+        ([0, 256, 65535], np.int32, 65535),  # I above 255: 16-bit
+        ([0.0, 0.25, 1.0], np.float32, 1),  # F within [0, 1]: taken as it is
+        ([0.0, 128.0, 255.0], np.float32, 255),
+        ([0.0, 300.0, 65535.0], np.float32, 65535),
+    ],
+)
+def test_high_bit_modes_follow_one_rule(values, dtype, expected_scale):
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    expected = np.array([values], dtype=np.float64) / expected_scale
+    np.testing.assert_allclose(high_bit_to_unit(image), expected, rtol=1e-6)
+    # the 8-bit RGB conversion of the file readers follows the same rule
+    np.testing.assert_array_equal(np.asarray(to_rgb(image))[..., 0], np.rint(expected * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "values, dtype", [([-1.0, 0.5], np.float32), ([0.0, float("nan")], np.float32), ([-3, 7], np.int32),
+                      ([0, 70000], np.int32)]
+)
+def test_high_bit_values_no_range_holds_are_refused(values, dtype):
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    with pytest.raises(ValueError, match=f"mode {image.mode} image has values in"):
+        high_bit_to_unit(image)
+    with pytest.raises(ValueError, match=f"mode {image.mode} image"):
+        to_rgb(image)
 
 
 def test_to_rgb_keeps_rgb_profiles_only():

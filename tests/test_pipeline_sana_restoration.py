@@ -13,11 +13,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
 from diffusers_restore import ConcatConditionedTransformer, RestorationGuidedFlowScheduler
 from diffusers_restore.evaluation import autoencode
+from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+from diffusers_restore.models.safe_weights import UnsafeWeightsError
 from diffusers_restore.pipelines import pipeline_sana_restoration as pipeline_module
 from diffusers_restore.pipelines.image_processing_restoration import (
+    RestorationImageProcessor,
+    TileGrid,
     adain_color_fix,
     blend_weights,
-    images_to_tensor,
     tile_starts,
     wavelet_color_fix,
     wavelet_decomposition,
@@ -121,6 +124,25 @@ def test_every_pil_mode_is_restored_at_its_size(pipe, mode, output_mode):
     assert restored.size == image.size and restored.mode == output_mode
 
 
+def test_high_bit_grey_images_follow_the_packages_one_rule(pipe):
+    """Mode I within 0-255 is 8-bit data, above 255 16-bit (like I;16); F within [0, 1] is taken as it is
+    (`image_io.high_bit_to_unit`): each restores exactly as the L or I;16 image of the same levels."""
+    grey = _photo(19, 23)[..., 0]
+
+    def restore(image):
+        return _run(pipe, image, num_inference_steps=1, output_type="np", **NO_CFG)
+
+    as_l = restore(PIL.Image.fromarray(grey))
+    assert np.array_equal(restore(PIL.Image.fromarray(grey.astype(np.int32))), as_l)
+    assert np.array_equal(restore(PIL.Image.fromarray(grey.astype(np.float32) / 255)), as_l)
+    sixteen = grey.astype(np.uint16) * 257
+    as_sixteen = restore(PIL.Image.fromarray(sixteen))
+    assert np.array_equal(restore(PIL.Image.fromarray(sixteen.astype(np.int32))), as_sixteen)
+    np.testing.assert_allclose(as_sixteen, as_l, atol=1e-5)
+    with pytest.raises(ValueError, match="`image` .item 0.: a mode F image has values in"):
+        restore(PIL.Image.fromarray(np.full((16, 16), -0.5, np.float32)))
+
+
 def test_alpha_is_carried_through_and_resized(pipe):
     image = _pil("RGBA")
     alpha = np.asarray(image)[..., 3]
@@ -132,21 +154,22 @@ def test_alpha_is_carried_through_and_resized(pipe):
 
 
 def test_input_conventions():
+    preprocess = RestorationImageProcessor().preprocess
     # 16-bit grey is scaled by 1/65535 (not clipped at 8 bits)
     sixteen = PIL.Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
-    pixels, alphas = images_to_tensor(sixteen)
+    pixels, alphas = preprocess(sixteen)
     assert pixels.shape == (1, 3, 1, 3) and alphas == [None]
     assert torch.allclose(pixels[0, :, 0], torch.tensor([0.0, 128 / 255, 1.0]).expand(3, 3), atol=1e-6)
     # numpy HWC uint8, NHWC float, torch CHW / NCHW all give the same pixels
     array = _photo(5, 7)
     as_float = array.astype(np.float32) / 255
-    reference, _ = images_to_tensor(array)
+    reference, _ = preprocess(array)
     for other in (as_float[None], torch.from_numpy(as_float).permute(2, 0, 1),
                   torch.from_numpy(as_float).permute(2, 0, 1)[None], PIL.Image.fromarray(array), [array]):
-        assert torch.allclose(images_to_tensor(other)[0], reference, atol=1e-6)
-    grey, _ = images_to_tensor(np.full((4, 4), 0.25, dtype=np.float32))
+        assert torch.allclose(preprocess(other)[0], reference, atol=1e-6)
+    grey, _ = preprocess(np.full((4, 4), 0.25, dtype=np.float32))
     assert grey.shape == (1, 3, 4, 4) and torch.all(grey == 0.25)
-    assert images_to_tensor([array, array])[0].shape == (2, 3, 5, 7)
+    assert preprocess([array, array])[0].shape == (2, 3, 5, 7)
 
 
 @pytest.mark.parametrize(
@@ -161,7 +184,7 @@ def test_input_conventions():
         ([], "empty"),
         ([np.zeros((16, 16, 3), np.uint8), np.zeros((16, 20, 3), np.uint8)], "different sizes"),
         (np.zeros((2, 3, 3), dtype=np.uint8), "too small"),
-        (None, "required"),
+        (None, "NoneType"),
     ],
 )
 def test_bad_images_raise_naming_image(pipe, image, match):
@@ -192,7 +215,6 @@ def test_bad_images_raise_naming_image(pipe, image, match):
         (dict(tile_size=32, tile_overlap=6), "tile_overlap"),
         (dict(color_fix="histogram"), "color_fix"),
         (dict(output_type="jpeg"), "output_type"),
-        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(prompt=["a", "b"]), "prompt"),
         (dict(negative_prompt=["a", "b", "c"]), "negative_prompt"),
         (dict(prompt=3), "prompt"),
@@ -394,6 +416,15 @@ def test_tile_layout_and_weights():
         tile_starts(99, 32, 8, align=4)
     weights = blend_weights(16, 16, 8)
     assert weights.shape == (1, 1, 16, 16) and float(weights.min()) > 0 and float(weights.max()) == 1.0
+    # blending tiles of one tensor gives it back, at any output scale; a grid that fits is one tile
+    full = torch.rand(2, 3, 30, 50, generator=_gen(0))
+    tiles = TileGrid((30, 50), 16, 4, align=2)
+    assert len(tiles) == 3 * 5 and all(box[2:] == (16, 16) for box in tiles.boxes)
+    torch.testing.assert_close(tiles.blend(lambda top, left, h, w: full[:, :, top : top + h, left : left + w]), full)
+    large = full.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+    scaled = tiles.blend(lambda top, left, h, w: large[:, :, 4 * top : 4 * (top + h), 4 * left : 4 * (left + w)], 4)
+    torch.testing.assert_close(scaled, large)
+    assert TileGrid((30, 50), 50).boxes == [(0, 0, 30, 50)]
 
 
 def test_tiles_are_used_automatically_and_when_forced(pipe):
@@ -549,18 +580,14 @@ def test_prompt_cache_skips_the_text_encoder_for_repeated_prompts():
         assert counter.count == 3  # only the new prompt is encoded
         _run(pipe, [image, image], **{**kwargs, "prompt": ["a", "a"]})
         assert counter.count == 4  # a repeated prompt is encoded once
+        _run(pipe, image, attention_kwargs={"scale": 0.5}, **kwargs)
+        assert counter.count == 4  # a LoRA scale does not touch a text encoder without adapters
 
-        pipe.clear_prompt_cache()
-        assert np.array_equal(_run(pipe, image, **kwargs), first)
-        assert counter.count == 6
-
-        with torch.no_grad():  # new weights: stale embeddings must not be served
+        with torch.no_grad():  # weights changed in place: the cache is cleared by hand
             pipe.text_encoder.embed_tokens.weight.mul_(2.0)
+        pipe.clear_prompt_cache()
         changed = _run(pipe, image, **kwargs)
-        assert counter.count == 8 and not np.array_equal(changed, first)
-
-        _run(pipe, image, attention_kwargs={"scale": 1.0}, **kwargs)  # LoRA scale active: no cache
-        assert counter.count == 10
+        assert counter.count == 6 and not np.array_equal(changed, first)
     finally:
         counter.remove()
 
@@ -568,6 +595,20 @@ def test_prompt_cache_skips_the_text_encoder_for_repeated_prompts():
     for prompt in ("one", "two", "three"):
         _run(pipe, image, **{**kwargs, "prompt": prompt})
     assert len(pipe._prompt_cache) == 2
+
+
+def test_prompt_cache_is_bypassed_for_a_text_encoder_with_adapters():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe = _build()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), pipe.text_encoder)
+    counter = _ForwardCounter(pipe.text_encoder)
+    try:
+        for _ in range(2):
+            _run(pipe, _photo(16, 16), prompt="sharpen", num_inference_steps=1, **NO_CFG)
+    finally:
+        counter.remove()
+    assert counter.count == 2
 
 
 def test_prompt_cache_resets_when_the_text_encoder_is_replaced():
@@ -724,22 +765,85 @@ def test_lora_weights_round_trip_through_the_pipeline(tmp_path):
     _assert_same_images(_run(fresh, image, output_type="np", attention_kwargs={"scale": 0.0}), base)
 
 
-def test_optional_text_encoder_and_vae_tiling_passthrough(pipe, tmp_path):
-    embeds, mask, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False)
+def test_a_textless_pipeline_runs_on_a_full_pipelines_encode_prompt_outputs(pipe, tmp_path):
+    """diffusers' `test_encode_prompt_works_in_isolation`: the outputs of `encode_prompt`, passed by the names of its
+    single return statement, drive a pipeline built without tokenizer and text encoder."""
+    import ast
+    import inspect
+    import textwrap
+
+    from diffusers.utils.source_code_parsing_utils import ReturnNameVisitor
+
+    visitor = ReturnNameVisitor()  # what diffusers' test reads: the names of every return statement's values
+    visitor.visit(ast.parse(textwrap.dedent(inspect.getsource(SanaRestorationPipeline.encode_prompt))))
+    assert visitor.return_names == [
+        "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"
+    ]
+    image = _photo(16, 16)
+    kwargs = dict(output_type="np", guidance_scale=3.0)
+    encoded = dict(zip(visitor.return_names, pipe.encode_prompt("denoise", True, negative_prompt="blurry")))
     textless = SanaRestorationPipeline(**{**pipe.components, "tokenizer": None, "text_encoder": None})
     textless.set_progress_bar_config(disable=True)
-    textless.save_pretrained(tmp_path)
-    reloaded = SanaRestorationPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
-    reloaded.set_progress_bar_config(disable=True)
-    image = _photo(16, 16)
-    expected = _run(pipe, image, output_type="np", **NO_CFG)
-    got = _run(reloaded, image, prompt_embeds=embeds, prompt_attention_mask=mask, output_type="np", **NO_CFG)
-    _assert_same_images(expected, got)
+    expected = _run(pipe, image, prompt="denoise", negative_prompt="blurry", **kwargs)
+    _assert_same_images(_run(textless, image, **encoded, **kwargs), expected)
 
-    pipe.enable_vae_tiling(tile_sample_min_height=64, tile_sample_min_width=64)
-    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 64
-    pipe.disable_vae_tiling()
-    assert not pipe.vae.use_tiling
+
+def test_a_pipeline_without_optional_components_saved_and_loaded_runs_on_the_empty_prompt(pipe, tmp_path):
+    """diffusers' `test_save_load_optional_components`: every optional component set to None, the pipeline still runs
+    on the empty prompt (recorded when it had a text encoder), before and after a round trip through a folder."""
+    image = _photo(16, 16)
+    kwargs = dict(output_type="np", guidance_scale=3.0, negative_prompt="")
+    expected = _run(pipe, image, prompt="", **kwargs)
+    bare = _build()
+    for name in bare._optional_components:
+        setattr(bare, name, None)
+    np.testing.assert_allclose(_run(bare, image, prompt="", **kwargs), expected, atol=1e-5)
+    bare.save_pretrained(tmp_path, safe_serialization=False)
+    loaded = SanaRestorationPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert all(getattr(loaded, name) is None for name in loaded._optional_components)
+    np.testing.assert_allclose(_run(loaded, image, **kwargs), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="no text encoder to encode the prompt 'denoise'"):
+        _run(loaded, image, prompt="denoise", **kwargs)
+    with pytest.raises(ValueError, match="no text encoder to encode the prompt 'blurry, noisy"):
+        _run(loaded, image, guidance_scale=3.0)  # the default negative-quality prompt needs the text encoder
+
+
+def test_stage_and_tile_progress_reach_tqdm(pipe, monkeypatch):
+    """Each stage reports through `progress_bar(total=..., desc=...)` (what Gradio's `track_tqdm` reads), counting
+    tiles; `set_progress_bar_config(disable=True)` still applies."""
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    bars = []
+    real_tqdm = pipeline_utils.tqdm
+
+    class RecordingTqdm:
+        def __init__(self, *args, **kwargs):
+            self.bar, self.kwargs, self.updates = real_tqdm(*args, **kwargs), kwargs, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+            return self.bar.update(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return self.bar.__exit__(*exc_info)
+
+    monkeypatch.setattr(pipeline_utils, "tqdm", RecordingTqdm)
+    stage = _build()
+    stage.degradation_removal = DegradationRemovalModel(block_out_channels=(8, 8), layers_per_block=1)
+    stage.set_progress_bar_config(disable=True)
+    _run(stage, _photo(40, 40), tile_size=20, tile_overlap=8, num_inference_steps=2, **NO_CFG)
+    assert [(bar.kwargs["desc"], bar.kwargs["total"], bar.updates, bar.kwargs["disable"]) for bar in bars] == [
+        # 40 x 40 px in 20 px tiles overlapping by >= 8 px on the stage's 4 px grid (plus one cell for rounding)
+        ("degradation removal", 16, 16, True),
+        ("VAE encode", 9, 9, True),  # a 10 x 10 latent in 5 x 5 tiles overlapping by >= 2: 3 x 3 tiles
+        ("denoising", 2 * 9, 2 * 9, True),
+        ("VAE decode", 9, 9, True),
+    ]
 
 
 # --------------------------------------------------------------------------------- guidance callbacks (diffusers)
@@ -754,23 +858,6 @@ def test_callback_change_to_guidance_scale_holds_from_that_step_on(pipe):
 
     _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale=2.0, callback_on_step_end=increase)
     assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
-
-    # it also replaces a linear schedule, and can switch guidance on in a call that started without it
-    calls, scales = _TransformerCalls(pipe.transformer), []
-
-    def set_three_after_first(pipeline, step, timestep, callback_kwargs):
-        scales.append(pipeline.guidance_scale)
-        if step == 0:
-            pipeline._guidance_scale = 3.0
-        return {}
-
-    try:
-        _run(pipe, _photo(16, 16), num_inference_steps=3, guidance_scale_start=1.0, guidance_scale=1.0,
-             callback_on_step_end=set_three_after_first)
-    finally:
-        calls.remove()
-    assert scales == [1.0, 3.0, 3.0]
-    assert [shape[0] for shape in calls.shapes] == [1, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------- sampling defaults
@@ -848,20 +935,62 @@ def test_invalid_sampling_defaults_are_refused(defaults, match):
         _build().set_sampling_defaults(**defaults)
 
 
-def test_check_call_arguments_validates_without_running(pipe):
+def test_check_inputs_validates_resolved_arguments_without_running(pipe):
     calls = _TransformerCalls(pipe.transformer)
     try:
-        pipe.check_call_arguments(num_inference_steps=2, strength=0.5, tile_size=16, prompt="denoise")
-        pipe.check_call_arguments()  # the defaults themselves are valid
+        for kwargs in (dict(num_inference_steps=2, strength=0.5, tile_size=16, prompt="denoise"), {}):
+            pipe.check_inputs(**{**kwargs, **pipe.resolve_sampling_arguments(**kwargs)})
         for kwargs, name in ((dict(strength=1.5), "strength"), (dict(upscale=0), "upscale"),
                              (dict(tile_size=3), "tile_size"), (dict(sigmas=[]), "sigmas")):
             with pytest.raises(ValueError, match=f"`{name}`"):
-                pipe.check_call_arguments(**kwargs)
-        with pytest.raises(ValueError, match="no argument"):
-            pipe.check_call_arguments(steps=3)
+                pipe.check_inputs(**{**kwargs, **pipe.resolve_sampling_arguments(**kwargs)})
     finally:
         calls.remove()
     assert calls.shapes == []
+    assert pipe.resolve_sampling_arguments(guidance_scale=2.0, tile_size=16) == {
+        "num_inference_steps": 20, "guidance_scale": 2.0, "guidance_scale_start": None, "restoration_guidance": None,
+        "strength": 1.0, "fidelity": 0.0,
+    }
+
+
+def test_one_pipeline_called_from_two_threads_gives_each_call_its_own_result():
+    """The scheduler and the call's state live on the pipeline: calls from two threads are serialised, so each gets
+    exactly what it gets alone; a call from inside a running call (its callback) is refused instead of waiting."""
+    import threading
+    import time
+
+    pipe = _build()
+    jobs = {"a": (_photo(24, 24, 0), 4), "b": (_photo(32, 16, 1), 2)}  # different sizes and schedules
+
+    def restore(name):
+        image, steps = jobs[name]
+        # a slow callback widens the window in which an unserialised call would reset the shared scheduler
+        return _run(pipe, image, num_inference_steps=steps, output_type="np",
+                    callback_on_step_end=lambda *args: time.sleep(0.02) or {})
+
+    alone = {name: restore(name) for name in jobs}
+    together, errors = {}, []
+
+    def work(name):
+        try:
+            together[name] = restore(name)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and all(np.array_equal(together[name], alone[name]) for name in jobs)
+
+    def call_again(pipeline, step, timestep, callback_kwargs):
+        pipeline(_photo(16, 16), num_inference_steps=1)
+        return {}
+
+    with pytest.raises(RuntimeError, match="called from inside its own running call"):
+        _run(pipe, _photo(16, 16), num_inference_steps=1, callback_on_step_end=call_again)
+    assert _run(pipe, _photo(16, 16), num_inference_steps=1).__len__() == 1  # the pipeline is usable afterwards
 
 
 # ---------------------------------------------------------------------------------------- silent garbage
@@ -886,13 +1015,13 @@ def test_truncated_image_object_is_named_truncated(tmp_path):
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with PIL.Image.open(path) as opened:
         with pytest.raises(ValueError, match="truncated"):
-            images_to_tensor(opened)
+            RestorationImageProcessor().preprocess(opened)
 
 
 # ---------------------------------------------------------------------------------- damaged or unsafe folders
 
 
-def test_damaged_folders_are_diagnosed_before_loading(pipe, saved, tmp_path):
+def test_damaged_folders_fail_naming_what_is_wrong(pipe, saved, tmp_path):
     import shutil
 
     def copy(name):
@@ -902,7 +1031,7 @@ def test_damaged_folders_are_diagnosed_before_loading(pipe, saved, tmp_path):
 
     garbage = copy("garbage")
     (garbage / "model_index.json").write_text("{ not json")
-    with pytest.raises(ValueError, match=r"model_index\.json is not valid JSON"):
+    with pytest.raises(OSError, match=r"model_index\.json' is not a valid JSON file"):
         SanaRestorationPipeline.from_pretrained(garbage)
 
     missing = copy("missing")
@@ -913,25 +1042,69 @@ def test_damaged_folders_are_diagnosed_before_loading(pipe, saved, tmp_path):
     truncated = copy("truncated")
     weights = truncated / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is damaged"):
+    with pytest.raises(OSError, match="vae/diffusion_pytorch_model.safetensors"):
         SanaRestorationPipeline.from_pretrained(truncated)
+    with pytest.raises(FileNotFoundError, match="^/no/such/dir is neither a folder .* nor a Hub repo id"):
+        SanaRestorationPipeline.from_pretrained("/no/such/dir")
 
 
-def test_pickle_only_weights_are_refused_with_a_conversion_hint(pipe, saved, tmp_path):
+def test_a_pipeline_on_the_meta_device_says_so():
+    meta = _build().to("meta")
+    with pytest.raises(ValueError, match="text_encoder, vae, transformer weights are on the meta device"):
+        meta(_photo(16, 16), num_inference_steps=1)
+
+
+class _Payload:
+    """Unpickling it would create `path`: the stand-in for code hidden in a weight file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_load_as_diffusers_loads_them_and_never_run_code(pipe, saved, tmp_path):
     import shutil
 
-    folder = tmp_path / "pickled"
-    shutil.copytree(saved, folder)
-    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    weights.unlink()
-    torch.save(pipe.transformer.state_dict(), folder / "transformer" / "diffusion_pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"only pickled weights.*safe_serialization=True"):
-        SanaRestorationPipeline.from_pretrained(folder)
-    with pytest.raises(ValueError, match="use_safetensors=False"):
-        SanaRestorationPipeline.from_pretrained(saved, use_safetensors=False)
-    with pytest.raises(ValueError, match="safe_serialization=False"):
-        pipe.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
-    assert not (tmp_path / "unsafe").exists()
+    # saving follows the caller: pickles with safe_serialization=False, loaded back through the weights-only loader
+    pickled = tmp_path / "pickled"
+    pipe.save_pretrained(pickled, safe_serialization=False)
+    for component in ("transformer", "vae"):  # (transformers 5 saves the text encoder as safetensors regardless)
+        assert [file.name for file in (pickled / component).glob("diffusion_pytorch_model.*")] == [
+            "diffusion_pytorch_model.bin"
+        ]
+    loaded = SanaRestorationPipeline.from_pretrained(pickled)
+    loaded.set_progress_bar_config(disable=True)
+    _assert_same_images(_run(loaded, _photo(16, 16), output_type="np"), _run(pipe, _photo(16, 16), output_type="np"))
+    with pytest.raises(OSError, match="safetensors"):  # use_safetensors=True refuses the pickles
+        SanaRestorationPipeline.from_pretrained(pickled, use_safetensors=True)
+
+    # a pickle carrying code: refused with the package's error, and the code never runs
+    marker = tmp_path / "code-ran"
+    for component in ("transformer", "vae"):  # this package's class, and diffusers' own
+        poisoned = tmp_path / f"poisoned-{component}"
+        shutil.copytree(saved, poisoned)
+        (poisoned / component / "diffusion_pytorch_model.safetensors").unlink()
+        torch.save({"weight": _Payload(marker)}, poisoned / component / "diffusion_pytorch_model.bin")
+        with pytest.raises(UnsafeWeightsError, match=r"holds Python objects besides tensors.*nothing in it ran"):
+            SanaRestorationPipeline.from_pretrained(poisoned)
+    with pytest.raises(UnsafeWeightsError, match="poisoned-transformer/transformer: .*GLOBAL io.open"):
+        ConcatConditionedTransformer.from_pretrained(tmp_path / "poisoned-transformer", subfolder="transformer")
+    assert not marker.exists()
+
+
+def test_pickled_weights_are_refused_on_torch_before_2_6(pipe, tmp_path, monkeypatch):
+    from diffusers_restore.models import safe_weights
+
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    monkeypatch.setattr(safe_weights, "WEIGHTS_ONLY_LOADER_IS_SAFE", False)
+    with pytest.raises(UnsafeWeightsError, match="diffusion_pytorch_model.bin: pickled weights are refused.*CVE-2025-32434"):
+        SanaRestorationPipeline.from_pretrained(tmp_path)
+    with pytest.raises(UnsafeWeightsError, match="CVE-2025-32434"):
+        ConcatConditionedTransformer.from_pretrained(tmp_path, subfolder="transformer")
+    with pytest.raises(UnsafeWeightsError, match="use_safetensors=False. is refused.*CVE-2025-32434"):
+        SanaRestorationPipeline.from_pretrained(tmp_path, use_safetensors=False)
 
 
 # ---------------------------------------------------------------------------------------- partial pipelines
@@ -953,7 +1126,7 @@ def test_encode_prompt_on_a_pipeline_with_only_the_text_components(pipe, saved):
 
 def test_a_pipeline_without_text_components_says_what_to_pass(pipe):
     textless = SanaRestorationPipeline(**{**pipe.components, "tokenizer": None, "text_encoder": None})
-    with pytest.raises(ValueError, match="prompt_embeds"):
+    with pytest.raises(ValueError, match="no text encoder to encode the prompt 'denoise'.*`prompt_embeds`"):
         textless(_photo(16, 16), prompt="denoise", **NO_CFG)
-    with pytest.raises(ValueError, match="tokenizer"):
-        textless.encode_prompt("denoise", False)
+    with pytest.raises(ValueError, match="no text encoder to encode the empty prompt.*recorded with the model .none is."):
+        textless.encode_prompt("", False)

@@ -16,7 +16,7 @@ Errors:
 
 * a user error (a bad flag value, a missing or broken model, a device this machine lacks, an output folder that
   cannot be written, ...) prints one line and exits with status 2, before the model is loaded wherever the check
-  does not need the model, and right after loading (``pipe.check_call_arguments``) where it does;
+  does not need the model, and right after loading (``pipe.check_inputs``) where it does;
 * an image that cannot be read or restored is named with the reason, the others are still processed, and the
   command exits with status 1 at the end.
 
@@ -166,9 +166,9 @@ def _cli_wording(message: str) -> str:
 
 
 def _check_call_kwargs(pipe, kwargs: dict[str, Any]) -> None:
-    """`pipe.check_call_arguments` as a one-line `CLIError` in the flags' terms, before any image is restored."""
+    """`pipe.check_inputs` as a one-line `CLIError` in the flags' terms, before any image is restored."""
     try:
-        pipe.check_call_arguments(**kwargs)
+        pipe.check_inputs(**{**kwargs, **pipe.resolve_sampling_arguments(**kwargs)})
     except ValueError as error:
         raise CLIError(_cli_wording(str(error))) from error
 

@@ -8,7 +8,8 @@ Used by the training data tools (``diffusers_restore.data``) and by the command 
 * :func:`load_image`: open and fully decode a file, apply its EXIF orientation, keep its ICC profile; a damaged file
   raises :class:`ImageReadError` naming the file (and saying "truncated" when it is), and so does a file holding
   several frames (an animation or a multi-page TIFF): no reader silently takes its first frame.
-* :func:`to_rgb` / :func:`load_rgb`: the one conversion of any PIL mode to 8-bit RGB.
+* :func:`to_rgb` / :func:`load_rgb`: the one conversion of any PIL mode to 8-bit RGB; :func:`high_bit_to_unit`: the
+  one rule for 16-bit, 32-bit integer and float grey images (which the pipeline uses too).
 * :func:`save_image`: write an image atomically, format from the extension, ICC profile embedded where the format
   can hold one.
 * :func:`atomic_write`, :func:`atomic_write_json`, :func:`read_json`, :func:`sha256_file`,
@@ -49,6 +50,7 @@ OUTPUT_MARKER = ".sana-restore-output"
 """The file that marks a folder this package wrote (see :func:`mark_output_folder`)."""
 
 __all__ = [
+    "HIGH_BIT_MODES",
     "ICC_FORMATS",
     "IMAGE_EXTENSIONS",
     "OUTPUT_MARKER",
@@ -58,6 +60,7 @@ __all__ = [
     "atomic_write_json",
     "find_images",
     "high_bit_to_uint8",
+    "high_bit_to_unit",
     "icc_colour_space",
     "image_size",
     "is_same_file",
@@ -376,19 +379,38 @@ _COLOUR_SPACE_OF_MODE = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "P": "RGB",
                          "LAB": "Lab"}
 
 
-def high_bit_to_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit [H, W] uint8 array of a 16-bit, 32-bit integer or float greyscale image (modes ``I;16*``, ``I``,
-    ``F``): ``I;16*`` is divided by 257 (0-65535 to 0-255); ``I`` is kept when it fits in 0-255, else treated as
-    16-bit; ``F`` is scaled by 255 when its maximum is <= 1 (a [0, 1] image), else clipped to 0-255."""
-    array = np.asarray(image)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+"""PIL modes of one grey channel with more than 8 bits (integer or float), read by :func:`high_bit_to_unit`."""
+
+
+def high_bit_to_unit(image: Image.Image) -> np.ndarray:
+    """The grey levels of a :data:`HIGH_BIT_MODES` image as float32 [H, W] in [0, 1]: the package's one rule for these
+    modes, used by every entry point (the pipeline's image argument, the CLI, the app, the datasets, make-pairs).
+
+    * ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``: 16-bit, ``value / 65535``.
+    * ``I`` (32-bit integer): 16-bit (``value / 65535``) when any value exceeds 255, else 8-bit (``value / 255``).
+    * ``F`` (32-bit float): the smallest of the ranges [0, 1], [0, 255] and [0, 65535] that holds every value, scaled
+      to [0, 1] (so a [0, 1] float image is taken as it is).
+
+    Raises:
+        ValueError: an ``I`` or ``F`` image with a negative, non-finite or above-65535 value (no range fits it).
+    """
+    values = np.asarray(image, dtype=np.float32)
     if image.mode.startswith("I;16"):
-        return np.clip(np.rint(array.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
-    if image.mode == "I":
-        if array.size and array.min() >= 0 and array.max() <= 255:
-            return array.astype(np.uint8)
-        return np.clip(np.rint(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-    scale = 255.0 if array.size and np.nanmax(array) <= 1.0 else 1.0
-    return np.clip(np.rint(np.nan_to_num(array.astype(np.float64)) * scale), 0, 255).astype(np.uint8)
+        return values / 65535.0
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
+        raise ValueError(
+            f"a mode {image.mode} image has values in [{low:g}, {high:g}]; mode {image.mode} images must hold values "
+            "in [0, 65535] (their scale, 0-1, 0-255 or 0-65535, is read from their largest value)."
+        )
+    ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+    return values / next(full for full in ranges if high <= full)
+
+
+def high_bit_to_uint8(image: Image.Image) -> np.ndarray:
+    """8-bit [H, W] uint8 array of a :data:`HIGH_BIT_MODES` image, by :func:`high_bit_to_unit`'s rule."""
+    return np.rint(high_bit_to_unit(image) * 255.0).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -397,7 +419,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     * ``RGB``: returned as is. ``L``/``1``/``CMYK``/``YCbCr``/...: PIL's conversion.
     * Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index): composited over `background`
       (white by default), so that what hides under transparent pixels never shows.
-    * 16-bit, 32-bit integer and float greyscale: see :func:`high_bit_to_uint8`.
+    * 16-bit, 32-bit integer and float greyscale (:data:`HIGH_BIT_MODES`): :func:`high_bit_to_unit`'s rule.
     * ICC profile: kept in ``info["icc_profile"]`` when it describes RGB data (the pixels keep their meaning), dropped
       when it describes another colour space (a grey or CMYK profile would mislabel RGB pixels).
     """
@@ -413,7 +435,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         rgba = image.convert("RGBA")
         converted = Image.new("RGB", rgba.size, background)
         converted.paste(rgba, mask=rgba.getchannel("A"))
-    elif mode.startswith("I;16") or mode in ("I", "F"):
+    elif mode in HIGH_BIT_MODES:
         converted = Image.fromarray(high_bit_to_uint8(image)).convert("RGB")
     else:
         converted = image.convert("RGB")

@@ -1,6 +1,7 @@
 # Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
-"""Checkpoint and divergence helpers shared by the training scripts in `examples/` (`train_paired.py`,
-`train_decoder.py`). Inference code never imports this module.
+"""Helpers shared by the training scripts in `examples/` (`train_paired.py`, `train_degradation_removal.py`,
+`train_decoder.py`): checkpoints, divergence, the output folder's lock, data checks and one-line errors. Inference code
+never imports this module.
 
 Sharded training (FSDP2, `torch.distributed.fsdp.fully_shard`, which accelerate uses with `fsdp_version: 2`) turns
 each parameter into a `DTensor` that holds this process's shard. The helpers below that touch weights (`local_tensor`,
@@ -15,6 +16,7 @@ atomically (renamed to `.pruned.tmp` before deletion), and never written when a 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -22,8 +24,9 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from huggingface_hub import create_repo
@@ -31,15 +34,67 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import Sampler
 
+from .data.latents import LatentCacheError
+from .data.paired_dataset import PairedDataError, PairedDataset, validate_paired_csv
+from .image_io import load_rgb
+
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
+# The file a running script locks in its output folder (see `output_dir_lock`).
+LOCK_NAME = ".lock"
 
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss, gradient or weight; nothing non-finite was saved."""
+
+
+class OutputDirBusy(ValueError):
+    """Another live training run holds the output folder."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one line (`prog: error: message`, exit status 2), without the usage
+    block of a training script's many flags."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """Lock `output_dir` for the block, so that a second run into it is refused at its start (`OutputDirBusy`) instead
+    of breaking the first one's checkpoints. Taken by the process of global rank 0 only (the `RANK` a launcher sets);
+    the lock is the operating system's, released when the process ends however it ends."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    os.makedirs(output_dir, exist_ok=True)
+    lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputDirBusy(f"--output_dir {output_dir} is in use by another training run.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """A training script's `__main__`: `main(args)` with the output folder locked (`output_dir_lock`). A busy output
+    folder and the data errors found after parsing (an image that cannot be decoded, a latent cache built with other
+    settings) end the script like an argument error: one line on stderr, exit status 2."""
+    try:
+        with output_dir_lock(args.output_dir):
+            main(args)
+    except (OutputDirBusy, PairedDataError, LatentCacheError) as error:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {error}\n")
+        sys.exit(2)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -99,13 +154,15 @@ def check_resume_argument(resume_from_checkpoint: str | None) -> None:
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
-    """The checkpoint folder named by --resume_from_checkpoint ('latest' gives None when there is none)."""
+    """The checkpoint folder named by --resume_from_checkpoint: 'latest' (None when there is none) or a bare
+    `checkpoint-<step>` inside `output_dir`, as in diffusers' examples, or a path, taken as it is (a path whose folder
+    does not exist is an error, never replaced by a checkpoint of the same name in `output_dir`)."""
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1][1] if checkpoints else None
     path = resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(output_dir, os.path.basename(os.path.normpath(resume_from_checkpoint)))
+    if not os.path.dirname(os.path.normpath(path)):
+        path = os.path.join(output_dir, path)
     if not os.path.isdir(path):
         raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint ({path}).")
     if not os.path.isfile(os.path.join(path, TRAINING_STATE_NAME)):
@@ -190,7 +247,7 @@ def save_checkpoint(
     accelerator,
     output_dir: str,
     global_step: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     named_weights: list[tuple[str, torch.Tensor]],
     training_state: dict[str, Any],
     checkpoints_total_limit: int | None = None,
@@ -199,8 +256,8 @@ def save_checkpoint(
 
     The weights (`named_weights`: the trained models' and their EMAs') are checked first: a NaN or inf anywhere raises
     `NonFiniteError` and nothing is written or pruned. Everything then goes into `checkpoint-<step>.tmp` (accelerate's
-    state, with whatever its save hooks write, each process's noise-generator state, then training_state.json with
-    `global_step` and `training_state`); only then is it renamed to `checkpoint-<step>` and are old checkpoints
+    state, with whatever its save hooks write, each process's noise-generator state if any, then
+    training_state.json with `global_step` and `training_state`); only then is it renamed to `checkpoint-<step>` and are old checkpoints
     pruned. A run killed while saving leaves the previous checkpoints untouched, and `resolve_checkpoint(...,
     "latest")` never picks an unfinished one.
     """
@@ -212,10 +269,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     accelerator.save_state(tmp_dir)
-    save_file(
-        {"state": generator.get_state()},
-        os.path.join(tmp_dir, f"training_generator_{accelerator.process_index}.safetensors"),
-    )
+    if generator is not None:
+        save_file(
+            {"state": generator.get_state()},
+            os.path.join(tmp_dir, f"training_generator_{accelerator.process_index}.safetensors"),
+        )
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -374,3 +432,151 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def check_output_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with `args.output_dir` and `args.resume_from_checkpoint`, in one line, or None (see
+    `resolve_checkpoint`)."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output_dir {args.output_dir} is a file, not a folder."
+    if args.resume_from_checkpoint is not None:
+        try:
+            check_resume_argument(args.resume_from_checkpoint)
+            resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+def check_pairs_csv(csv_path: str, skip_bad_samples: bool, allow_multiline_captions: bool = False) -> str | None:
+    """Every row of a pairs CSV checked before training (its files exist and their headers read as images of
+    compatible sizes; the pixels are not decoded): one line naming all bad rows (file and line), or None.
+
+    With `skip_bad_samples` the bad rows are logged and left for `PairedDataset(on_error="skip")` to skip; only a CSV
+    without a usable row is then an error."""
+    report = validate_paired_csv(csv_path, decode=False, allow_multiline_captions=allow_multiline_captions)
+    if report.num_rows == 0:
+        return f"{csv_path} holds no pairs (a header only)."
+    if report.ok:
+        return None
+    problems = "; ".join(f"{location}: {message}" for location, message in report.problems)
+    if skip_bad_samples and report.num_valid > 0:
+        logger.warning(f"--skip_bad_samples: {report.num_rows - report.num_valid} bad row(s) left out: {problems}")
+        return None
+    return (
+        f"{report.num_rows - report.num_valid} of the {report.num_rows} rows of {csv_path} are bad (fix them, or pass "
+        f"--skip_bad_samples to leave them out): {problems}"
+    )
+
+
+def build_paired_dataset(data: str, args: argparse.Namespace, seed: int) -> PairedDataset:
+    """The training pairs of a pairs CSV or a folder of clean images, as the scripts' data flags ask (`resolution`,
+    `degradation`, `random_flip`, `center_crop`, `skip_bad_samples`, `allow_multiline_captions`, `max_train_samples`,
+    `repeats`). Each repeat is its own sample: samples are seeded by their index, so copies get their own crop, flip
+    and degradation."""
+    dataset = PairedDataset(
+        data,
+        resolution=args.resolution,
+        degradation=args.degradation,
+        seed=seed,
+        random_flip=args.random_flip,
+        center_crop=args.center_crop,
+        on_error="skip" if args.skip_bad_samples else "raise",
+        allow_multiline_captions=args.allow_multiline_captions,
+    )
+    if args.max_train_samples is not None:
+        dataset.rows = dataset.rows[: args.max_train_samples]
+    dataset.rows = dataset.rows * args.repeats
+    return dataset
+
+
+def load_validation_pairs(images: list[str], targets: list[str] | None) -> list[tuple[Any, Any]]:
+    """`(image, target or None)` RGB PIL images of the --validation_image / --validation_target_image files; an image
+    of another size than its target (e.g. a low-resolution input) is resized to the target's."""
+    from PIL import Image
+
+    pairs = []
+    for index, path in enumerate(images):
+        image = load_rgb(path)
+        target = load_rgb(targets[index]) if targets else None
+        if target is not None and target.size != image.size:
+            image = image.resize(target.size, Image.BICUBIC)
+        pairs.append((image, target))
+    return pairs
+
+
+def optimizer_step_if_finite(
+    accelerator, optimizer, lr_scheduler, parameters, max_grad_norm: float, losses_finite: bool
+) -> tuple[Any, bool]:
+    """The end of a training step of diffusers' examples (gradient clipping, optimizer and learning-rate steps,
+    zero_grad), where the step is taken only if it is finite on every process: its losses (`losses_finite`: all those of
+    the accumulation window) and its gradient norm. Under fp16 the GradScaler skips overflowing steps by itself
+    (routine), so there only the losses decide. Returns `(grad_norm or None, finite)`; `finite` is True between
+    accumulation steps."""
+    grad_norm, finite = None, True
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        finite = all_processes_finite(accelerator, losses_finite, grad_norm if accelerator.scaler is None else None)
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()  # clip_grad_norm_ unscaled the gradients: close the step
+    optimizer.zero_grad()
+    return grad_norm, finite
+
+
+def log_validation_images(
+    accelerator, rows: list[list[Any]], metrics: dict[str, float | None], output_dir: str, global_step: int,
+    is_final: bool, caption: str,
+) -> str:
+    """Save and log a validation grid (one row of PIL images per validation image, shorter rows padded with black, every
+    cell at the first image's size) and its metrics: `validation/<name>` (`test/<name>` for the final validation) to
+    the trackers, the grid to TensorBoard / wandb and to `output_dir/validation/step-<N>.png` (`validation.png` for the
+    final one). Returns the grid's path."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    size, columns = rows[0][0].size, max(len(row) for row in rows)
+    cells = [image.resize(size) for row in rows for image in row + [Image.new("RGB", size)] * (columns - len(row))]
+    grid = make_image_grid(cells, rows=len(rows), cols=columns)
+    phase = "test" if is_final else "validation"
+    path = os.path.join(output_dir, "validation.png" if is_final else f"validation/step-{global_step}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    accelerator.log({f"{phase}/{key}": value for key, value in metrics.items() if value is not None}, step=global_step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images(phase, np.asarray(grid)[None], global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({phase: [wandb.Image(grid, caption=caption)]}, step=global_step)
+    logger.info(f"Validation at step {global_step}: {path}, {metrics}")
+    return path
+
+
+def skip_nonfinite_step(
+    accelerator, args: argparse.Namespace, global_step: int, loss: float, grad_norm, skipped_steps: int
+) -> int:
+    """Account for a step whose loss or gradient norm was NaN or infinite (on some process; nothing was updated):
+    while fewer than `args.max_nonfinite_steps` were skipped, log it and return the new count of skipped steps; else
+    stop the run with a `NonFiniteError` naming the step and the last checkpoint (every process raises)."""
+    grad_text = f"{float(grad_norm):.4g}" if grad_norm is not None else "n/a"
+    if skipped_steps >= args.max_nonfinite_steps:
+        accelerator.end_training()
+        last = list_checkpoints(args.output_dir)
+        raise NonFiniteError(
+            f"Training diverged at step {global_step + 1}: the loss ({loss:.4g}) or the gradient norm ({grad_text}) is "
+            "NaN or infinite" + (" on some process" if accelerator.num_processes > 1 else "")
+            + f". Nothing was saved for this step; the last checkpoint is {last[-1][1] if last else 'none'}. Lower "
+            "--learning_rate, add --lr_warmup_steps, or pass --max_nonfinite_steps N to skip up to N such steps."
+            + (f" ({skipped_steps} were skipped already.)" if skipped_steps else "")
+        )
+    logger.warning(
+        f"Step {global_step + 1}: non-finite loss ({loss:.4g}) or gradient norm ({grad_text}); skipped without "
+        f"updating anything ({skipped_steps + 1} of --max_nonfinite_steps {args.max_nonfinite_steps})."
+    )
+    return skipped_steps + 1

@@ -35,7 +35,7 @@ from torch import nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .safe_weights import SafetensorsOnlyModelMixin
+from .safe_weights import SafeWeightsModelMixin
 
 
 class _ResBlock(nn.Module):
@@ -75,7 +75,7 @@ def estimate_noise_level(images: torch.Tensor) -> torch.Tensor:
     return (diagonal.abs().flatten(2).median(dim=2).values / 0.6745).mean(dim=1)
 
 
-class DegradationRemovalModel(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin):
+class DegradationRemovalModel(SafeWeightsModelMixin, ModelMixin, ConfigMixin):
     r"""
     Pixel-space degradation removal (the first stage of a two-stage restorer); see the module docstring.
 

@@ -1,96 +1,90 @@
 # Copyright 2026 The diffusers-restore authors. Licensed under the Apache License, Version 2.0.
-"""Model weights load and save as safetensors only: unpickling a downloaded weight file can run arbitrary code.
+"""How this package loads and saves weights: as diffusers does, with its guarantees spelled out and tested.
 
-`SafetensorsOnlyModelMixin` gives a `ModelMixin` subclass that rule (put it before `ModelMixin` in the bases); the
-functions serve loaders that do not go through it (the wrapped SANA transformer, LoRA files, pipeline folders).
+* Loading prefers safetensors. A pickled file (`.bin`, ...) is read only for a component without safetensors, only
+  through torch's weights-only loader (which diffusers and transformers use), and never with `use_safetensors=True`.
+* Code in a weight file never runs. The weights-only loader refuses a pickle that holds anything but tensors; the
+  failure is reported as `UnsafeWeightsError`, naming the folder and what the pickle tried to load. On torch < 2.6,
+  whose weights-only loader can be made to run code (CVE-2025-32434), pickled weights are refused outright, as
+  transformers refuses them.
+* Saving follows the caller's `safe_serialization` (safetensors by default).
+
+`SafeWeightsModelMixin` applies the rule to a `ModelMixin` subclass (put it before `ModelMixin` in the bases);
+`SanaRestorationPipeline.from_pretrained` applies it to a pipeline folder with `weights_loading_kwargs` and
+`pickle_refusals_explained`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-from typing import Any, Callable
+import pickle
+from typing import Any, Iterator
 
-#: Weight files this package never downloads nor loads (pickles, and framework formats that are not safetensors).
-UNSAFE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.ot")
+from diffusers.utils import is_torch_version
 
+#: Pickled weight file names (the formats torch and diffusers can unpickle).
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
-def refuse_pickle(use_safetensors: bool | None, what: str) -> None:
-    """Raise if a caller asks to load `what` from a pickle (`use_safetensors=False`): weights load from
-    safetensors only, because unpickling a downloaded file can run arbitrary code."""
-    if use_safetensors is False:
-        raise ValueError(
-            f"`use_safetensors=False` is not supported: {what} load from safetensors only (unpickling a weight file "
-            "can run arbitrary code)."
-        )
+#: Whether torch's weights-only loader can be trusted with a pickle (torch >= 2.6, CVE-2025-32434).
+WEIGHTS_ONLY_LOADER_IS_SAFE = is_torch_version(">=", "2.6")
 
-
-def refuse_pickle_only_folder(folder: str | os.PathLike) -> None:
-    """Raise a `ValueError` saying how to convert `folder` when it holds weights in `UNSAFE_WEIGHT_PATTERNS` and no
-    `.safetensors` file (instead of diffusers' generic "no file named ... .safetensors"); otherwise do nothing."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
-        return
-    pickled = sorted(
-        os.path.basename(file) for pattern in UNSAFE_WEIGHT_PATTERNS for file in glob.glob(os.path.join(folder, pattern))
-    )
-    if pickled:
-        raise ValueError(
-            f"{folder} holds only pickled weights ({', '.join(pickled)}), and weights load from safetensors only "
-            "(unpickling can run arbitrary code). Convert the folder once, in an environment you trust with that "
-            "file: load it there with `from_pretrained(folder, use_safetensors=False)` (diffusers' own class, or "
-            "an older diffusers-restore) and write it back with `save_pretrained(new_folder, "
-            "safe_serialization=True)`."
-        )
+_OLD_TORCH = (
+    "torch < 2.6 can be made to run code from a pickled weight file even with its weights-only loader "
+    "(CVE-2025-32434): upgrade torch to 2.6 or later, or use safetensors weights"
+)
 
 
-def safetensors_only_kwargs(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` for a diffusers `from_pretrained` with `use_safetensors=True`, after refusing `use_safetensors=False`
-    and a local folder (`subfolder` included) that holds only pickled weights."""
-    refuse_pickle(kwargs.get("use_safetensors"), "model weights")
-    refuse_pickle_only_folder(os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
+class UnsafeWeightsError(ValueError):
+    """Weights that were not loaded because loading them could run code."""
+
+
+def weights_loading_kwargs(folder: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` of a diffusers `from_pretrained` of `folder` (a model folder, or a pipeline folder and its component
+    subfolders), under the rule above: unchanged on torch >= 2.6; on older torch, `use_safetensors=True`, after
+    refusing `use_safetensors=False` and a local component whose weights are pickled only."""
+    if WEIGHTS_ONLY_LOADER_IS_SAFE:
+        return kwargs
+    if kwargs.get("use_safetensors") is False:
+        raise UnsafeWeightsError(f"`use_safetensors=False` is refused: {_OLD_TORCH}.")
+    for component in (os.fspath(folder), *glob.glob(os.path.join(os.fspath(folder), "*", ""))):
+        if not glob.glob(os.path.join(component, "*.safetensors")):
+            pickled = [file for pattern in PICKLE_PATTERNS for file in glob.glob(os.path.join(component, pattern))]
+            if pickled:
+                raise UnsafeWeightsError(f"{sorted(pickled)[0]}: pickled weights are refused: {_OLD_TORCH}.")
     return {**kwargs, "use_safetensors": True}
 
 
-class SafetensorsOnlyModelMixin:
-    """`from_pretrained` and `save_pretrained` of a `ModelMixin` subclass, restricted to safetensors.
+@contextlib.contextmanager
+def pickle_refusals_explained(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn the error diffusers or transformers raise when torch's weights-only loader refuses a pickle of `folder`
+    (a generic "Unable to load weights") into an `UnsafeWeightsError` that says why; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not (
+            isinstance(cause, pickle.UnpicklingError) and "Weights only load failed" in str(cause)
+        ):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        reason = next((line for line in str(cause).splitlines() if "GLOBAL" in line), "")
+        raise UnsafeWeightsError(
+            f"{os.fspath(folder)}: a pickled weight file holds Python objects besides tensors, so it was refused and "
+            f"nothing in it ran{f' ({reason.strip()})' if reason else ''}. Load weights only from sources you trust, "
+            "as safetensors."
+        ) from None
 
-    `save_pretrained` spells out diffusers' arguments because a pipeline's `save_pretrained` / `push_to_hub` passes
-    `variant` and `max_shard_size` on to a component only when they appear in its signature.
-    """
+
+class SafeWeightsModelMixin:
+    """`ModelMixin.from_pretrained` under this module's rule (saving is `ModelMixin`'s, as the caller asks)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        """`ModelMixin.from_pretrained` from safetensors only: `use_safetensors=False` is refused and a folder that
-        holds only pickled weights gets an error that says how to convert it."""
-        kwargs = safetensors_only_kwargs(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        save_function: Callable | None = None,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str = "10GB",
-        push_to_hub: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """`ModelMixin.save_pretrained` in safetensors only: `safe_serialization=False` is refused (a pickled file
-        could not be loaded again by this package)."""
-        if not safe_serialization:
-            raise ValueError(
-                f"`safe_serialization=False` is not supported: {type(self).__name__} saves safetensors only (a pickled "
-                "checkpoint could not be loaded again, since unpickling can run arbitrary code)."
-            )
-        super().save_pretrained(
-            save_directory,
-            is_main_process=is_main_process,
-            save_function=save_function,
-            safe_serialization=True,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=push_to_hub,
-            **kwargs,
-        )
+        """`ModelMixin.from_pretrained` (same arguments), under the loading rule of this module."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        kwargs = weights_loading_kwargs(folder, kwargs)
+        with pickle_refusals_explained(folder):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -33,7 +33,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_dc import Decoder, DCUpBlock2d
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from .safe_weights import SafetensorsOnlyModelMixin
+from .safe_weights import SafeWeightsModelMixin
 
 
 # The AutoencoderDC config entries that describe its decoder (copied by `DCUpscaleDecoder.from_vae`).
@@ -104,7 +104,7 @@ class _HeadBlock(nn.Module):
         return hidden_states + self.conv2(F.silu(self.conv1(hidden_states)))
 
 
-class DCUpscaleDecoder(SafetensorsOnlyModelMixin, ModelMixin, ConfigMixin):
+class DCUpscaleDecoder(SafeWeightsModelMixin, ModelMixin, ConfigMixin):
     r"""
     A DC-AE decoder whose output is `upscale_factor` times larger than the VAE's; see the module docstring.
 

@@ -4,11 +4,12 @@
 Everything here is plain torch on `[0, 1]` RGB tensors of shape `(batch, channels, height, width)` unless stated
 otherwise, so each helper can be used (and tested) on its own.
 
-* Input conversion (`images_to_tensor`): PIL (any mode), numpy (HWC / NHWC) and torch (CHW / NCHW) images, single or
-  in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept aside.
+* Input and output (`RestorationImageProcessor`, `image_items`): PIL (any mode), numpy (HWC / NHWC) and torch (CHW /
+  NCHW) images, single or in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept
+  aside and put back on PIL outputs.
 * Colour fix (`wavelet_color_fix`, `adain_color_fix`): move a result's low frequencies (or channel statistics) to a
   reference's, the usual last step of diffusion restorers (StableSR, SUPIR, PASD, DiffBIR).
-* Tiles (`tile_starts`, `blend_weights`, `blend_tiles`): evaluate a function on overlapping tiles and blend the
+* Tiles (`TileGrid`, `tile_starts`, `blend_weights`): evaluate a function on overlapping tiles and blend the
   results with smooth weights that never reach zero and fade each tile's border out, so tiled results have no
   seams.
 """
@@ -17,23 +18,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from diffusers.configuration_utils import register_to_config
+from diffusers.image_processor import VaeImageProcessor
+
+from ..image_io import HIGH_BIT_MODES, high_bit_to_unit
+
 __all__ = [
     "COLOR_FIX_METHODS",
     "adain_color_fix",
     "apply_color_fix",
-    "blend_tiles",
     "blend_weights",
     "ImageItem",
     "image_items",
-    "images_to_tensor",
     "pad_to_multiple",
+    "RestorationImageProcessor",
+    "TileGrid",
     "tile_starts",
     "wavelet_color_fix",
     "wavelet_decomposition",
@@ -41,10 +47,8 @@ __all__ = [
 
 COLOR_FIX_METHODS = ("wavelet", "adain")
 
-# PIL modes that carry an alpha channel (premultiplied ones included) and the mode that un-premultiplies them.
-_ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "RGBA", "La": "RGBA", "PA": "RGBA"}
-# Integer grey-level modes read as 16-bit data: value / 65535 (= value / 257 on the 8-bit scale, never clipped at 255).
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# PIL modes that carry an alpha channel (premultiplied ones included).
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -52,7 +56,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 def _pil_to_array(image: PIL.Image.Image, index: int, argument: str) -> tuple[np.ndarray, np.ndarray | None]:
     """One PIL image -> (`float32` HWC array in `[0, 1]` with 1 (grey) or 3 (RGB) channels, `float32` HW alpha in
-    `[0, 1]` or `None`). Float mode "F" is returned unscaled (its range is checked by the caller)."""
+    `[0, 1]` or `None`)."""
     try:
         image.load()  # PIL reads lazily: a damaged file fails here, not in a conversion below
     except OSError as error:
@@ -64,11 +68,11 @@ def _pil_to_array(image: PIL.Image.Image, index: int, argument: str) -> tuple[np
             image = image.convert("LA")
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
         return rgba[..., :3], rgba[..., 3]
-    if mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(image).astype(np.float32) / 65535.0
-        return np.clip(grey, 0.0, 1.0)[..., None], None  # mode "I" is 32-bit signed: beyond 16 bits cannot be shown
-    if mode == "F":
-        return np.asarray(image, dtype=np.float32)[..., None], None
+    if mode in HIGH_BIT_MODES:
+        try:
+            return high_bit_to_unit(image)[..., None], None
+        except ValueError as error:
+            raise ValueError(f"`{argument}` (item {index}): {error}") from None
     if mode in ("1", "L"):
         return np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0, None
     try:
@@ -107,11 +111,12 @@ class ImageItem:
     """One image of an `image` argument, converted by `image_items`."""
 
     pixels: torch.Tensor
-    """`(channels, height, width)`: integer data scaled to [0, 1] (float32); float data as given (float16 -> 32)."""
+    """`(channels, height, width)`: PIL images and integer arrays scaled to [0, 1] (float32); float arrays as given
+    (float16 -> 32)."""
     alpha: torch.Tensor | None
     """`(1, height, width)` alpha in [0, 1] of a PIL image that had one, else `None`."""
     scaled: bool
-    """Whether the data was integer (scaled by its dtype's maximum) rather than float."""
+    """Whether the data was scaled to [0, 1] here (PIL images, integer arrays) rather than float data as given."""
     name: str
     """How to name it in errors: "`image` (item 2, numpy array of shape ...)"."""
 
@@ -156,14 +161,16 @@ def _torch_items(tensor: torch.Tensor, index: int, argument: str) -> list[ImageI
 
 def image_items(image, argument: str = "image") -> list[ImageItem]:
     """Split an image argument into single images, each as a `(channels, height, width)` tensor: the one conversion
-    behind the pipeline's inputs (`images_to_tensor`) and the metrics (`metrics.to_tensor01`).
+    behind the pipeline's inputs (`RestorationImageProcessor.preprocess`) and the metrics (`metrics.to_tensor01`).
 
     Accepted, alone or in a list or tuple (which may mix kinds):
 
     * `PIL.Image.Image` of any mode. Alpha modes (RGBA, LA, PA, RGBa, La, P with transparency) give their RGB (after
-      un-premultiplying) and keep their alpha aside; grey modes (1, L) give one channel in [0, 1]; 16-bit and 32-bit
-      integer grey (I;16*, I) are read as `value / 65535`; float grey (F) is taken as it is; every other mode (P,
-      CMYK, YCbCr, LAB, HSV, ...) goes through PIL's RGB conversion. A truncated file raises a `ValueError` saying so.
+      un-premultiplying) and keep their alpha aside; grey modes (1, L) give one channel in [0, 1]; 16-bit, 32-bit
+      integer and float grey (I;16*, I, F) follow the package's one rule, `image_io.high_bit_to_unit` (I;16* is
+      16-bit; I is 16-bit when any value exceeds 255, else 8-bit; F is scaled by the smallest of 1, 255 and 65535
+      that holds its values); every other mode (P, CMYK, YCbCr, LAB, HSV, ...) goes through PIL's RGB conversion. A
+      truncated file raises a `ValueError` saying so.
     * `np.ndarray`: HW, HWC or NHWC with 1 or 3 channels last.
     * `torch.Tensor`: HW, CHW or NCHW, channels first.
 
@@ -181,7 +188,7 @@ def image_items(image, argument: str = "image") -> list[ImageItem]:
             pixels = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)  # a writable copy
             alpha = None if alpha is None else torch.from_numpy(np.array(alpha, dtype=np.float32))[None]
             name = f"`{argument}` (item {index}, PIL mode {item.mode!r})"
-            converted.append(ImageItem(pixels, alpha, item.mode != "F", name))
+            converted.append(ImageItem(pixels, alpha, True, name))
         elif isinstance(item, np.ndarray):
             converted += _numpy_items(item, index, argument)
         elif isinstance(item, torch.Tensor):
@@ -200,30 +207,52 @@ def image_items(image, argument: str = "image") -> list[ImageItem]:
     return converted
 
 
-def images_to_tensor(image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Convert the pipeline's `image` argument to one RGB batch (see `image_items` for what is accepted).
+class RestorationImageProcessor(VaeImageProcessor):
+    """The [`VaeImageProcessor`] of [`SanaRestorationPipeline`]: images of any size and kind in, RGB tensors in [0, 1]
+    out, and back (the pipeline maps [0, 1] to the VAE's [-1, 1] itself, so nothing here resizes or normalises).
 
-    Float data must lie in [0, 1]: the [-1, 1] convention of diffusers' internal tensors is deliberately refused, as
-    are NaN and infinite values. Tensors need 1 or 3 channels; grey images are repeated to 3 channels.
-
-    Returns:
-        `(pixels, alphas)`: `pixels` of shape `(batch, 3, height, width)`, float32 in `[0, 1]`, on the device of the
-        first tensor input (CPU otherwise); `alphas`, one entry per image, an alpha tensor of shape `(1, height,
-        width)` in `[0, 1]` for PIL images with alpha, else `None`.
+    `preprocess` takes what `image_items` takes and keeps the alpha channels aside; `postprocess` converts to
+    `output_type` as diffusers does and gives PIL outputs their input's alpha back (RGBA).
     """
-    items = image_items(image)
-    device = items[0].pixels.device
-    pixels = []
-    for item in items:
-        if item.pixels.shape[0] not in (1, 3):
-            raise ValueError(
-                f"{item.name}: images must have 1 or 3 channels (channels-last tensors are not accepted: use "
-                "`tensor.permute(2, 0, 1)`)."
-            )
-        if not item.scaled:
-            _check_float_range(item.pixels, item.name)
-        pixels.append(item.pixels.to(device=device, dtype=torch.float32).expand(3, -1, -1))
-    return torch.stack(pixels).contiguous(), [item.alpha for item in items]
+
+    @register_to_config
+    def __init__(self, vae_scale_factor: int = 32):
+        super().__init__(vae_scale_factor=vae_scale_factor, do_resize=False, do_normalize=False)
+
+    def preprocess(self, image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Convert an `image` argument to one RGB batch: `(pixels, alphas)`, `pixels` of shape `(batch, 3, height,
+        width)`, float32 in [0, 1], on the device of the first tensor input (else the CPU); `alphas`, one per image,
+        `(1, height, width)` in [0, 1] for PIL images with alpha, else `None`. Float data must lie in [0, 1] (diffusers'
+        internal [-1, 1] is refused, as are NaN and infinite values); grey images are repeated to 3 channels."""
+        items = image_items(image)
+        device = items[0].pixels.device
+        pixels = []
+        for item in items:
+            if item.pixels.shape[0] not in (1, 3):
+                raise ValueError(
+                    f"{item.name}: images must have 1 or 3 channels (channels-last tensors are not accepted: use "
+                    "`tensor.permute(2, 0, 1)`)."
+                )
+            if not item.scaled:
+                _check_float_range(item.pixels, item.name)
+            pixels.append(item.pixels.to(device=device, dtype=torch.float32).expand(3, -1, -1))
+        return torch.stack(pixels).contiguous(), [item.alpha for item in items]
+
+    def postprocess(self, image: torch.Tensor, output_type: str = "pil", alphas: list | None = None):
+        """`(batch, 3, H, W)` in [0, 1] to `output_type` ("pil", "np", "pt" or "latent", as diffusers). With `alphas`
+        (one per input image, `num_images_per_prompt` consecutive outputs each), a PIL output of an image that had
+        one is RGBA, its alpha resized to the output's size."""
+        if output_type != "pil" or not any(alpha is not None for alpha in alphas or ()):
+            return super().postprocess(image, output_type)
+        outputs = []
+        for index, rgb in enumerate(image):
+            alpha = alphas[index * len(alphas) // len(image)]
+            if alpha is not None:
+                if alpha.shape[-2:] != rgb.shape[-2:]:
+                    alpha = F.interpolate(alpha[None], size=rgb.shape[-2:], mode="bicubic", align_corners=False)[0]
+                rgb = torch.cat([rgb, alpha.to(rgb).clamp(0.0, 1.0)])
+            outputs += super().postprocess(rgb[None], "pil")
+        return outputs
 
 
 def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -363,42 +392,68 @@ def blend_weights(height: int, width: int, ramp: int, device=None, dtype=torch.f
     return weights[None, None]
 
 
-def blend_tiles(
-    function: Callable[[int, int, int, int], torch.Tensor],
-    grid_size: Sequence[int],
-    tile: int,
-    overlap: int,
-    output_scale: int = 1,
-    align: int = 1,
-) -> torch.Tensor:
-    """Evaluate `function` on overlapping tiles of a grid and blend the results into one tensor.
+@dataclass(frozen=True)
+class TileGrid:
+    """Overlapping tiles covering a grid of `size` cells (latent pixels, or pixels), the pipeline's one tiling
+    design: the degradation removal stage, the VAE's encoding and decoding and every denoising step each evaluate a
+    function tile by tile and blend the results (`blend`).
 
     Args:
-        function: called as `function(top, left, height, width)` with a tile in grid cells; returns the tile's result
-            of shape `(batch, channels, height * output_scale, width * output_scale)`.
-        grid_size: `(height, width)` of the grid in cells (e.g. latent pixels).
-        tile, overlap: tile side and minimum overlap in cells (`0 <= overlap < tile`).
-        output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+        size: `(height, width)` of the grid in cells.
+        tile: tile side in cells; one tile covers the whole grid when it is at least the grid's longer side.
+        overlap: minimum overlap of neighbouring tiles in cells (`0 <= overlap < tile`).
         align: tile starts are multiples of it (see `tile_starts`).
-
-    Returns:
-        `(batch, channels, height * output_scale, width * output_scale)` float32: the weighted mean of the tiles'
-        results, weights from `blend_weights` with a ramp of `overlap * output_scale` output pixels.
     """
-    grid_height, grid_width = grid_size
-    tile_height, tile_width = min(tile, grid_height), min(tile, grid_width)
-    output = weight_sum = weights = None
-    for top in tile_starts(grid_height, tile, overlap, align):
-        for left in tile_starts(grid_width, tile, overlap, align):
-            result = function(top, left, tile_height, tile_width).float()
+
+    size: tuple[int, int]
+    tile: int
+    overlap: int = 0
+    align: int = 1
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """`(top, left, height, width)` of every tile, row by row."""
+        height, width = min(self.tile, self.size[0]), min(self.tile, self.size[1])
+        rows = tile_starts(self.size[0], self.tile, self.overlap, self.align)
+        cols = tile_starts(self.size[1], self.tile, self.overlap, self.align)
+        return [(top, left, height, width) for top in rows for left in cols]
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def blend(
+        self,
+        function: Callable[[int, int, int, int], torch.Tensor],
+        output_scale: int = 1,
+        progress=None,
+    ) -> torch.Tensor:
+        """Evaluate `function(top, left, height, width)` on every tile and blend the results into one tensor.
+
+        Args:
+            function: returns the tile's result, `(batch, channels, height * output_scale, width * output_scale)`.
+            output_scale: output pixels per grid cell (the VAE factor when decoding, 1 otherwise).
+            progress: a progress bar (anything with `update()`), advanced once per tile.
+
+        Returns:
+            `(batch, channels, grid height * output_scale, grid width * output_scale)` float32: the single tile's
+            result, or the weighted mean of the tiles' results with weights from `blend_weights` (a ramp of
+            `overlap * output_scale` output pixels).
+        """
+        boxes = self.boxes
+        output = weight_sum = weights = None
+        for top, left, height, width in boxes:
+            result = function(top, left, height, width).float()
+            if progress is not None:
+                progress.update()
+            if len(boxes) == 1:
+                return result
             if output is None:
-                batch, channels = result.shape[:2]
-                full = (grid_height * output_scale, grid_width * output_scale)
-                output = result.new_zeros(batch, channels, *full)
+                full = (self.size[0] * output_scale, self.size[1] * output_scale)
+                output = result.new_zeros(*result.shape[:2], *full)
                 weight_sum = result.new_zeros(1, 1, *full)
-                weights = blend_weights(*result.shape[-2:], overlap * output_scale, device=result.device)
-            rows = slice(top * output_scale, (top + tile_height) * output_scale)
-            cols = slice(left * output_scale, (left + tile_width) * output_scale)
+                weights = blend_weights(*result.shape[-2:], self.overlap * output_scale, device=result.device)
+            rows = slice(top * output_scale, (top + height) * output_scale)
+            cols = slice(left * output_scale, (left + width) * output_scale)
             output[:, :, rows, cols] += result * weights
             weight_sum[:, :, rows, cols] += weights
-    return output / weight_sum
+        return output / weight_sum
