@@ -215,7 +215,12 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
                 f"`transformer` must be a diffusers SanaTransformer2DModel, got {type(transformer).__name__}."
             )
         # SANA is built on the meta device (no memory, no random init), then replaced by the real one
-        sana_config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
+        # (a quantized SANA's config also records its quantization, which is no architecture argument)
+        sana_config = {
+            key: value
+            for key, value in transformer.config.items()
+            if not key.startswith("_") and key != "quantization_config"
+        }
         with init_empty_weights():
             model = cls(**sana_config, condition_channels=condition_channels)
         model.transformer = transformer
