@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import csv  # noqa: E402
 import importlib.machinery  # noqa: E402
+import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -285,6 +286,7 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--resolution", "40"], "--resolution must be a positive multiple of 32"),
         (["--conditioning_dropout_prob", "0.1", "--proportion_empty_prompts", "0.1"], "not both"),
         (["--use_lora", "--use_ema"], "--use_ema"),
+        (["--quantize", "int8"], "--quantize freezes the transformer's base weights under LoRA adapters: it needs"),
         (["--degradation", "gaussian_noize:25"], "--degradation"),
         (["--validation_target_image", "x.png"], "--validation_image"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
@@ -619,6 +621,86 @@ def test_lora_run_saves_what_load_lora_weights_loads_and_resumes_exactly(tiny_ba
     with pytest.raises(ValueError, match="holds other LoRA layers: resume with its --rank and --lora_layers"):
         _run(_base_args(tiny_base, pair_data, second, *lora, "--lora_layers", "to_q,to_k,to_v,to_out.0",
                         "--resume_from_checkpoint", "checkpoint-3"))
+
+
+def test_qlora_on_an_int8_base_saves_a_lora_that_loads_onto_the_unquantized_base(tiny_base, pair_data, tmp_path,
+                                                                                 monkeypatch):
+    """--quantize int8 (torchao, which runs on a CPU): the frozen base trains int8, the adapters and the condition
+    projection float32, with gradient checkpointing; the LoRA loads with `load_lora_weights` onto the unquantized base
+    (scale alpha / rank kept), which restores finite images and equals the saved merged pipeline; a run resumed from
+    a checkpoint ends with the same LoRA."""
+    pytest.importorskip("torchao")
+    loaded = []
+    from_pretrained = ConcatConditionedTransformer.from_pretrained.__func__
+
+    def recording_from_pretrained(cls, *args, **kwargs):
+        loaded.append(from_pretrained(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(ConcatConditionedTransformer, "from_pretrained", classmethod(recording_from_pretrained))
+    qlora = ["--use_lora", "--quantize", "int8", "--rank", 2, "--lora_alpha", 4, "--learning_rate", 1e-2,
+             "--max_train_steps", 2, "--checkpointing_steps", 1, "--gradient_checkpointing", "--mixed_precision", "bf16"]
+    first = tmp_path / "first"
+    _run(_base_args(tiny_base, pair_data, first, *qlora))
+    trained, merged_base = loaded
+    to_q = trained.transformer.transformer_blocks[0].attn1.to_q
+    assert type(to_q.base_layer.weight).__name__ == "Int8Tensor"
+    assert type(trained.projection.weight) is torch.nn.Parameter and trained.projection.weight.dtype == torch.float32
+    assert not torch.equal(trained.projection.weight[:, :4, 0, 0], torch.eye(4))  # trained
+    assert type(merged_base.transformer.transformer_blocks[0].attn1.to_q.weight) is torch.nn.Parameter
+
+    pipe = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.asarray(Image.open(pair_data / "noisy0.png"))
+    plain = pipe(image, "Denoise this photograph", num_inference_steps=2, output_type="np").images[0]
+    pipe.load_lora_weights(first / "transformer_lora")
+    loaded_q = pipe.transformer.transformer.transformer_blocks[0].attn1.to_q
+    assert torch.equal(loaded_q.lora_A["default_0"].weight, to_q.lora_A["default"].weight.detach())
+    assert loaded_q.scaling["default_0"] == 2.0
+    probe = torch.randn(1, 8, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer.projection(probe),
+                                   torch.nn.functional.conv2d(probe, trained.projection.weight))
+    restored = pipe(image, "Denoise this photograph", num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(restored).all() and np.abs(restored - plain).max() > 1e-3
+
+    saved = SanaRestorationPipeline.from_pretrained(str(first)).transformer
+    assert type(saved.transformer.transformer_blocks[0].attn1.to_q.weight) is torch.nn.Parameter
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=generator),
+                  condition_latents=torch.randn(1, 4, 8, 8, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 16, saved.config.caption_channels, generator=generator),
+                  timestep=torch.tensor([500.0]), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**inputs)[0], saved(**inputs)[0], rtol=1e-4, atol=1e-5)
+
+    _reset_accelerate()
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "checkpoint-1", second / "checkpoint-1")
+    _run(_base_args(tiny_base, pair_data, second, *qlora, "--resume_from_checkpoint", "checkpoint-1"))
+    lora_file = Path("transformer_lora", "pytorch_lora_weights.safetensors")
+    _assert_same_weights(load_file(first / lora_file), load_file(second / lora_file))
+
+
+def test_quantize_is_refused_where_its_backend_cannot_run(tiny_base, pair_data, tmp_path, capsys, monkeypatch):
+    args = _base_args(tiny_base, pair_data, tmp_path / "out", "--use_lora")
+    if not torch.cuda.is_available():
+        error = _refusal(capsys, args + ["--quantize", "nf4"])
+        assert error.endswith("error: --quantize nf4 needs a GPU: diffusers' bitsandbytes quantizer does not run on "
+                              "the CPU (int8 does).\n")
+    version = importlib.metadata.version
+
+    def without_torchao(name):
+        if name == "torchao":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_torchao)
+    error = _refusal(capsys, args + ["--quantize", "int8"])
+    assert error.endswith("error: --quantize int8 needs torchao >= 0.16.0 (it is not installed): pip install -U "
+                          "torchao.\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_is_exact_with_accumulation_and_on_the_fly_data(tiny_base, pair_data, tmp_path):

@@ -78,6 +78,7 @@ from diffusers_restore.metrics import psnr, ssim
 from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 from diffusers_restore.models.safe_weights import pickle_refusals_explained, weights_loading_kwargs
 from diffusers_restore.pipelines.pipeline_sana_restoration import DEFAULT_NEGATIVE_PROMPT
+from diffusers_restore.quantization import QUANTIZATION_MODES, quantization_unavailable, transformer_quantization_config
 from diffusers_restore.training_utils import (
     ArgumentParser,
     EpochShuffleSampler,
@@ -488,6 +489,15 @@ def parse_args(input_args=None):
         action="store_true",
         help="Train LoRA adapters (and the condition projection) instead of all transformer weights.",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATION_MODES,
+        default="none",
+        help="QLoRA: load the transformer's frozen base weights quantized, as `sana-restore restore --quantize` does: "
+        "int8 = torchao int8 weight-only (CPU and GPU), nf4 = bitsandbytes 4-bit NormalFloat (GPU). The adapters and "
+        "the condition projection train in float32; the saved pipeline merges them into the unquantized base. "
+        "Needs --use_lora.",
+    )
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     parser.add_argument("--lora_alpha", type=int, default=4, help="LoRA alpha (scale = alpha / rank).")
     parser.add_argument("--lora_dropout", type=float, default=0.0)
@@ -598,6 +608,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--degradation {args.degradation!r}: {error}")
     if args.use_lora and args.use_ema:
         parser.error("--use_ema is for full fine-tuning, not --use_lora.")
+    if args.quantize != "none":
+        if not args.use_lora:
+            parser.error("--quantize freezes the transformer's base weights under LoRA adapters: it needs --use_lora.")
+        has_gpu = torch.cuda.is_available() or torch.xpu.is_available() or torch.backends.mps.is_available()
+        problem = quantization_unavailable(args.quantize, None if has_gpu else "cpu")
+        if problem is not None:
+            parser.error(f"--quantize {problem}.")
     if args.conditioning_dropout_prob is not None and args.proportion_empty_prompts > 0:
         parser.error("give --conditioning_dropout_prob or --proportion_empty_prompts, not both.")
     if args.pixel_loss_weight > 0 and (args.cache_latents or args.offload):
@@ -760,8 +777,15 @@ def main(args):
     with pickle_refusals_explained(base):
         text_encoder = Gemma2Model.from_pretrained(base, subfolder="text_encoder", **weights_kwargs)
         vae = AutoencoderDC.from_pretrained(base, subfolder="vae", **weights_kwargs)
-    # a plain SanaTransformer2DModel is wrapped (identity projection); a restoration transformer loads as it is
-    transformer = ConcatConditionedTransformer.from_pretrained(base, subfolder="transformer", **weights_kwargs)
+    # a plain SanaTransformer2DModel is wrapped (identity projection); a restoration transformer loads as it is. A
+    # quantized base keeps its unquantized layers in the autocast dtype (it cannot be cast after loading).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    quantized = {}
+    if args.quantize != "none":
+        quantized = {"quantization_config": transformer_quantization_config(args.quantize, weight_dtype),
+                     "dtype": weight_dtype}
+    transformer = ConcatConditionedTransformer.from_pretrained(base, subfolder="transformer", **weights_kwargs,
+                                                               **quantized)
     model_index = DiffusionPipeline.load_config(base, **load_kwargs)
     if model_index.get("direction", args.direction) != args.direction:
         raise ValueError(f"{base} was trained to {model_index['direction']} images, not --direction {args.direction}.")
@@ -778,7 +802,6 @@ def main(args):
     condition_models = [vae] + ([stage] if stage is not None else [])  # what turns a condition image into a latent
 
     # Only the transformer trains. SANA keeps the DC-AE in float32; Gemma-2 is made for bfloat16 (float16 overflows).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     frozen_device = "cpu" if args.offload else accelerator.device
     original_dtypes = {"text_encoder": text_encoder.dtype, "vae": vae.dtype}
     vae.requires_grad_(False).to(frozen_device, dtype=torch.float32)
@@ -786,8 +809,12 @@ def main(args):
     text_encoder.requires_grad_(False).to(frozen_device, dtype=text_encoder_dtype)
     if stage is not None:
         stage.requires_grad_(False).eval().to(frozen_device)
-    # full fine-tuning trains float32 weights under autocast; LoRA keeps the frozen base in the autocast dtype
-    transformer.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
+    # full fine-tuning trains float32 weights under autocast; LoRA keeps the frozen base in the autocast dtype (a
+    # quantized one is already in it)
+    if quantized:
+        transformer.to(accelerator.device)
+    else:
+        transformer.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.use_lora:
@@ -863,13 +890,26 @@ def main(args):
     # FSDP and DeepSpeed checkpoint the model in their own (sharded) format; otherwise in diffusers' format.
     native_model_checkpoints = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
+    def save_lora(model, folder: str) -> None:
+        """The adapter and the trained condition projection, in a folder that `load_lora_weights` loads."""
+        if not quantized:
+            model.save_lora_adapter(folder)  # + condition_projection.safetensors
+            return
+        # diffusers' save_lora_adapter casts the model, which a quantized one refuses: the pipeline's file instead,
+        # as diffusers' QLoRA scripts save (projection included, as `transformer.projection.weight`)
+        from peft.utils import get_peft_model_state_dict
+
+        SanaRestorationPipeline.save_lora_weights(
+            folder, transformer_lora_layers=get_peft_model_state_dict(model), condition_projection=model.projection,
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+
     def save_model_hook(models, weights, output_dir):
         if ema_model is not None:  # on every process: gathering a sharded EMA is a collective
             save_ema_checkpoint(ema_model, os.path.join(output_dir, "transformer_ema"), accelerator.is_main_process)
         if accelerator.is_main_process and not native_model_checkpoints:
             for model in models:
                 if args.use_lora:
-                    unwrap_model(model).save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
+                    save_lora(unwrap_model(model), os.path.join(output_dir, "transformer_lora"))
                 else:
                     unwrap_model(model).save_pretrained(os.path.join(output_dir, "transformer"))
                 weights.pop()  # saved above: accelerate must not save it again
@@ -881,11 +921,16 @@ def main(args):
                 from peft import set_peft_model_state_dict
 
                 state_dict = load_file(os.path.join(input_dir, "transformer_lora", "pytorch_lora_weights.safetensors"))
+                projection = os.path.join(input_dir, "transformer_lora", "condition_projection.safetensors")
+                if os.path.isfile(projection):
+                    projection = load_file(projection)["projection.weight"]
+                else:  # the pipeline's file of a quantized base (see save_lora)
+                    state_dict = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+                    projection = state_dict.pop("projection.weight")
                 result = set_peft_model_state_dict(model, state_dict, adapter_name="default")
                 if result.unexpected_keys or any("lora_" in key for key in result.missing_keys):
                     raise ValueError(f"{input_dir} holds other LoRA layers: resume with its --rank and --lora_layers.")
-                projection = os.path.join(input_dir, "transformer_lora", "condition_projection.safetensors")
-                model.projection.weight.data.copy_(load_file(projection)["projection.weight"])
+                model.projection.weight.data.copy_(projection)
             else:
                 loaded = ConcatConditionedTransformer.from_pretrained(input_dir, subfolder="transformer",
                                                                       use_safetensors=True)
@@ -1218,7 +1263,8 @@ def main(args):
                 global_step += 1
 
                 if global_step % args.checkpointing_steps == 0:
-                    named_weights = list(unwrap_model(transformer).named_parameters())
+                    named_weights = [(name, weight) for name, weight in unwrap_model(transformer).named_parameters()
+                                     if weight.requires_grad]  # a LoRA run's frozen base never changes
                     if ema_model is not None:
                         named_weights += [(f"EMA {name}", shadow)
                                           for (name, _), shadow in zip(named_weights, ema_model.shadow_params)]
@@ -1245,7 +1291,7 @@ def main(args):
     # Save the pipeline: the trained (EMA) weights, checked for NaN / inf first; the frozen components as shipped.
     accelerator.wait_for_everyone()
     transformer = unwrap_model(transformer)
-    named_weights = list(transformer.named_parameters())
+    named_weights = [(name, weight) for name, weight in transformer.named_parameters() if weight.requires_grad]
     if ema_model is not None:
         named_weights += [(f"EMA {name}", shadow) for (name, _), shadow in zip(named_weights, ema_model.shadow_params)]
     check_finite_weights(accelerator, named_weights, f"the final pipeline (step {global_step})")
@@ -1259,10 +1305,14 @@ def main(args):
         if full_state_dict is not None:
             transformer = ConcatConditionedTransformer.from_config(transformer.config)
             transformer.load_state_dict(full_state_dict)
-        if transformer.dtype != torch.float32:  # a LoRA run's frozen base
+        if transformer.dtype != torch.float32 and not quantized:  # a LoRA run's frozen base
             transformer.to(dtype=torch.float32)
         if args.use_lora:  # the adapter on its own (small, for sharing), then merged into the saved pipeline
-            transformer.save_lora_adapter(os.path.join(args.output_dir, "transformer_lora"))
+            save_lora(transformer, os.path.join(args.output_dir, "transformer_lora"))
+            if quantized:  # merged into the unquantized base instead
+                transformer = ConcatConditionedTransformer.from_pretrained(base, subfolder="transformer",
+                                                                           **weights_kwargs).to(torch.float32)
+                transformer.load_lora_adapter(os.path.join(args.output_dir, "transformer_lora"), adapter_name="default")
             transformer.fuse_lora()
             transformer.unload_lora()
         pipeline.register_modules(transformer=transformer)
@@ -1290,7 +1340,8 @@ def main(args):
                 "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
                 "optimizer": "AdamW 8-bit" if args.use_8bit_adam else "AdamW",
                 "mixed precision": accelerator.mixed_precision,
-                "training mode": f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full",
+                "training mode": (f"LoRA rank {args.rank} on {args.lora_layers}" if args.use_lora else "full")
+                + (f", over an {args.quantize} base (QLoRA)" if quantized else ""),
                 "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
                 "objective": f"{args.training_objective}, timestep density {args.weighting_scheme}, shift "
                 f"{noise_scheduler.config.shift:g}",
