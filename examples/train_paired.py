@@ -494,7 +494,8 @@ def parse_args(input_args=None):
         choices=QUANTIZATION_MODES,
         default="none",
         help="QLoRA: load the transformer's frozen base weights quantized, as `sana-restore restore --quantize` does: "
-        "int8 = torchao int8 weight-only (CPU and GPU), nf4 = bitsandbytes 4-bit NormalFloat (GPU). The adapters and "
+        "int8 = torchao int8 weight-only (CPU and GPU), nf4 = bitsandbytes 4-bit NormalFloat (GPU); with "
+        "--mixed_precision bf16, what both are built for. The adapters and "
         "the condition projection train in float32; the saved pipeline merges them into the unquantized base. "
         "Needs --use_lora.",
     )
