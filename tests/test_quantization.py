@@ -1,5 +1,6 @@
 """Quantized loading (`diffusers_restore.quantization`): torchao int8 runs here, bitsandbytes nf4 through diffusers
-needs a GPU (its text-encoder half runs on CPU through transformers)."""
+needs a GPU (its text-encoder half runs on CPU through transformers). Quantized pipelines save and load back: int8
+and the nf4 text encoder here, the nf4 transformer where a GPU runs it."""
 
 import importlib.metadata
 
@@ -71,7 +72,7 @@ def test_int8_loads_quantized_keeps_the_skipped_modules_and_restores_close(refer
     assert np.array_equal(_restore(reloaded), restored)
 
 
-def test_nf4_text_encoder_runs_on_cpu_through_transformers(reference):
+def test_nf4_text_encoder_runs_on_cpu_through_transformers_and_saves(reference, tmp_path):
     pytest.importorskip("bitsandbytes")
     config = pipeline_quantization_config("nf4", components=["text_encoder"])
     pipe = SanaRestorationPipeline.from_pretrained(BUNDLED_MODEL_DIR, dtype=torch.bfloat16, quantization_config=config)
@@ -81,9 +82,14 @@ def test_nf4_text_encoder_runs_on_cpu_through_transformers(reference):
     assert np.isfinite(restored).all()
     assert _psnr(restored, reference) > 40  # 54.8 dB measured
 
+    pipe.save_pretrained(tmp_path)  # packed 4-bit weights and their quantization state
+    reloaded = SanaRestorationPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert type(reloaded.text_encoder.layers[0].mlp.gate_proj).__name__ == "Linear4bit"
+    assert np.array_equal(_restore(reloaded), restored)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-def test_nf4_pipeline_on_gpu(reference):
+def test_nf4_pipeline_on_gpu_restores_close_and_saves(reference, tmp_path):
     pytest.importorskip("bitsandbytes")
     pipe = SanaRestorationPipeline.from_pretrained(
         BUNDLED_MODEL_DIR, dtype=torch.bfloat16, quantization_config=pipeline_quantization_config("nf4")
@@ -94,6 +100,11 @@ def test_nf4_pipeline_on_gpu(reference):
     restored = _restore(pipe)
     assert np.isfinite(restored).all()
     assert _psnr(restored, reference) > 30  # 47.5 dB measured on CPU bitsandbytes layers
+
+    pipe.save_pretrained(tmp_path)
+    reloaded = SanaRestorationPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda")
+    assert type(reloaded.transformer.transformer.transformer_blocks[0].attn1.to_q).__name__ == "Linear4bit"
+    assert np.array_equal(_restore(reloaded), restored)
 
 
 def test_nf4_transformer_is_refused_on_cpu_by_diffusers():
@@ -191,59 +202,3 @@ def test_app_refuses_nf4_on_cpu_before_serving(capsys):
     pytest.importorskip("gradio")
     assert cli_main(["app", "--quantize", "nf4", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("sana-restore app: error: --quantize nf4 needs a GPU")
-
-
-def test_lora_on_an_int8_base_trains_the_projection_and_loads_onto_the_unquantized_base(tmp_path):
-    """QLoRA at the model level: adapters and the condition projection train in float32 over frozen int8 weights
-    (gradient checkpointing on), and what is saved restores with the unquantized pipeline."""
-    pytest.importorskip("torchao")
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from diffusers_restore import ConcatConditionedTransformer
-
-    model = ConcatConditionedTransformer.from_pretrained(
-        BUNDLED_MODEL_DIR, subfolder="transformer", dtype=torch.bfloat16,
-        quantization_config=transformer_quantization_config("int8"),
-    )
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                 target_modules=["to_q", "to_k", "to_v"]))
-    cast_training_params(model, dtype=torch.float32)
-    model.enable_gradient_checkpointing()
-    model.train()
-    before = model.projection.weight.detach().clone()
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    config, generator = model.config, torch.Generator().manual_seed(0)
-    for _ in range(2):
-        latents = torch.randn(2, config.in_channels, 8, 8, generator=generator)
-        condition = torch.randn(2, config.condition_channels, 8, 8, generator=generator)
-        text = torch.randn(2, 6, config.caption_channels, generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            prediction = model(latents, condition, text, torch.tensor([700.0, 200.0])).sample
-        loss = (prediction.float() - (condition - latents)).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert _is_quantized(model.transformer.transformer_blocks[0].attn1.to_q.base_layer.weight)
-    assert model.projection.weight.dtype == torch.float32 and not torch.equal(model.projection.weight, before)
-    # as diffusers' QLoRA scripts save (a quantized model's own `save_lora_adapter` casts it, which diffusers refuses)
-    SanaRestorationPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(model), condition_projection=model.projection
-    )
-
-    pipe = SanaRestorationPipeline.from_pretrained(BUNDLED_MODEL_DIR, dtype=torch.bfloat16)
-    plain = _restore(pipe)
-    pipe.load_lora_weights(tmp_path)
-    to_q = pipe.transformer.transformer.transformer_blocks[0].attn1.to_q
-    assert not _is_quantized(to_q.base_layer.weight)
-    trained_a = model.transformer.transformer_blocks[0].attn1.to_q.lora_A["default"].weight
-    assert torch.equal(to_q.lora_A["default_0"].weight.float(), trained_a.to(torch.bfloat16).float())
-    probe = torch.randn(1, model.projection.in_channels, 2, 2, generator=generator)
-    with torch.no_grad():  # the trained projection, loaded as a LoRA on the base's
-        torch.testing.assert_close(pipe.transformer.projection(probe.to(torch.bfloat16)).float(),
-                                   torch.nn.functional.conv2d(probe, model.projection.weight), rtol=0.02, atol=0.02)
-    restored = _restore(pipe)
-    assert np.isfinite(restored).all() and not np.array_equal(restored, plain)
