@@ -623,13 +623,16 @@ def test_lora_run_saves_what_load_lora_weights_loads_and_resumes_exactly(tiny_ba
                         "--resume_from_checkpoint", "checkpoint-3"))
 
 
-def test_qlora_on_an_int8_base_saves_a_lora_that_loads_onto_the_unquantized_base(tiny_base, pair_data, tmp_path,
-                                                                                 monkeypatch):
-    """--quantize int8 (torchao, which runs on a CPU): the frozen base trains int8, the adapters and the condition
-    projection float32, with gradient checkpointing; the LoRA loads with `load_lora_weights` onto the unquantized base
-    (scale alpha / rank kept), which restores finite images and equals the saved merged pipeline; a run resumed from
-    a checkpoint ends with the same LoRA."""
-    pytest.importorskip("torchao")
+@pytest.mark.parametrize("mode, quantized_type", [("int8", "Int8Tensor"), ("nf4", "Params4bit")])
+def test_qlora_saves_a_lora_that_loads_onto_the_unquantized_base(tiny_base, pair_data, tmp_path, monkeypatch, mode,
+                                                                 quantized_type):
+    """--quantize (int8: torchao, which runs on a CPU; nf4: bitsandbytes through diffusers, GPU only): the frozen base
+    trains quantized, the adapters and the condition projection float32, with gradient checkpointing; the LoRA loads
+    with `load_lora_weights` onto the unquantized base (scale alpha / rank kept), which restores finite images and
+    equals the saved merged pipeline; a run resumed from a checkpoint ends with the same LoRA."""
+    pytest.importorskip({"int8": "torchao", "nf4": "bitsandbytes"}[mode])
+    if mode == "nf4" and not torch.cuda.is_available():
+        pytest.skip("diffusers' bitsandbytes quantizer refuses a machine without a GPU ('No GPU found')")
     loaded = []
     from_pretrained = ConcatConditionedTransformer.from_pretrained.__func__
 
@@ -638,15 +641,16 @@ def test_qlora_on_an_int8_base_saves_a_lora_that_loads_onto_the_unquantized_base
         return loaded[-1]
 
     monkeypatch.setattr(ConcatConditionedTransformer, "from_pretrained", classmethod(recording_from_pretrained))
-    qlora = ["--use_lora", "--quantize", "int8", "--rank", 2, "--lora_alpha", 4, "--learning_rate", 1e-2,
+    qlora = ["--use_lora", "--quantize", mode, "--rank", 2, "--lora_alpha", 4, "--learning_rate", 1e-2,
              "--max_train_steps", 2, "--checkpointing_steps", 1, "--gradient_checkpointing", "--mixed_precision", "bf16"]
     first = tmp_path / "first"
     _run(_base_args(tiny_base, pair_data, first, *qlora))
     trained, merged_base = loaded
     to_q = trained.transformer.transformer_blocks[0].attn1.to_q
-    assert type(to_q.base_layer.weight).__name__ == "Int8Tensor"
+    assert type(to_q.base_layer.weight).__name__ == quantized_type
     assert type(trained.projection.weight) is torch.nn.Parameter and trained.projection.weight.dtype == torch.float32
-    assert not torch.equal(trained.projection.weight[:, :4, 0, 0], torch.eye(4))  # trained
+    trained_projection = trained.projection.weight.detach().cpu()
+    assert not torch.equal(trained_projection[:, :4, 0, 0], torch.eye(4))  # trained
     assert type(merged_base.transformer.transformer_blocks[0].attn1.to_q.weight) is torch.nn.Parameter
 
     pipe = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
@@ -655,12 +659,12 @@ def test_qlora_on_an_int8_base_saves_a_lora_that_loads_onto_the_unquantized_base
     plain = pipe(image, "Denoise this photograph", num_inference_steps=2, output_type="np").images[0]
     pipe.load_lora_weights(first / "transformer_lora")
     loaded_q = pipe.transformer.transformer.transformer_blocks[0].attn1.to_q
-    assert torch.equal(loaded_q.lora_A["default_0"].weight, to_q.lora_A["default"].weight.detach())
+    assert torch.equal(loaded_q.lora_A["default_0"].weight, to_q.lora_A["default"].weight.detach().cpu())
     assert loaded_q.scaling["default_0"] == 2.0
     probe = torch.randn(1, 8, 2, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer.projection(probe),
-                                   torch.nn.functional.conv2d(probe, trained.projection.weight))
+                                   torch.nn.functional.conv2d(probe, trained_projection))
     restored = pipe(image, "Denoise this photograph", num_inference_steps=2, output_type="np").images[0]
     assert np.isfinite(restored).all() and np.abs(restored - plain).max() > 1e-3
 
