@@ -183,6 +183,15 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def _transformer_inputs(caption_channels: int) -> dict:
+    """Fixed inputs of a tiny restoration transformer (4 latent channels, 8x8, 16 tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=generator),
+                condition_latents=torch.randn(1, 4, 8, 8, generator=generator),
+                encoder_hidden_states=torch.randn(1, 16, caption_channels, generator=generator),
+                timestep=torch.tensor([500.0]), return_dict=False)
+
+
 def _checkpoints(folder) -> set[str]:
     return {name for name in os.listdir(folder) if name.startswith("checkpoint-")}
 
@@ -599,11 +608,7 @@ def test_lora_run_saves_what_load_lora_weights_loads_and_resumes_exactly(tiny_ba
     saved = SanaRestorationPipeline.from_pretrained(str(first)).transformer
     base = SanaRestorationPipeline.from_pretrained_sana(tiny_base)
     base.load_lora_weights(first / "transformer_lora")
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=generator),
-                  condition_latents=torch.randn(1, 4, 8, 8, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 16, saved.config.caption_channels, generator=generator),
-                  timestep=torch.tensor([500.0]), return_dict=False)
+    inputs = _transformer_inputs(saved.config.caption_channels)
     with torch.no_grad():
         expected = saved(**inputs)[0]
         torch.testing.assert_close(base.transformer(**inputs)[0], expected, rtol=1e-4, atol=1e-5)
@@ -670,11 +675,7 @@ def test_qlora_saves_a_lora_that_loads_onto_the_unquantized_base(tiny_base, pair
 
     saved = SanaRestorationPipeline.from_pretrained(str(first)).transformer
     assert type(saved.transformer.transformer_blocks[0].attn1.to_q.weight) is torch.nn.Parameter
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=generator),
-                  condition_latents=torch.randn(1, 4, 8, 8, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 16, saved.config.caption_channels, generator=generator),
-                  timestep=torch.tensor([500.0]), return_dict=False)
+    inputs = _transformer_inputs(saved.config.caption_channels)
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**inputs)[0], saved(**inputs)[0], rtol=1e-4, atol=1e-5)
 
