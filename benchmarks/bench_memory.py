@@ -4,6 +4,8 @@
     python benchmarks/bench_memory.py --scale real                  # SANA 1.6B + Gemma-2-2B + DC-AE f32c32, random
     python benchmarks/bench_memory.py --scale real --device cuda    # adds whole-pipeline runs and model CPU offload
     python benchmarks/bench_memory.py --scale real --configs bf16 int8 --skip-train   # a subset
+    python benchmarks/bench_memory.py --scale real --stages train --configs bf16 int8   # one stage
+    python benchmarks/bench_memory.py --scale real --weights-only   # load and count the weights, run nothing
 
 Configurations: ``bf16`` (the reference), ``int8`` and ``nf4`` (`diffusers_restore.quantization`'s recommended
 configs: torchao int8 weight-only and bitsandbytes NF4 for the transformer and the text encoder, loaded with
@@ -243,6 +245,8 @@ def run_stage(args) -> dict:
     if not device.startswith("cuda"):
         _make_resident(components.values())
     result["resident"] = meter.peak() if device.startswith("cuda") else _rss_kib("VmRSS") * 1024 - meter.baseline
+    if args.weights_only:
+        return result
     meter.reset()
     generator = torch.Generator().manual_seed(0)
     if stage == "text_encoder":
@@ -367,9 +371,9 @@ def _train_step(model, sizes: dict, device: str, generator: torch.Generator) -> 
 
 def _print_stage(row: dict, note: str) -> None:
     weights = sum(row["weights"].values())
+    run = f", peak {row['peak'] / 1e9:.4f} GB, {row['seconds']:.1f} s" if "peak" in row else ", not run (weights only)"
     print(f"  {row['config']:>14} {row['stage']:>12}: weights {weights / 1e9:.4f} GB, load peak "
-          f"{row['load_peak'] / 1e9:.4f} GB, peak {row['peak'] / 1e9:.4f} GB, {row['seconds']:.1f} s ({note})",
-          flush=True)
+          f"{row['load_peak'] / 1e9:.4f} GB{run} ({note})", flush=True)
 
 
 def _measure_stage(args, config: str, stage: str) -> dict:
@@ -385,6 +389,7 @@ def _measure_stage(args, config: str, stage: str) -> dict:
 def _stage_subprocess(args, config: str, stage: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--scale", args.scale, "--device", args.device,
                "--folder", args.folder, "--run-config", config, "--run-stage", stage, "--steps", str(args.steps)]
+    command += ["--weights-only"] if args.weights_only else []
     begin = time.perf_counter()
     # glibc returns every freed block of 64 KiB or more to the system at once, so that the peak RSS follows the live
     # memory (as `max_memory_allocated` does on a GPU) rather than what the allocator keeps for reuse
@@ -479,11 +484,12 @@ def summarize(args, stages: dict, configs: list[str]) -> list[dict]:
             target = {"int8": 6.0, "int8-pointwise": 6.0, "nf4": 4.5}.get(config) if scale == "real" else None
             rows.append(dict(metric=f"weights: transformer + text encoder ({label})", value=gib(both), unit=unit,
                              target=target, better="lower"))
-        for name, stage in parts.items():
-            if stage is not None and (name != "vae" or config == "bf16"):
+        parts_run = {name: stage for name, stage in parts.items() if stage is not None and "peak" in stage}
+        for name, stage in parts_run.items():
+            if name != "vae" or config == "bf16":
                 rows.append(dict(metric=f"stage peak above baseline: {name} alone ({label})", value=gib(stage["peak"]),
                                  unit=unit, target=None, better="lower"))
-        if text and model and vae:
+        if len(parts_run) == 3:
             weights = sum(stage["weights"][name] for name, stage in parts.items())
             work = max(stage["peak"] - stage["weights"][name] for name, stage in parts.items())
             rows.append(dict(metric=f"derived restore peak, all weights resident: weights + largest stage work "
@@ -493,7 +499,7 @@ def summarize(args, stages: dict, configs: list[str]) -> list[dict]:
                              unit=unit, target=None, better="lower"))
         for name in ("text_encoder", "transformer"):
             reference = stages.get(("bf16", name))
-            if config == "bf16" or reference is None or parts[name] is None:
+            if config == "bf16" or reference is None or name not in parts_run or "seconds" not in reference:
                 continue
             if name == "text_encoder" and config == "int8-pointwise":  # the int8 text encoder, reported under int8
                 continue
@@ -535,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole", action=argparse.BooleanOptionalAction, default=None,
                         help="also a whole-pipeline restore per configuration (default: on CUDA only)")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps of the whole-pipeline runs (CFG on)")
+    parser.add_argument("--stages", nargs="+", choices=["vae", "text_encoder", "transformer", "train", "whole"],
+                        default=None, help="a subset of the stages (default: all that apply)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="load the text encoder and the transformer and count their weights; run nothing")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--subprocess", action=argparse.BooleanOptionalAction, default=None,
@@ -577,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             plan += [(c, "train") for c in configs if c in ("bf16", "int8", "nf4")]
         if whole:
             plan += [(c, "whole") for c in configs if c != "int8-pointwise"]
+        if args.weights_only:
+            plan = [(c, s) for c, s in plan if s in ("text_encoder", "transformer")]
+        plan = [(c, s) for c, s in plan if args.stages is None or s in args.stages]
         for config, stage in plan:
             try:
                 stages[(config, stage)] = _measure_stage(args, config, stage)
