@@ -236,7 +236,7 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixi
         # SANA is built on the meta device (no memory, no random init), then replaced by the real one
         sana_config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
         with init_empty_weights():
-            model = cls(**sana_config, condition_channels=condition_channels)
+            model = cls(**sana_config, condition_channels=condition_channels, condition_residual=False)
         model.transformer = transformer
         parameter = next(transformer.parameters())
         model.projection = nn.Conv2d(
