@@ -5,12 +5,12 @@
     python benchmarks/bench_quality.py --model DIR --images FOLDER --stage-only  # a degradation removal stage alone
 
 Every photo of the split (a centre crop, 256 px by default) is degraded by each row's degradation, seeded by photo
-and row, and restored by `pipe(image)`, the plain call: no argument says what the degradation is, so whatever the
+and row (`diffusers_restore.evaluation.degrade_cases`, as `sana-restore evaluate` does), and restored by `pipe(image)`, the plain call: no argument says what the degradation is, so whatever the
 model is conditioned on is estimated from the image, as for a user. Rows (`ROWS`):
 
 | row | degradation spec (`diffusers_restore.data.degradations`) |
 |---|---|
-| clean | none: the clean crop itself (a restorer should leave it almost unchanged) |
+| clean | `identity`: the clean crop itself (a restorer should leave it almost unchanged) |
 | noise sigma 5 / 15 / 25 / 50 | `gaussian_noise:S` (independent colour noise on the 0-255 scale) |
 | JPEG q10 / q40 / q70 | `jpeg:Q` (Pillow's libjpeg, 4:2:0) |
 | 2x down-up bicubic / bilinear / lanczos / area | `downscale:2,K,K`: halved and enlarged back with the same kernel (area = box) |
@@ -33,7 +33,6 @@ import json
 import os
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -42,29 +41,28 @@ from PIL import Image
 from diffusers_restore import SanaRestorationPipeline
 from diffusers_restore.baselines import cbm3d, check_baselines_available, non_local_means
 from diffusers_restore.cli_common import BUNDLED_MODEL_DIR
-from diffusers_restore.data.degradations import apply_degradation_spec
+from diffusers_restore.evaluation import degrade_cases
 from diffusers_restore.image_io import find_images, load_rgb
 from diffusers_restore.metrics import psnr, ssim, to_tensor01
-from diffusers_restore.sample_photos import center_crop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("train", "validation", "held_out", "test", "test2")
 
-# (row label, degradation spec or None for the clean photo, noise sigma on the 0-255 scale for the denoisers)
-ROWS: tuple[tuple[str, str | None, float | None], ...] = (
-    ("clean", None, None),
-    ("noise sigma 5", "gaussian_noise:5", 5.0),
-    ("noise sigma 15", "gaussian_noise:15", 15.0),
-    ("noise sigma 25", "gaussian_noise:25", 25.0),
-    ("noise sigma 50", "gaussian_noise:50", 50.0),
-    ("JPEG q10", "jpeg:10", None),
-    ("JPEG q40", "jpeg:40", None),
-    ("JPEG q70", "jpeg:70", None),
-    ("2x down-up bicubic", "downscale:2,bicubic,bicubic", None),
-    ("2x down-up bilinear", "downscale:2,bilinear,bilinear", None),
-    ("2x down-up lanczos", "downscale:2,lanczos,lanczos", None),
-    ("2x down-up area", "downscale:2,area,area", None),
-    ("blur sigma 1", "gaussian_blur:sigma=1", None),
+# (row label, degradation spec)
+ROWS: tuple[tuple[str, str], ...] = (
+    ("clean", "identity"),
+    ("noise sigma 5", "gaussian_noise:5"),
+    ("noise sigma 15", "gaussian_noise:15"),
+    ("noise sigma 25", "gaussian_noise:25"),
+    ("noise sigma 50", "gaussian_noise:50"),
+    ("JPEG q10", "jpeg:10"),
+    ("JPEG q40", "jpeg:40"),
+    ("JPEG q70", "jpeg:70"),
+    ("2x down-up bicubic", "downscale:2,bicubic,bicubic"),
+    ("2x down-up bilinear", "downscale:2,bilinear,bilinear"),
+    ("2x down-up lanczos", "downscale:2,lanczos,lanczos"),
+    ("2x down-up area", "downscale:2,area,area"),
+    ("blur sigma 1", "gaussian_blur:sigma=1"),
 )
 
 # The bar of each row, on the mean PSNR (and SSIM where it says so): ("psnr_at_least", dB), ("input_plus", dB) or
@@ -90,13 +88,6 @@ TIE = 0.005
 
 def split_folder(split: str) -> str:
     return os.path.join(REPO_ROOT, "corpus", split)
-
-
-def degrade(clean: Image.Image, name: str, spec: str | None, seed: int) -> Image.Image:
-    if spec is None:
-        return clean
-    rng = np.random.default_rng(zlib.crc32(f"{seed}:{name}:{spec}".encode()))
-    return apply_degradation_spec(clean, spec, rng)[0].convert("RGB")
 
 
 def first_stage(pipe: SanaRestorationPipeline, image: Image.Image) -> Image.Image:
@@ -165,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = ROWS
     if args.rows:
         wanted = [label.strip() for label in args.rows.split(",")]
-        unknown = set(wanted) - {label for label, *_ in ROWS}
+        unknown = set(wanted) - {label for label, _ in ROWS}
         if unknown:
-            parser.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(label for label, *_ in ROWS)}")
+            parser.error(f"--rows: unknown {sorted(unknown)}; known: {', '.join(label for label, _ in ROWS)}")
         rows = tuple(row for row in ROWS if row[0] in wanted)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,20 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage_only and not has_stage:
         parser.error(f"--stage-only: {model} has no degradation_removal stage")
 
-    photos = []
-    for path in find_images(folder):
-        image = load_rgb(path)
-        photos.append((os.path.splitext(os.path.basename(path))[0], center_crop(image, args.crop) if args.crop else image))
+    photos = [(os.path.splitext(os.path.basename(path))[0], load_rgb(path)) for path in find_images(folder)]
     if not photos:
         parser.error(f"{folder} holds no images")
 
     start = time.time()
     results: dict[str, list[dict]] = {}
-    for label, spec, sigma in rows:
+    for label, spec in rows:
         per_photo = []
-        for name, clean in photos:
-            reference = to_tensor01(clean)
-            degraded = degrade(clean, name, spec, args.seed)
+        for case in degrade_cases(photos, [spec], args.seed, crop=args.crop or None):
+            reference = to_tensor01(case.clean)
+            degraded, sigma = case.degraded, case.noise_sigma
             outputs = {"input": degraded}
             if not args.stage_only:
                 generator = torch.Generator().manual_seed(args.seed)
@@ -201,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                 outputs["stage 1"] = first_stage(pipe, degraded)
             if sigma is not None:
                 if "nlm" in baselines:
-                    outputs["NLM"] = non_local_means(degraded, sigma / 255.0)
+                    outputs["NLM"] = non_local_means(degraded, sigma)
                 if "bm3d" in baselines:
-                    outputs["CBM3D"] = cbm3d(degraded, sigma / 255.0)
-            per_photo.append({"photo": name, **{method: scores(image, reference) for method, image in outputs.items()}})
+                    outputs["CBM3D"] = cbm3d(degraded, sigma)
+            per_photo.append({"photo": case.name,
+                              **{method: scores(image, reference) for method, image in outputs.items()}})
         results[label] = per_photo
         print(f"{label}: done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
 
