@@ -165,6 +165,34 @@ def test_an_existing_stage_is_trained_further_and_not_contradicted(stage_run, pa
     assert "the stage of the base pipeline" in card and "not trained for restoration yet" not in card
 
 
+def test_a_pickled_base_loads_as_the_pipeline_loads_it(stage_run, pair_data, tmp_path):
+    """A base pipeline whose stage is pickled loads through torch's weights-only loader; one whose pickle carries
+    code is refused with the package's error, and the code never runs."""
+    import shutil
+
+    from test_train_paired import _Unpickled
+
+    from diffusers_restore.models.safe_weights import UnsafeWeightsError
+
+    base, marker = tmp_path / "base", tmp_path / "code-ran"
+    shutil.copytree(stage_run["output_dir"], base, ignore=shutil.ignore_patterns("checkpoint-*"))
+    stage = base / "degradation_removal" / "diffusion_pytorch_model"
+    weights = _weights(base / "degradation_removal")
+    (stage.parent / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({**weights, "extra": _Unpickled(marker)}, f"{stage}.bin")
+    arguments = ("--max_train_steps", 1, "--learning_rate", 1e-12, "--checkpointing_steps", 100)
+    with pytest.raises(UnsafeWeightsError, match="holds Python objects besides tensors"):
+        _run(_args(base, pair_data, tmp_path / "refused", *arguments))
+    assert not marker.exists()
+    torch.save(weights, f"{stage}.bin")
+    _reset_accelerate()
+    _run(_args(base, pair_data, tmp_path / "out", *arguments))
+    trained = _weights(tmp_path / "out" / "degradation_removal")
+    assert trained.keys() == weights.keys()
+    for key in weights:  # it started from the pickled stage
+        torch.testing.assert_close(trained[key], weights[key], atol=1e-9, rtol=0)
+
+
 def test_a_noise_conditioned_stage_trains(tiny_base, pair_data, tmp_path):
     output_dir = tmp_path / "conditioned"
     _run(_args(tiny_base, pair_data, output_dir, *SMALL_STAGE, "--noise_level_input", "--loss_type", "mse",

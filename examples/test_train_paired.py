@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from diffusers_restore import ConcatConditionedTransformer, SanaRestorationPipeline  # noqa: E402
+from diffusers_restore.models.safe_weights import UnsafeWeightsError  # noqa: E402
 from diffusers_restore.training_utils import NonFiniteError, build_paired_dataset, resolve_checkpoint  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
@@ -869,20 +870,26 @@ class _Unpickled:
         return (Path.touch, (self.path,))
 
 
-def test_weights_are_read_from_safetensors_and_no_pickle_runs_code(full_run, tiny_base, pair_data, tmp_path):
-    """Model weights load from safetensors only (a pickled copy is refused, not read); accelerate's optimizer state
-    loads with weights_only=True, so a pickle that would run code is refused."""
+def test_weights_load_as_the_pipeline_loads_them_and_no_pickle_runs_code(full_run, tiny_base, pair_data, tmp_path):
+    """Base weights load as the pipeline loads them: a pickled component through torch's weights-only loader, and one
+    that carries code is refused with the package's error; accelerate's optimizer state loads with weights_only=True,
+    so a pickle that would run code is refused there too."""
+    marker = tmp_path / "code-ran"
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
     vae = base / "vae" / "diffusion_pytorch_model"
-    torch.save(load_file(f"{vae}.safetensors"), f"{vae}.bin")
+    weights = load_file(f"{vae}.safetensors")
     os.remove(f"{vae}.safetensors")
-    with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+    torch.save({**weights, "extra": _Unpickled(marker)}, f"{vae}.bin")
+    with pytest.raises(UnsafeWeightsError, match="holds Python objects besides tensors"):
         _run(_base_args(base, pair_data, tmp_path / "out", "--max_train_steps", 1))
+    torch.save(weights, f"{vae}.bin")
+    _reset_accelerate()
+    _run(_base_args(base, pair_data, tmp_path / "out", "--max_train_steps", 1))
+    assert (tmp_path / "out" / "model_index.json").is_file()
 
     hidden_code = tmp_path / "hidden-code"
     shutil.copytree(full_run["output_dir"] / "checkpoint-2", hidden_code / "checkpoint-2")
-    marker = tmp_path / "code-ran"
     torch.save({"state": {}, "param_groups": [], "extra": _Unpickled(marker)},
                hidden_code / "checkpoint-2" / "optimizer.bin")
     _reset_accelerate()

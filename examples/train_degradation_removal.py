@@ -322,7 +322,7 @@ def main(args):
     if from_sana:
         pipeline = SanaRestorationPipeline.from_pretrained_sana(base, **load_kwargs)
     else:
-        pipeline = SanaRestorationPipeline.from_pretrained(base, use_safetensors=True, **load_kwargs)
+        pipeline = SanaRestorationPipeline.from_pretrained(base, **load_kwargs)
     requested = {"block_out_channels": args.block_out_channels, "layers_per_block": args.layers_per_block,
                  "noise_level_input": args.noise_level_input or None}
     requested = {key: value for key, value in requested.items() if value is not None}

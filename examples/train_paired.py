@@ -76,6 +76,7 @@ from diffusers_restore.data.paired_dataset import collate_fn, write_paired_csv
 from diffusers_restore.data.streaming import StreamingPairDataset, expand_shard_pattern
 from diffusers_restore.metrics import psnr, ssim
 from diffusers_restore.models.degradation_removal import DegradationRemovalModel
+from diffusers_restore.models.safe_weights import pickle_refusals_explained, weights_loading_kwargs
 from diffusers_restore.pipelines.pipeline_sana_restoration import DEFAULT_NEGATIVE_PROMPT
 from diffusers_restore.training_utils import (
     ArgumentParser,
@@ -743,10 +744,11 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         remove_unfinished_checkpoints(args.output_dir)
 
-    # Load the scheduler, the tokenizer and the models (weights from safetensors files only).
+    # Load the scheduler, the tokenizer and the models (weights as the pipeline loads them: safetensors first, a pickle
+    # only through torch's weights-only loader).
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
-    weights_kwargs = {**load_kwargs, "variant": args.variant, "use_safetensors": True}
     base = args.pretrained_model_name_or_path
+    weights_kwargs = weights_loading_kwargs(base, {**load_kwargs, "variant": args.variant})
     # SANA ships a DPM-Solver config whose `flow_shift` becomes the flow-matching scheduler's `shift`; its training
     # noise levels (diffusers' `noise_scheduler_copy.sigmas`) are kept apart from the validation's set_timesteps.
     noise_scheduler = RestorationGuidedFlowScheduler.from_sana_config(
@@ -755,8 +757,9 @@ def main(args):
     train_sigmas = noise_scheduler.sigmas.clone().to(accelerator.device)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load_kwargs)
-    text_encoder = Gemma2Model.from_pretrained(base, subfolder="text_encoder", **weights_kwargs)
-    vae = AutoencoderDC.from_pretrained(base, subfolder="vae", **weights_kwargs)
+    with pickle_refusals_explained(base):
+        text_encoder = Gemma2Model.from_pretrained(base, subfolder="text_encoder", **weights_kwargs)
+        vae = AutoencoderDC.from_pretrained(base, subfolder="vae", **weights_kwargs)
     # a plain SanaTransformer2DModel is wrapped (identity projection); a restoration transformer loads as it is
     transformer = ConcatConditionedTransformer.from_pretrained(base, subfolder="transformer", **weights_kwargs)
     model_index = DiffusionPipeline.load_config(base, **load_kwargs)

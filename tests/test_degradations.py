@@ -55,12 +55,14 @@ def test_each_degradation_is_deterministic_and_reports_its_parameters(name):
     assert out1.size == image.size and out1.mode == image.mode
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "I;16", "CMYK"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "I;16", "F", "CMYK"])
 @pytest.mark.parametrize("name", list(D.DEGRADATIONS) + ["realesrgan"])
 def test_l_stays_l_and_other_modes_are_degraded_as_their_rgb(mode, name):
     base = _photo(48)
     if mode == "I;16":
         image = Image.fromarray((_array(base.convert("L")) * 257).astype(np.uint16))
+    elif mode == "F":  # 16-bit levels in a float image: the package's one rule reads them as 16-bit
+        image = Image.fromarray((_array(base.convert("L")) * 257).astype(np.float32))
     elif mode in ("RGBA", "LA"):
         image = base.convert(mode)
         image.putalpha(Image.linear_gradient("L").resize(base.size))
@@ -77,6 +79,8 @@ def test_l_stays_l_and_other_modes_are_degraded_as_their_rgb(mode, name):
     if mode not in ("RGB", "L"):  # exactly what degrading the package's one RGB conversion gives
         expected, expected_record = degrade(to_rgb(image))
         assert out.tobytes() == expected.tobytes() and record == expected_record
+    if mode in ("I;16", "F"):  # the same grey levels as the 8-bit image
+        assert out.tobytes() == degrade(base.convert("L").convert("RGB"))[0].tobytes()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from diffusers_restore import ConcatConditionedTransformer, SanaRestorationPipeline
+from diffusers_restore.models.safe_weights import UnsafeWeightsError
 from diffusers_restore.testing import get_tiny_components, get_tiny_transformer
 
 TARGETS = ["to_q", "to_k", "to_v"]
@@ -327,16 +328,34 @@ def test_pickled_lora_files_save_and_load_as_the_caller_asks(tmp_path):
         _pipe().load_lora_weights(tmp_path / "pipe", use_safetensors=True)
 
 
-def test_a_pickle_with_code_is_never_run(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (tmp_path / "ran",))
+class _Payload:
+    """Unpickling it would create `path`: the stand-in for code hidden in a weight file."""
 
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def test_a_pickle_with_code_is_refused_with_the_packages_error_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
     (tmp_path / "lora").mkdir()
-    torch.save({"transformer.projection.weight": Payload()}, tmp_path / "lora" / "pytorch_lora_weights.bin")
-    with pytest.raises(Exception):
-        _pipe().load_lora_weights(tmp_path / "lora")
-    assert not (tmp_path / "ran").exists()
+    torch.save({"transformer.projection.weight": _Payload(marker)}, tmp_path / "lora" / "pytorch_lora_weights.bin")
+    trained = _trained(seed=8)
+    trained.save_lora_adapter(tmp_path / "sidecar")  # safetensors LoRA, poisoned pickled projection beside it
+    (tmp_path / "sidecar" / "condition_projection.safetensors").unlink()
+    torch.save({"projection.weight": _Payload(marker)}, tmp_path / "sidecar" / "condition_projection.bin")
+    for load in (_pipe().load_lora_weights, _pipe().transformer.load_lora_adapter):
+        for folder in ("lora", "sidecar"):
+            with pytest.raises(UnsafeWeightsError, match=r"holds Python objects besides tensors.*nothing in it ran"):
+                load(tmp_path / folder)
+    assert not marker.exists()
+    # use_safetensors=True never opens the pickled sidecar: the LoRA loads with the model's own projection
+    pipe = _pipe()
+    pipe.load_lora_weights(tmp_path / "sidecar", use_safetensors=True)
+    assert torch.equal(pipe.transformer.projection.weight, _pipe().transformer.projection.weight)
+    assert not marker.exists()
 
 
 def test_a_lora_without_keys_for_the_model_warns_and_goes_on(caplog):

@@ -17,10 +17,10 @@ from diffusers_restore.models.degradation_removal import DegradationRemovalModel
 from diffusers_restore.models.safe_weights import UnsafeWeightsError
 from diffusers_restore.pipelines import pipeline_sana_restoration as pipeline_module
 from diffusers_restore.pipelines.image_processing_restoration import (
+    RestorationImageProcessor,
     TileGrid,
     adain_color_fix,
     blend_weights,
-    images_to_tensor,
     tile_starts,
     wavelet_color_fix,
     wavelet_decomposition,
@@ -154,21 +154,22 @@ def test_alpha_is_carried_through_and_resized(pipe):
 
 
 def test_input_conventions():
+    preprocess = RestorationImageProcessor().preprocess
     # 16-bit grey is scaled by 1/65535 (not clipped at 8 bits)
     sixteen = PIL.Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
-    pixels, alphas = images_to_tensor(sixteen)
+    pixels, alphas = preprocess(sixteen)
     assert pixels.shape == (1, 3, 1, 3) and alphas == [None]
     assert torch.allclose(pixels[0, :, 0], torch.tensor([0.0, 128 / 255, 1.0]).expand(3, 3), atol=1e-6)
     # numpy HWC uint8, NHWC float, torch CHW / NCHW all give the same pixels
     array = _photo(5, 7)
     as_float = array.astype(np.float32) / 255
-    reference, _ = images_to_tensor(array)
+    reference, _ = preprocess(array)
     for other in (as_float[None], torch.from_numpy(as_float).permute(2, 0, 1),
                   torch.from_numpy(as_float).permute(2, 0, 1)[None], PIL.Image.fromarray(array), [array]):
-        assert torch.allclose(images_to_tensor(other)[0], reference, atol=1e-6)
-    grey, _ = images_to_tensor(np.full((4, 4), 0.25, dtype=np.float32))
+        assert torch.allclose(preprocess(other)[0], reference, atol=1e-6)
+    grey, _ = preprocess(np.full((4, 4), 0.25, dtype=np.float32))
     assert grey.shape == (1, 3, 4, 4) and torch.all(grey == 0.25)
-    assert images_to_tensor([array, array])[0].shape == (2, 3, 5, 7)
+    assert preprocess([array, array])[0].shape == (2, 3, 5, 7)
 
 
 @pytest.mark.parametrize(
@@ -1014,7 +1015,7 @@ def test_truncated_image_object_is_named_truncated(tmp_path):
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with PIL.Image.open(path) as opened:
         with pytest.raises(ValueError, match="truncated"):
-            images_to_tensor(opened)
+            RestorationImageProcessor().preprocess(opened)
 
 
 # ---------------------------------------------------------------------------------- damaged or unsafe folders

@@ -115,6 +115,23 @@ def test_wrong_channels_raise_a_clear_error_and_one_condition_broadcasts():
     assert torch.equal(out, expected)
 
 
+@torch.no_grad()
+def test_attention_processors_are_sanas_and_qkv_fusion_keeps_the_output():
+    """diffusers' `AttentionMixin`: the wrapper lists, sets and fuses the attention of the SANA it wraps."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
+    sana_processors = model.transformer.attn_processors
+    assert model.attn_processors == {f"transformer.{name}": value for name, value in sana_processors.items()}
+    inputs = _inputs()
+    expected = model(**inputs).sample
+    model.fuse_qkv_projections()
+    torch.testing.assert_close(model(**inputs).sample, expected, atol=1e-5, rtol=0)
+    model.unfuse_qkv_projections()
+    model.set_attn_processor(AttnProcessor2_0())
+    assert all(isinstance(value, AttnProcessor2_0) for value in model.transformer.attn_processors.values())
+
+
 def test_condition_half_of_projection_learns():
     model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
     model.train()
@@ -168,7 +185,7 @@ def test_lora_add_save_load(tmp_path):
     fresh = ConcatConditionedTransformer.from_transformer(get_tiny_transformer())
     with torch.no_grad():
         assert not torch.allclose(fresh(**inputs).sample, expected)
-    fresh.load_lora_adapter(tmp_path)  # the default prefix (None) reads the wrapper's own files
+    fresh.load_lora_adapter(tmp_path)  # the default prefix ("transformer", as diffusers') reads the wrapper's own files
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).sample, expected, rtol=1e-5, atol=1e-6)
 

@@ -32,7 +32,7 @@ from .image_io import atomic_write, load_rgb, save_image
 from .metrics import FID_RECOMMENDED_MIN_IMAGES, MetricUnavailable, compute_metrics, fid_features, frechet_distance
 from .metrics import to_tensor01
 from .models.vae_latents import decode_latents, encode_latents
-from .pipelines.image_processing_restoration import images_to_tensor, pad_to_multiple
+from .pipelines.image_processing_restoration import pad_to_multiple
 
 __all__ = ["EvaluationCase", "STAGE_METHOD", "autoencode", "degrade_cases", "evaluate", "read_pair_cases"]
 
@@ -68,24 +68,18 @@ def autoencode(pipe, image, output_type: str = "pil") -> list[PIL.Image.Image] |
     latent space can reach. The VAE's own tiling applies when enabled (``pipe.vae.enable_tiling()``).
 
     Args:
-        pipe: a `SanaRestorationPipeline` (only its `vae` and `size_multiple` are used).
+        pipe: a `SanaRestorationPipeline` (only its `vae`, `image_processor` and `size_multiple` are used).
         image: what the pipeline accepts as `image`; alpha channels are left out.
         output_type: "pil", "np" (`(batch, H, W, 3)` float in [0, 1]) or "pt" (`(batch, 3, H, W)`).
     """
     if output_type not in ("pil", "np", "pt"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
-    pixels, _ = images_to_tensor(image)
+    pixels, _ = pipe.image_processor.preprocess(image)
     height, width = pixels.shape[-2:]
     device = getattr(pipe, "_execution_device", None) or pipe.vae.device
     padded = pad_to_multiple(pixels.to(device), pipe.size_multiple)
     decoded = decode_latents(pipe.vae, encode_latents(pipe.vae, padded * 2.0 - 1.0))[:, :, :height, :width]
-    images = (decoded / 2 + 0.5).clamp(0.0, 1.0)
-    if output_type == "pt":
-        return images
-    array = images.permute(0, 2, 3, 1).cpu().numpy()
-    if output_type == "np":
-        return array
-    return [PIL.Image.fromarray(np.rint(item * 255.0).astype(np.uint8)) for item in array]
+    return pipe.image_processor.postprocess((decoded / 2 + 0.5).clamp(0.0, 1.0), output_type)
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -159,10 +153,8 @@ def degrade_cases(sources: Sequence[tuple[str, PIL.Image.Image]], specs: Sequenc
 def _first_stage_output(pipe, degraded: PIL.Image.Image, tile_size: int | None) -> PIL.Image.Image:
     """The pipeline's `degradation_removal` stage alone on `degraded`."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
-    with torch.no_grad():
-        cleaned = pipe.remove_degradations(to_tensor01(degraded).to(device), tile_size)[0]
-    array = cleaned.permute(1, 2, 0).cpu().numpy()
-    return PIL.Image.fromarray((array * 255.0).round().clip(0, 255).astype("uint8"))
+    cleaned = pipe.remove_degradations(to_tensor01(degraded).to(device), tile_size)
+    return pipe.image_processor.postprocess(cleaned)[0]
 
 
 def _comparison_grid(case: EvaluationCase, restored: PIL.Image.Image) -> PIL.Image.Image:

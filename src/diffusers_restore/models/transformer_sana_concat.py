@@ -35,10 +35,11 @@ from torch import nn
 from diffusers import ConfigMixin, ModelMixin, SanaTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin, SanaLoraLoaderMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
-from .safe_weights import SafeWeightsModelMixin, weights_loading_kwargs
+from .safe_weights import SafeWeightsModelMixin, pickle_refusals_explained, weights_loading_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -55,12 +56,16 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "tok
 
 
 def add_condition_projection(
-    state_dict: dict[str, torch.Tensor], source: str | os.PathLike, key: str = PROJECTION_KEY, **hub_kwargs: Any
+    state_dict: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    key: str = PROJECTION_KEY,
+    use_safetensors: bool | None = None,
+    **hub_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """`state_dict` (read from `source`) with the trained projection that
-    [`~ConcatConditionedTransformer.save_lora_adapter`] wrote beside it (`condition_projection.safetensors`, else
-    `condition_projection.bin` through torch's weights-only loader) added as `key`, unless `state_dict` already holds
-    a projection or `source` (a folder, a Hub repo id or a single file) has none.
+    [`~ConcatConditionedTransformer.save_lora_adapter`] wrote beside it (`condition_projection.safetensors`, else,
+    unless `use_safetensors=True`, `condition_projection.bin` through torch's weights-only loader) added as `key`,
+    unless `state_dict` already holds a projection or `source` (a folder, a Hub repo id or a single file) has none.
 
     `hub_kwargs`: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
     The projection has shape `(in_channels, in_channels + condition_channels, 1, 1)`.
@@ -74,7 +79,10 @@ def add_condition_projection(
     subfolder = hub_kwargs.pop("subfolder", None) or ""
     if os.path.isfile(path) or any(name.endswith(PROJECTION_KEY) for name in state_dict):
         return state_dict
-    for name in (CONDITION_PROJECTION_WEIGHT_NAME, CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin")):
+    names = [CONDITION_PROJECTION_WEIGHT_NAME]
+    if use_safetensors is not True:
+        names.append(CONDITION_PROJECTION_WEIGHT_NAME.replace(".safetensors", ".bin"))
+    for name in names:
         if os.path.isdir(path):
             file = os.path.join(path, subfolder, name)
             if not os.path.isfile(file):
@@ -94,7 +102,7 @@ def add_condition_projection(
     return state_dict
 
 
-class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A [`SanaTransformer2DModel`] that takes a condition latent (the degraded image) concatenated to its input.
 
@@ -409,7 +417,7 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixi
     def load_lora_adapter(
         self,
         pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        prefix: str | None = None,
+        prefix: str | None = "transformer",
         hotswap: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -423,11 +431,10 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixi
         LoRA applies to the wrapped model).
 
         Args:
-            prefix (`str`, *optional*): as in diffusers, the component name in front of the keys
-                (`prefix="transformer"` for a pipeline LoRA file); keys without it are ignored (but for the
-                projection's own, `projection.*`), and a warning says so when none has it. Defaults to `None`,
-                where diffusers defaults to `"transformer"`: the keys of this model's own files already start with
-                `transformer.` (the wrapped SANA).
+            prefix (`str`, *optional*, defaults to `"transformer"`): as in diffusers, the component name in front of
+                the keys of a pipeline LoRA file; keys without it are ignored (but for the projection's own,
+                `projection.*`), and a warning says so when none has it. This model's own files (keys `transformer.*`,
+                the wrapped SANA) load with the default; keys relative to the wrapped SANA need `prefix=None`.
             hotswap, kwargs: as in `PeftAdapterMixin.load_lora_adapter` (`adapter_name`, `weight_name`, `metadata`,
                 `use_safetensors`, `low_cpu_mem_usage`, the Hub arguments).
         """
@@ -438,10 +445,13 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, ConfigMixi
         else:
             fetch_names = (*HUB_KWARGS, "weight_name", "use_safetensors")
             fetch_kwargs = {key: kwargs.pop(key) for key in fetch_names if key in kwargs}
-            state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
-                source, return_lora_metadata=True, **fetch_kwargs
-            )
-            state_dict = add_condition_projection(state_dict, source, **fetch_kwargs)
+            folder = os.path.join(os.fspath(source), fetch_kwargs.get("subfolder") or "")
+            fetch_kwargs = weights_loading_kwargs(folder, fetch_kwargs)
+            with pickle_refusals_explained(folder):
+                state_dict, file_metadata = SanaLoraLoaderMixin.lora_state_dict(
+                    source, return_lora_metadata=True, **fetch_kwargs
+                )
+                state_dict = add_condition_projection(state_dict, source, **fetch_kwargs)
             metadata = metadata or file_metadata
 
         if prefix is not None:  # the projection's keys are this model's with or without the prefix

@@ -4,8 +4,9 @@
 Everything here is plain torch on `[0, 1]` RGB tensors of shape `(batch, channels, height, width)` unless stated
 otherwise, so each helper can be used (and tested) on its own.
 
-* Input conversion (`images_to_tensor`): PIL (any mode), numpy (HWC / NHWC) and torch (CHW / NCHW) images, single or
-  in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept aside.
+* Input and output (`RestorationImageProcessor`, `image_items`): PIL (any mode), numpy (HWC / NHWC) and torch (CHW /
+  NCHW) images, single or in a list, become one float32 batch in `[0, 1]`, with the alpha channel of PIL images kept
+  aside and put back on PIL outputs.
 * Colour fix (`wavelet_color_fix`, `adain_color_fix`): move a result's low frequencies (or channel statistics) to a
   reference's, the usual last step of diffusion restorers (StableSR, SUPIR, PASD, DiffBIR).
 * Tiles (`TileGrid`, `tile_starts`, `blend_weights`): evaluate a function on overlapping tiles and blend the
@@ -24,6 +25,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from diffusers.configuration_utils import register_to_config
+from diffusers.image_processor import VaeImageProcessor
+
 from ..image_io import HIGH_BIT_MODES, high_bit_to_unit
 
 __all__ = [
@@ -33,8 +37,8 @@ __all__ = [
     "blend_weights",
     "ImageItem",
     "image_items",
-    "images_to_tensor",
     "pad_to_multiple",
+    "RestorationImageProcessor",
     "TileGrid",
     "tile_starts",
     "wavelet_color_fix",
@@ -157,7 +161,7 @@ def _torch_items(tensor: torch.Tensor, index: int, argument: str) -> list[ImageI
 
 def image_items(image, argument: str = "image") -> list[ImageItem]:
     """Split an image argument into single images, each as a `(channels, height, width)` tensor: the one conversion
-    behind the pipeline's inputs (`images_to_tensor`) and the metrics (`metrics.to_tensor01`).
+    behind the pipeline's inputs (`RestorationImageProcessor.preprocess`) and the metrics (`metrics.to_tensor01`).
 
     Accepted, alone or in a list or tuple (which may mix kinds):
 
@@ -203,30 +207,52 @@ def image_items(image, argument: str = "image") -> list[ImageItem]:
     return converted
 
 
-def images_to_tensor(image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Convert the pipeline's `image` argument to one RGB batch (see `image_items` for what is accepted).
+class RestorationImageProcessor(VaeImageProcessor):
+    """The [`VaeImageProcessor`] of [`SanaRestorationPipeline`]: images of any size and kind in, RGB tensors in [0, 1]
+    out, and back (the pipeline maps [0, 1] to the VAE's [-1, 1] itself, so nothing here resizes or normalises).
 
-    Float data must lie in [0, 1]: the [-1, 1] convention of diffusers' internal tensors is deliberately refused, as
-    are NaN and infinite values. Tensors need 1 or 3 channels; grey images are repeated to 3 channels.
-
-    Returns:
-        `(pixels, alphas)`: `pixels` of shape `(batch, 3, height, width)`, float32 in `[0, 1]`, on the device of the
-        first tensor input (CPU otherwise); `alphas`, one entry per image, an alpha tensor of shape `(1, height,
-        width)` in `[0, 1]` for PIL images with alpha, else `None`.
+    `preprocess` takes what `image_items` takes and keeps the alpha channels aside; `postprocess` converts to
+    `output_type` as diffusers does and gives PIL outputs their input's alpha back (RGBA).
     """
-    items = image_items(image)
-    device = items[0].pixels.device
-    pixels = []
-    for item in items:
-        if item.pixels.shape[0] not in (1, 3):
-            raise ValueError(
-                f"{item.name}: images must have 1 or 3 channels (channels-last tensors are not accepted: use "
-                "`tensor.permute(2, 0, 1)`)."
-            )
-        if not item.scaled:
-            _check_float_range(item.pixels, item.name)
-        pixels.append(item.pixels.to(device=device, dtype=torch.float32).expand(3, -1, -1))
-    return torch.stack(pixels).contiguous(), [item.alpha for item in items]
+
+    @register_to_config
+    def __init__(self, vae_scale_factor: int = 32):
+        super().__init__(vae_scale_factor=vae_scale_factor, do_resize=False, do_normalize=False)
+
+    def preprocess(self, image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Convert an `image` argument to one RGB batch: `(pixels, alphas)`, `pixels` of shape `(batch, 3, height,
+        width)`, float32 in [0, 1], on the device of the first tensor input (else the CPU); `alphas`, one per image,
+        `(1, height, width)` in [0, 1] for PIL images with alpha, else `None`. Float data must lie in [0, 1] (diffusers'
+        internal [-1, 1] is refused, as are NaN and infinite values); grey images are repeated to 3 channels."""
+        items = image_items(image)
+        device = items[0].pixels.device
+        pixels = []
+        for item in items:
+            if item.pixels.shape[0] not in (1, 3):
+                raise ValueError(
+                    f"{item.name}: images must have 1 or 3 channels (channels-last tensors are not accepted: use "
+                    "`tensor.permute(2, 0, 1)`)."
+                )
+            if not item.scaled:
+                _check_float_range(item.pixels, item.name)
+            pixels.append(item.pixels.to(device=device, dtype=torch.float32).expand(3, -1, -1))
+        return torch.stack(pixels).contiguous(), [item.alpha for item in items]
+
+    def postprocess(self, image: torch.Tensor, output_type: str = "pil", alphas: list | None = None):
+        """`(batch, 3, H, W)` in [0, 1] to `output_type` ("pil", "np", "pt" or "latent", as diffusers). With `alphas`
+        (one per input image, `num_images_per_prompt` consecutive outputs each), a PIL output of an image that had
+        one is RGBA, its alpha resized to the output's size."""
+        if output_type != "pil" or not any(alpha is not None for alpha in alphas or ()):
+            return super().postprocess(image, output_type)
+        outputs = []
+        for index, rgb in enumerate(image):
+            alpha = alphas[index * len(alphas) // len(image)]
+            if alpha is not None:
+                if alpha.shape[-2:] != rgb.shape[-2:]:
+                    alpha = F.interpolate(alpha[None], size=rgb.shape[-2:], mode="bicubic", align_corners=False)[0]
+                rgb = torch.cat([rgb, alpha.to(rgb).clamp(0.0, 1.0)])
+            outputs += super().postprocess(rgb[None], "pil")
+        return outputs
 
 
 def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
