@@ -436,6 +436,33 @@ def test_condition_residual_round_trips_and_refuses_mismatched_channels(tmp_path
         ConcatConditionedTransformer(**config, condition_channels=3, condition_residual=True)
 
 
+def test_enable_condition_residual_keeps_the_weights_and_starts_from_the_condition(tmp_path):
+    """A trained model made condition-anchored keeps its projection and SANA's blocks, returns the condition at one
+    step, and saves the flag (it loads back the same)."""
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer(0))
+    with torch.no_grad():
+        model.projection.weight.normal_(std=0.1)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model.enable_condition_residual()
+    assert model.config.condition_residual is True
+    for key, value in model.state_dict().items():
+        if key.startswith("transformer.proj_out"):
+            assert not value.any(), key
+        else:
+            assert torch.equal(value, before[key]), key
+    inputs = dict(_inputs(), timestep=torch.full((2,), 1000.0))  # sigma = 1
+    with torch.no_grad():
+        x0 = inputs["hidden_states"] - model(**inputs).sample
+        torch.testing.assert_close(x0, inputs["condition_latents"], rtol=0, atol=1e-5)
+        model.save_pretrained(tmp_path / "anchored")
+        loaded = ConcatConditionedTransformer.from_pretrained(tmp_path / "anchored")
+        assert loaded.config.condition_residual is True
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+    with pytest.raises(ValueError, match="condition_residual"):
+        ConcatConditionedTransformer.from_transformer(get_tiny_transformer(0), condition_channels=3
+                                                      ).enable_condition_residual()
+
+
 @torch.no_grad()
 def test_an_untrained_condition_residual_pipeline_with_fidelity_returns_its_input():
     """One step from sigma = 1 gives x0 = the condition's latent, and `fidelity=1` adds back what the VAE loses of the

@@ -172,9 +172,8 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
             condition_channels = in_channels
             # keep the config explicit so a saved folder says what it was trained with
             self.register_to_config(condition_channels=condition_channels)
-        if condition_residual and (condition_channels != in_channels or (out_channels or in_channels) != in_channels):
-            raise ValueError("`condition_residual` needs the condition, input and output latents to have the same "
-                             f"channels, got {condition_channels}, {in_channels} and {out_channels}.")
+        if condition_residual:
+            self._check_condition_residual(in_channels, out_channels, condition_channels)
 
         self.transformer = SanaTransformer2DModel(
             in_channels=in_channels,
@@ -220,6 +219,21 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         nn.init.zeros_(self.transformer.proj_out.weight)
         if self.transformer.proj_out.bias is not None:
             nn.init.zeros_(self.transformer.proj_out.bias)
+
+    def enable_condition_residual(self) -> None:
+        """Make this model a `condition_residual` one that starts from the condition: the flag is set in its config
+        (saved with it) and SANA's output layer zeroed, so it returns the condition latent until trained (a one-step
+        model's correction then starts at zero). The rest of the weights (projection, SANA's blocks) are kept."""
+        self._check_condition_residual(self.config.in_channels, self.config.out_channels,
+                                       self.config.condition_channels)
+        self.register_to_config(condition_residual=True)
+        self.reset_residual_output()
+
+    @staticmethod
+    def _check_condition_residual(in_channels: int, out_channels: int | None, condition_channels: int) -> None:
+        if condition_channels != in_channels or (out_channels or in_channels) != in_channels:
+            raise ValueError("`condition_residual` needs the condition, input and output latents to have the same "
+                             f"channels, got {condition_channels}, {in_channels} and {out_channels}.")
 
     @classmethod
     def from_transformer(
