@@ -593,7 +593,10 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"`sampling_defaults` has unknown entries {unknown}; allowed: {', '.join(SAMPLING_DEFAULTS)}."
             )
         _check_arguments(recorded, ARGUMENT_RULES, "`sampling_defaults['{}']`")
-        self.register_to_config(sampling_defaults={k: v for k, v in recorded.items() if v is not None})
+        # kept in SAMPLING_DEFAULTS order, so model_index.json and the model card list them the same way every time
+        self.register_to_config(
+            sampling_defaults={k: recorded[k] for k in SAMPLING_DEFAULTS if recorded.get(k) is not None}
+        )
 
     def resolve_sampling_arguments(self, **given: Any) -> dict[str, Any]:
         """The sampling arguments (keys of `SAMPLING_DEFAULTS`) a call with the keyword arguments `given` uses: each one
