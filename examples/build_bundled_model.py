@@ -227,6 +227,14 @@ def write_training_photos(corpus: str, folder: str) -> str:
     return folder
 
 
+# The card's first paragraph, which the web app shows as the model's one-line description: what this build restores
+# and what it barely touches, as its measured quality table (README) says. Keep it in step with that table.
+BUNDLED_SUMMARY = (
+    "A small demonstration restorer, trained on a CPU on a few dozen photos: it removes moderate to strong Gaussian "
+    "noise (sigma 15-50); light noise, JPEG artefacts, resizing and blur it barely touches, and it changes clean "
+    "photos slightly."
+)
+
 BUNDLED_CARD_SECTION = """
 ## This model: the restorer bundled with diffusers-restore
 
@@ -293,7 +301,7 @@ def finalise_bundled_folder(folder: str, num_train_photos: int) -> None:
     card = re.sub(r"SANA \(`[^`]*`\)", "a small SANA-architecture model (see below)", card)
     # the title and the usage snippet named the training output folder
     title = re.search(r"^# (.+)$", card, flags=re.M).group(1)
-    card = re.sub(r"^# .+$", "# sana-restore-tiny", card, count=1, flags=re.M)
+    card = re.sub(r"^# .+$", f"# sana-restore-tiny\n\n{BUNDLED_SUMMARY}", card, count=1, flags=re.M)
     card = card.replace(f'from_pretrained("{title}"', 'from_pretrained("sana-restore-tiny"')
     # the base model is this build's own, so the licence is the package's, not an inherited one
     card = re.sub(r"^license: .+$", "license: apache-2.0", card, count=1, flags=re.M)
