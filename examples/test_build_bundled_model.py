@@ -74,6 +74,8 @@ def test_photos_base_folder_and_every_training_stage(tmp_path):
     final = SanaRestorationPipeline.from_pretrained(previous)
     assert final.degradation_removal is not None
     assert final.config.sampling_defaults == {"num_inference_steps": 1, "guidance_scale": 1.0, "fidelity": 1.0}
+    assert final.degradation_removal.config.statistics_input is True
+    assert final.transformer.config.condition_residual is True  # the one-step stage started from the condition
 
     # The shipped folder names no local path and says what the model is.
     build.finalise_bundled_folder(str(previous), num_train_photos=2)

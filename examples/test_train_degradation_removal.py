@@ -193,13 +193,23 @@ def test_a_pickled_base_loads_as_the_pipeline_loads_it(stage_run, pair_data, tmp
         torch.testing.assert_close(trained[key], weights[key], atol=1e-9, rtol=0)
 
 
-def test_a_noise_conditioned_stage_trains(tiny_base, pair_data, tmp_path):
+def test_a_conditioned_stage_trains(tiny_base, pair_data, tmp_path):
+    """--noise_level_input and --statistics_input give a new stage 1 + 2 constant input channels, which it uses."""
     output_dir = tmp_path / "conditioned"
-    _run(_args(tiny_base, pair_data, output_dir, *SMALL_STAGE, "--noise_level_input", "--loss_type", "mse",
-               "--max_train_steps", 4, "--checkpointing_steps", 100, "--train_batch_size", 3, "--learning_rate", 3e-3))
+    _run(_args(tiny_base, pair_data, output_dir, *SMALL_STAGE, "--noise_level_input", "--statistics_input",
+               "--loss_type", "mse", "--max_train_steps", 4, "--checkpointing_steps", 100, "--train_batch_size", 3,
+               "--learning_rate", 3e-3))
     stage = SanaRestorationPipeline.from_pretrained(str(output_dir)).degradation_removal
-    assert stage.config.noise_level_input is True and stage.conv_in.in_channels == 16
+    assert stage.config.noise_level_input is True and stage.config.statistics_input is True
+    assert stage.conv_in.in_channels == (3 + 1 + 2) * 4  # pixel-unshuffled
     assert stage.conv_out.weight.abs().max() > 0  # trained away from the identity
+    image = torch.from_numpy(np.array(Image.open(pair_data / "noisy1.png"))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        estimated = stage(image)  # the statistics estimated from the image
+        told = stage(image, statistics=torch.tensor([[2.0, 0.3]]))
+    assert (estimated - told).abs().max() > 1e-6
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "`statistics_input=True`" in card
 
 
 @pytest.mark.parametrize(

@@ -303,7 +303,9 @@ def full_run(tiny_base, pair_data, tmp_path_factory):
         (["--resume_from_checkpoint", "checkpoint-3"], "no such checkpoint"),
         (["--pixel_loss_weight", "1", "--cache_latents"], "--cache_latents"),
         (["--pixel_loss_weight", "1", "--offload"], "--offload"),
-        (["--fidelity", "0.5"], "--fidelity changes the pixel loss"),
+        (["--fidelity", "0.5"], "--fidelity and --pixel_loss change the pixel loss"),
+        (["--pixel_loss", "psnr"], "--fidelity and --pixel_loss change the pixel loss"),
+        (["--condition_residual"], "--condition_residual is for a full --training_objective one_step run"),
         (["--direction", "degrade", "--negative_sample_prob", "0.2"], "for restorers"),
         (["--validation_inference_steps", "0"], "--validation_inference_steps"),
         (["--streaming", "--max_train_steps", "2"], "--streaming applies to --dataset_name"),
@@ -467,6 +469,38 @@ def test_one_step_objective_with_the_fidelity_pixel_loss(tiny_base, pair_data, t
     assert ((x0_decoded - clean) ** 2).mean() != ((x0_decoded - target) ** 2).mean()
     index = json.loads((tmp_path / "out" / "model_index.json").read_text())
     assert index["sampling_defaults"] == {"num_inference_steps": 1, "guidance_scale": 1.0, "fidelity": 1.0}
+
+
+def test_condition_residual_start_and_the_psnr_pixel_loss(tiny_base, pair_data, tmp_path):
+    """--condition_residual: the first step's one-step estimate x0 is the condition latent (SANA's output layer
+    zeroed), and the saved transformer keeps the flag. --pixel_loss psnr: the pixel term is the batch mean of
+    10 log10(MSE_b + (1/255)^2) with each sample's MSE in [0, 1] pixels. Resuming without the flag is refused."""
+    w = 0.5
+    args = ("--training_objective", "one_step", "--condition_residual", "--pixel_loss_weight", w, "--pixel_loss",
+            "psnr", "--max_train_steps", 1, "--checkpointing_steps", 1, "--center_crop")
+    with pytest.MonkeyPatch.context() as patch:
+        steps = _record_steps(patch)
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out", *args))
+    (step,) = steps
+    (pixels, latents), = step["encoded"]
+    clean = pixels.float().chunk(2)[0]
+    clean_latents, condition_latents = latents.chunk(2)
+    x0 = step["x_t"] - step["prediction"]
+    torch.testing.assert_close(x0, condition_latents, rtol=0, atol=1e-5)
+    (_, x0_decoded), = step["decoded"]
+    flow_matching = ((x0 - clean_latents) ** 2).mean()
+    psnr_loss = np.mean([10 * np.log10(np.mean(((decoded - target).double().numpy() / 2) ** 2) + 255.0 ** -2)
+                         for decoded, target in zip(x0_decoded, clean)])
+    torch.testing.assert_close(step["loss"].double(), flow_matching.double() + w * psnr_loss, rtol=1e-5, atol=1e-5)
+
+    saved = ConcatConditionedTransformer.from_pretrained(tmp_path / "out", subfolder="transformer")
+    assert saved.config.condition_residual is True
+    assert not torch.equal(saved.transformer.proj_out.weight, torch.zeros_like(saved.transformer.proj_out.weight))
+    _reset_accelerate()
+    resume = [arg for arg in args if arg != "--condition_residual"]
+    with pytest.raises(ValueError, match="trained with --condition_residual: resume it the same way"):
+        _run(_base_args(tiny_base, pair_data, tmp_path / "out", *resume, "--max_train_steps", 2,
+                        "--resume_from_checkpoint", "latest"))
 
 
 def test_one_step_training_learns_and_records_how_to_sample(full_run, pair_data, tmp_path):

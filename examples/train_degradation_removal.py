@@ -12,8 +12,8 @@ trains that stage alone, on the same pairs and degradations as `train_paired.py`
 
     loss = mean | stage(degraded) - clean |      (--loss_type mse: the squared error), images in [0, 1]
 
-A base pipeline without a stage gets a new one (`--block_out_channels`, `--layers_per_block`, `--noise_level_input`),
-which starts as the identity; a base with a stage trains it further. `output_dir` ends with the base pipeline holding
+A base pipeline without a stage gets a new one (`--block_out_channels`, `--layers_per_block`, `--noise_level_input`,
+`--statistics_input`), which starts as the identity; a base with a stage trains it further. `output_dir` ends with the base pipeline holding
 the trained stage, so the next step is `train_paired.py --pretrained_model_name_or_path output_dir`: the transformer is
 then trained on the latents of the stage's outputs, as it will see them at inference.
 """
@@ -77,7 +77,7 @@ def save_model_card(args, repo_id: str, stage, new_stage: bool, untrained_transf
     """Write output_dir/README.md through diffusers' model card helpers."""
     base = args.pretrained_model_name_or_path
     config = ", ".join(f"`{key}={stage.config[key]}`" for key in ("block_out_channels", "layers_per_block",
-                                                                    "noise_level_input"))
+                                                                    "noise_level_input", "statistics_input"))
     description = f"""# {repo_id.split("/")[-1]}
 
 A `SanaRestorationPipeline` whose degradation removal stage (`DegradationRemovalModel`, {config}) was trained by the
@@ -162,6 +162,13 @@ def parse_args(input_args=None):
         action="store_true",
         help="A new stage gets each image's estimated gaussian noise level as an extra input channel. With a base that "
         "has a stage, that stage must have it too.",
+    )
+    parser.add_argument(
+        "--statistics_input",
+        action="store_true",
+        help="A new stage gets each image's estimated JPEG blockiness and fine-detail ratio as two extra input "
+        "channels (they tell clean, compressed, blurred and resized photos apart). With a base that has a stage, that "
+        "stage must have them too.",
     )
     parser.add_argument("--loss_type", type=str, default="l1", choices=["l1", "mse"], help="Pixel loss, in [0, 1].")
     # data
@@ -324,7 +331,8 @@ def main(args):
     else:
         pipeline = SanaRestorationPipeline.from_pretrained(base, **load_kwargs)
     requested = {"block_out_channels": args.block_out_channels, "layers_per_block": args.layers_per_block,
-                 "noise_level_input": args.noise_level_input or None}
+                 "noise_level_input": args.noise_level_input or None,
+                 "statistics_input": args.statistics_input or None}
     requested = {key: value for key, value in requested.items() if value is not None}
     stage = pipeline.degradation_removal
     new_stage = stage is None

@@ -19,6 +19,10 @@ Training is flow matching in diffusers' convention, with the noise levels of the
 with `f` = `--fidelity` and `r = c - vae.decode(z_c)` what the VAE loses of the condition image `c` (the pipeline's
 `fidelity` argument adds `f * r` back to its output). `--training_objective one_step` fixes sigma = 1, where one Euler
 step gives x0 = noise - v: the model learns the expected clean latent, sampled with `num_inference_steps=1`.
+`--pixel_loss psnr` replaces the pixel term's squared error by NAFNet's per-sample PSNR loss, the batch mean of
+10 log10(MSE_b + (1/255)^2) (pixels in [0, 1]), so a small change to a clean image costs as much as a large error on a
+noisy one. `--condition_residual` starts a one-step model from the condition (`ConcatConditionedTransformer`'s
+`condition_residual`: it returns the condition latent until trained, and learns only the correction).
 When the base pipeline has a degradation removal stage (trained by `train_degradation_removal.py`), every condition
 image goes through it (frozen) before it is encoded, as at inference. `--direction degrade` trains the opposite task
 (GenDeg): clean -> degraded, a `SanaDegradationPipeline` for making realistic training pairs.
@@ -421,6 +425,21 @@ def parse_args(input_args=None):
         "--cache_latents) and the VAE on the device (not --offload).",
     )
     parser.add_argument(
+        "--pixel_loss",
+        type=str,
+        default="mse",
+        choices=["mse", "psnr"],
+        help="The pixel term's form: mse (the mean squared error) or psnr (NAFNet's per-sample PSNR loss, the batch "
+        "mean of 10 log10(MSE_b + (1/255)^2), pixels in [0, 1]), which weighs every image's error by its own size.",
+    )
+    parser.add_argument(
+        "--condition_residual",
+        action="store_true",
+        help="With --training_objective one_step: a base transformer without `condition_residual` gets it (the flag "
+        "is saved in its config and SANA's output layer zeroed), so training starts from the condition and learns the "
+        "correction; a base that has it trains further. Give it again to resume such a run.",
+    )
+    parser.add_argument(
         "--fidelity",
         type=float,
         default=0.0,
@@ -621,8 +640,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.pixel_loss_weight > 0 and (args.cache_latents or args.offload):
         parser.error("--pixel_loss_weight needs the clean pixels and the VAE on the device: not with "
                      "--cache_latents or --offload.")
-    if args.fidelity and not args.pixel_loss_weight > 0:
-        parser.error("--fidelity changes the pixel loss: it needs --pixel_loss_weight > 0.")
+    if (args.fidelity or args.pixel_loss != "mse") and not args.pixel_loss_weight > 0:
+        parser.error("--fidelity and --pixel_loss change the pixel loss: they need --pixel_loss_weight > 0.")
+    if args.condition_residual and (args.training_objective != "one_step" or args.use_lora):
+        parser.error("--condition_residual is for a full --training_objective one_step run (its output layer starts "
+                     "at zero, which LoRA would leave frozen).")
     if args.direction == "degrade" and (args.negative_sample_prob or args.fidelity):
         parser.error("--negative_sample_prob and --fidelity are for restorers, not --direction degrade.")
     if args.validation_image is None and (args.validation_target_image or args.validation_prompt):
@@ -787,6 +809,8 @@ def main(args):
                      "dtype": weight_dtype}
     transformer = ConcatConditionedTransformer.from_pretrained(base, subfolder="transformer", **weights_kwargs,
                                                                **quantized)
+    if args.condition_residual and not transformer.config.get("condition_residual", False):
+        transformer.enable_condition_residual()
     model_index = DiffusionPipeline.load_config(base, **load_kwargs)
     if model_index.get("direction", args.direction) != args.direction:
         raise ValueError(f"{base} was trained to {model_index['direction']} images, not --direction {args.direction}.")
@@ -935,6 +959,9 @@ def main(args):
             else:
                 loaded = ConcatConditionedTransformer.from_pretrained(input_dir, subfolder="transformer",
                                                                       use_safetensors=True)
+                if loaded.config.get("condition_residual", False) != model.config.get("condition_residual", False):
+                    raise ValueError(f"{input_dir} was trained with{'' if loaded.config.condition_residual else 'out'} "
+                                     "--condition_residual: resume it the same way.")
                 model.load_state_dict(loaded.state_dict())
         if ema_model is not None:
             load_ema_checkpoint(ema_model, os.path.join(input_dir, "transformer_ema"), ConcatConditionedTransformer)
@@ -1243,7 +1270,12 @@ def main(args):
                         target_pixels = target_pixels - args.fidelity * residual * keep_image[:, None, None, None]
                     pred_original_sample = noisy_latents - sigmas * model_pred
                     pixel_error = decode_latents(vae, pred_original_sample) - target_pixels
-                    loss = loss + args.pixel_loss_weight * pixel_error.pow(2).mean()
+                    if args.pixel_loss == "psnr":  # the error in [0, 1] is half the error in [-1, 1]
+                        squared_error = (pixel_error / 2).pow(2).flatten(1).mean(1)
+                        pixel_loss = 10 * torch.log10(squared_error + (1 / 255) ** 2).mean()
+                    else:
+                        pixel_loss = pixel_error.pow(2).mean()
+                    loss = loss + args.pixel_loss_weight * pixel_loss
 
                 accelerator.backward(loss)
                 loss_value = loss.detach().item()
@@ -1347,6 +1379,7 @@ def main(args):
                 "objective": f"{args.training_objective}, timestep density {args.weighting_scheme}, shift "
                 f"{noise_scheduler.config.shift:g}",
                 "pixel loss weight": args.pixel_loss_weight,
+                "pixel loss": args.pixel_loss,
                 "fidelity": args.fidelity,
                 "empty-prompt rate": args.conditioning_dropout_prob or args.proportion_empty_prompts,
                 "negative-quality samples": args.negative_sample_prob,

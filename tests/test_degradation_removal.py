@@ -220,3 +220,81 @@ def test_tiles_of_a_noise_conditioned_stage_get_the_whole_image_level():
     level = estimate_noise_level(pixels)
     assert all(torch.equal(value, level) for value in seen)
     assert (whole - tiled).abs().mean() < 2e-3
+
+
+def _photo_like(size: int = 96, seed: int = 0) -> np.ndarray:
+    """A smooth random field plus fine texture (a stand-in for a photo: detail at every scale, no 8 x 8 grid)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 11, 11, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    texture = torch.rand(1, 3, size, size, generator=generator)
+    return (smooth * 0.8 + texture * 0.2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+
+
+def test_blockiness_rises_with_jpeg_compression_and_is_near_zero_without():
+    from PIL import Image
+
+    from diffusers_restore.models.degradation_removal import estimate_blockiness
+
+    clean = _photo_like()
+    image = Image.fromarray((clean * 255).round().astype(np.uint8))
+    as_tensor = lambda picture: torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None]  # noqa: E731
+    levels = {}
+    for quality in (10, 40, 90):
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        levels[quality] = estimate_blockiness(as_tensor(Image.open(buffer))).item()
+    assert abs(estimate_blockiness(as_tensor(image)).item()) < 0.1
+    assert levels[10] > levels[40] > levels[90] and levels[10] > 0.5
+    with pytest.raises(ValueError, match="height > 8"):
+        estimate_blockiness(torch.rand(1, 3, 8, 20))
+
+
+def test_detail_ratio_falls_with_blur_and_rises_with_noise():
+    from diffusers_restore.models.degradation_removal import estimate_detail_ratio
+
+    image = torch.from_numpy(_photo_like()).permute(2, 0, 1)[None].float()
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(image, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    noisy = image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    ratios = estimate_detail_ratio(torch.cat([blurred, image, noisy])).tolist()
+    assert ratios[0] < ratios[1] < ratios[2]
+    # 2 x 2 blocks of equal pixels (a box-filter 2x enlargement) have no finest detail at all
+    assert estimate_detail_ratio(torch.nn.functional.interpolate(image, scale_factor=2.0)).item() == 0.0
+
+
+def test_statistics_input_is_the_identity_untrained_conditions_the_output_and_reaches_every_tile():
+    from diffusers_restore.models.degradation_removal import estimate_degradation_statistics
+
+    model = DegradationRemovalModel(**TINY, noise_level_input=True, statistics_input=True)
+    assert model.conv_in.in_channels == (3 + 1 + 2) * 4
+    images = torch.rand(2, 3, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(model(images), images)
+        trained = _trained_like(model)
+        estimated = trained(images)
+        explicit = trained(images, **trained.image_conditioning(images))
+        other = trained(images, statistics=torch.tensor([[0.0, 0.0], [3.0, 0.2]]))
+    assert torch.allclose(estimated, explicit) and not torch.allclose(estimated, other)
+    assert set(trained.image_conditioning(images)) == {"noise_level", "statistics"}
+    with pytest.raises(ValueError, match="statistics"):
+        trained(images, statistics=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="statistics_input"):
+        DegradationRemovalModel(**TINY)(images, statistics=torch.zeros(2, 2))
+
+    pipe = _pipeline(with_stage=False)
+    pipe.register_modules(degradation_removal=trained)
+    pixels = torch.rand(1, 3, 150, 300)
+    pixels[:, :, :, 150:] = 0.5
+    seen = []
+    forward = trained.forward
+
+    def spy(sample, noise_level=None, statistics=None):
+        seen.append(statistics)
+        return forward(sample, noise_level=noise_level, statistics=statistics)
+
+    trained.forward = spy
+    pipe.remove_degradations(pixels, tile_size=64)
+    assert len(seen) > 2
+    assert all(torch.equal(value, estimate_degradation_statistics(pixels)) for value in seen)

@@ -460,3 +460,36 @@ def test_blur_sigma_recovers_the_gaussian_blur_width():
         blurred, record = D.gaussian_blur(clean, kernel_size)
         assert D.blur_sigma(clean, blurred) == pytest.approx(record["params"]["sigma"], abs=0.051)
     assert D.blur_sigma(clean, clean) == 0.0
+
+
+def test_identity_spec_returns_the_image_unchanged_and_mixes_with_others():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out, records = D.apply_degradation_spec(image, "identity", rng=0)
+    assert np.array_equal(np.asarray(out), np.asarray(image)) and out is not image
+    assert records == [{"name": "identity", "params": {}}]
+    names = {D.apply_degradation_spec(image, "identity|jpeg:50", rng=seed)[1][0]["name"] for seed in range(20)}
+    assert names == {"identity", "jpeg"}
+    with pytest.raises(ValueError, match="at most 0"):
+        D.parse_degradation_spec("identity:3")
+
+
+def test_a_range_value_is_drawn_per_image_within_its_bounds():
+    image = Image.new("RGB", (16, 16), (128, 90, 40))
+    qualities = [D.apply_degradation_spec(image, "jpeg:quality=30..33", rng=seed)[1][0]["params"]["quality"]
+                 for seed in range(40)]
+    assert set(qualities) == {30, 31, 32, 33}
+    sigmas = [D.apply_degradation_spec(image, "gaussian_blur:sigma=0.5..2", rng=seed)[1][0]["params"]["sigma"]
+              for seed in range(40)]
+    assert min(sigmas) >= 0.5 and max(sigmas) <= 2.0 and len(set(sigmas)) == 40
+    spec = D.parse_degradation_spec("gaussian_noise:2..15")
+    assert spec.params["sigma"] == D.ParameterRange(2.0, 15.0) and str(spec) == "gaussian_noise:sigma=2..15"
+    first = D.apply_degradation_spec(image, spec, rng=7)
+    again = D.apply_degradation_spec(image, spec, rng=7)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0])) and first[1] == again[1]
+
+
+@pytest.mark.parametrize("spec, message", [("jpeg:40..10", "low <= high"), ("jpeg:0..40", "quality"),
+                                           ("jpeg:10..101", "quality"), ("gaussian_noise:a..3", "must be float")])
+def test_bad_ranges_are_refused_at_parse_time(spec, message):
+    with pytest.raises(ValueError, match=message):
+        D.parse_degradation_spec(spec)

@@ -401,3 +401,79 @@ def test_forward_passes_every_sana_argument(overrides):
         if key == "guidance":
             reduced["guidance"] = torch.tensor([0.0, 9.0])
         assert not torch.allclose(model(**inputs, **reduced).sample, expected), key
+
+
+def _residual_model(seed=0):
+    sana = get_tiny_transformer(seed)
+    config = {key: value for key, value in sana.config.items() if not key.startswith("_")}
+    return ConcatConditionedTransformer(**config, condition_residual=True)
+
+
+@torch.no_grad()
+def test_condition_residual_model_returns_the_condition_until_trained_and_reads_its_output_as_z_cond_minus_x0():
+    model = _residual_model()
+    inputs = _inputs()
+    sigma = (inputs["timestep"] / 1000.0).view(-1, 1, 1, 1)
+    x0 = inputs["hidden_states"] - sigma * model(**inputs).sample  # one Euler step to sigma = 0
+    torch.testing.assert_close(x0, inputs["condition_latents"], rtol=0, atol=1e-5)
+    torch.nn.init.normal_(model.transformer.proj_out.weight, std=0.1)
+    projected = model.projection(torch.cat([inputs["hidden_states"], inputs["condition_latents"]], dim=1))
+    residual = _sana_out(model.transformer, dict(inputs, hidden_states=projected))
+    x0 = inputs["hidden_states"] - sigma * model(**inputs).sample
+    torch.testing.assert_close(x0, inputs["condition_latents"] - residual, rtol=0, atol=1e-4)
+
+
+def test_condition_residual_round_trips_and_refuses_mismatched_channels(tmp_path):
+    model = _residual_model()
+    model.save_pretrained(tmp_path / "residual")
+    loaded = ConcatConditionedTransformer.from_pretrained(tmp_path / "residual")
+    assert loaded.config.condition_residual is True
+    inputs = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+    config = {key: value for key, value in get_tiny_transformer().config.items() if not key.startswith("_")}
+    with pytest.raises(ValueError, match="condition_residual"):
+        ConcatConditionedTransformer(**config, condition_channels=3, condition_residual=True)
+
+
+def test_enable_condition_residual_keeps_the_weights_and_starts_from_the_condition(tmp_path):
+    """A trained model made condition-anchored keeps its projection and SANA's blocks, returns the condition at one
+    step, and saves the flag (it loads back the same)."""
+    model = ConcatConditionedTransformer.from_transformer(get_tiny_transformer(0))
+    with torch.no_grad():
+        model.projection.weight.normal_(std=0.1)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model.enable_condition_residual()
+    assert model.config.condition_residual is True
+    for key, value in model.state_dict().items():
+        if key.startswith("transformer.proj_out"):
+            assert not value.any(), key
+        else:
+            assert torch.equal(value, before[key]), key
+    inputs = dict(_inputs(), timestep=torch.full((2,), 1000.0))  # sigma = 1
+    with torch.no_grad():
+        x0 = inputs["hidden_states"] - model(**inputs).sample
+        torch.testing.assert_close(x0, inputs["condition_latents"], rtol=0, atol=1e-5)
+        model.save_pretrained(tmp_path / "anchored")
+        loaded = ConcatConditionedTransformer.from_pretrained(tmp_path / "anchored")
+        assert loaded.config.condition_residual is True
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+    with pytest.raises(ValueError, match="condition_residual"):
+        ConcatConditionedTransformer.from_transformer(get_tiny_transformer(0), condition_channels=3
+                                                      ).enable_condition_residual()
+
+
+@torch.no_grad()
+def test_an_untrained_condition_residual_pipeline_with_fidelity_returns_its_input():
+    """One step from sigma = 1 gives x0 = the condition's latent, and `fidelity=1` adds back what the VAE loses of the
+    (cleaned) input: the whole pipeline is the identity until its transformer is trained."""
+    pipe = _tiny_pipeline()
+    config = {key: value for key, value in pipe.transformer.config.items() if not key.startswith("_")}
+    residual = ConcatConditionedTransformer(**{**config, "condition_residual": True})
+    residual.load_state_dict({k: v for k, v in pipe.transformer.state_dict().items()
+                              if not k.startswith("transformer.proj_out")}, strict=False)
+    pipe.register_modules(transformer=residual)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = pipe(image, num_inference_steps=1, guidance_scale=1.0, fidelity=1.0, output_type="pt").images
+    torch.testing.assert_close(out, image, rtol=0, atol=1e-4)

@@ -4,8 +4,9 @@
 
 ``name[:value[,value...]]`` fixes some parameters (positional, or ``key=value``) and draws the others per image:
 ``gaussian_noise:25``, ``jpeg:20``, ``gaussian_blur:7``, ``downscale:2``, ``colour_jitter:0.1,-0.1``,
-``random[:n]`` (n distinct single degradations), ``realesrgan[:scale]``, ``realesrgan_light[:scale]``; ``a|b|c`` picks
-one alternative per image; ``model:DIR;NAME:MU_BIN:SIGMA_BIN[,...]`` runs a learned degradation model. Every
+``random[:n]`` (n distinct single degradations), ``realesrgan[:scale]``, ``realesrgan_light[:scale]``, ``identity``
+(the image unchanged); a numeric value written ``low..high`` is drawn per image from that range
+(``jpeg:quality=30..90``); ``a|b|c`` picks one alternative per image; ``model:DIR;NAME:MU_BIN:SIGMA_BIN[,...]`` runs a learned degradation model. Every
 numeric parameter has an accepted range (:data:`~.degradation_ops.PARAMETER_RANGES`; ``random`` takes 1 to 6,
 ``realesrgan`` scales 1 to 8, model severity bins 0 to 127) and a value outside it is refused when the spec is
 parsed, with the range in the message.
@@ -59,9 +60,11 @@ from .severity import blockiness, blur_sigma, noise_sigma, severity
 __all__ = [
     "DEGRADATIONS",
     "GENERIC_PROMPT",
+    "IDENTITY",
     "MODEL_PREFIX",
     "PARAMETER_RANGES",
     "PRESETS",
+    "ParameterRange",
     "REALESRGAN",
     "REALESRGAN_LIGHT",
     "DegradationSpec",
@@ -96,6 +99,32 @@ ONE_OF = "one_of"
 
 PRESETS = ("random", "realesrgan", "realesrgan_light")
 """Composite degradations accepted wherever a spec is: ``random[:n]``, ``realesrgan``, ``realesrgan_light``."""
+
+IDENTITY = "identity"
+"""The spec that leaves the image unchanged (record ``{"name": "identity"}``): in a training mixture it teaches a
+restorer to leave clean images alone, e.g. ``identity|gaussian_noise|jpeg``."""
+
+RANGE_SEPARATOR = ".."
+
+
+@dataclass(frozen=True)
+class ParameterRange:
+    """A spec parameter written ``low..high`` (e.g. ``jpeg:quality=30..90``): drawn per image, uniformly from
+    ``[low, high]`` (integers inclusive for integer parameters)."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+    def draw(self, rng: np.random.Generator) -> float | int:
+        if self.integer:
+            return int(rng.integers(int(self.low), int(self.high) + 1))
+        return float(rng.uniform(self.low, self.high))
+
+    def __str__(self) -> str:
+        if self.integer:
+            return f"{int(self.low)}{RANGE_SEPARATOR}{int(self.high)}"
+        return f"{self.low:g}{RANGE_SEPARATOR}{self.high:g}"
 
 MODEL = "model"
 MODEL_PREFIX = "model:"
@@ -166,6 +195,7 @@ _SPEC_PARAMETERS: dict[str, tuple[tuple[str, type], ...]] = {
     "random": (("num_degradations", int),),
     "realesrgan": (("scale", int),),
     "realesrgan_light": (("scale", int),),
+    IDENTITY: (),
 }
 
 
@@ -188,18 +218,24 @@ class DegradationSpec:
 
 
 def _known_names() -> str:
-    return ", ".join(list(DEGRADATIONS) + list(PRESETS))
+    return ", ".join(list(DEGRADATIONS) + list(PRESETS) + [IDENTITY])
 
 
 def _canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
-    if key not in DEGRADATIONS and key not in PRESETS:
+    if key not in DEGRADATIONS and key not in PRESETS and key != IDENTITY:
         raise ValueError(f"unknown degradation {name!r}; known: {_known_names()}.")
     return key
 
 
 def _convert(value: str, kind: type, name: str, key: str) -> Any:
+    if RANGE_SEPARATOR in value and kind in (int, float):
+        low, _, high = value.partition(RANGE_SEPARATOR)
+        low, high = _convert(low.strip(), kind, name, key), _convert(high.strip(), kind, name, key)
+        if low > high:
+            raise ValueError(f"{name}: range {value!r} of {key} must be low{RANGE_SEPARATOR}high with low <= high.")
+        return ParameterRange(low, high, integer=kind is int)
     try:
         if kind is bool:
             lowered = value.lower()
@@ -221,9 +257,11 @@ def _convert(value: str, kind: type, name: str, key: str) -> Any:
 def parse_degradation_spec(spec: str) -> DegradationSpec:
     """Parse ``name[:value[,value...]]``; values are positional in the order of the degradation's parameters or
     ``key=value``. Examples: ``gaussian_noise:25``, ``jpeg:20``, ``downscale:2``, ``gaussian_blur:7``,
-    ``colour_jitter:0.1,-0.1``, ``gaussian_noise:sigma=15,gray=true``, ``random``, ``random:2``, ``realesrgan``.
-    Alternatives separated by ``|`` pick one of them uniformly per image, e.g. ``gaussian_noise|jpeg|downscale:2``
-    (a training mixture; parameters a spec leaves out are drawn from that degradation's range).
+    ``colour_jitter:0.1,-0.1``, ``gaussian_noise:sigma=15,gray=true``, ``random``, ``random:2``, ``realesrgan``,
+    ``identity``. A numeric value written ``low..high`` is drawn per image from that range (``jpeg:30..90``,
+    ``gaussian_blur:sigma=0.5..2``). Alternatives separated by ``|`` pick one of them uniformly per image, e.g.
+    ``gaussian_noise|jpeg|downscale:2`` (a training mixture; parameters a spec leaves out are drawn from that
+    degradation's range; repeat an alternative to draw it more often).
 
     Raises:
         ValueError: unknown name (the message lists the known ones), unknown or repeated parameter, a value of the
@@ -260,8 +298,11 @@ def parse_degradation_spec(spec: str) -> DegradationSpec:
                 raise ValueError(f"{name}: parameter {key} given twice in {spec!r}.")
             params[key] = _convert(value.strip(), by_key[key], name, key)
     parsed = DegradationSpec(name, params)
-    # The degradation's own checks on a tiny probe image, so that a bad value fails here (the messages name it).
-    apply_degradation_spec(Image.new("RGB", (8, 8)), parsed, np.random.default_rng(0))
+    # The degradation's own checks on a tiny probe image, so that a bad value fails here (the messages name it); a
+    # range is probed at both ends.
+    for end in ("low", "high"):
+        fixed = {key: getattr(value, end) if isinstance(value, ParameterRange) else value for key, value in params.items()}
+        apply_degradation_spec(Image.new("RGB", (8, 8)), DegradationSpec(name, fixed), np.random.default_rng(0))
     return parsed
 
 
@@ -281,6 +322,11 @@ def apply_degradation_spec(
         return apply_degradation_spec(image, options[int(rng.integers(len(options)))], rng)
     if spec.name == MODEL:
         return _model_degrade(image, spec, rng)
+    if spec.name == IDENTITY:
+        return image.copy(), [make_record(IDENTITY)]
+    if any(isinstance(value, ParameterRange) for value in spec.params.values()):
+        spec = DegradationSpec(spec.name, {key: value.draw(rng) if isinstance(value, ParameterRange) else value
+                                           for key, value in spec.params.items()})
     if spec.name == "random":
         count = spec.params.get("num_degradations")
         return random_degradation(image, num_degradations=(1, 3) if count is None else count, rng=rng)

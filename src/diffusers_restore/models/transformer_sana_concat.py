@@ -11,6 +11,17 @@ convolution projects the result back to SANA's latent width before SANA runs unc
 The projection starts as identity on the noisy channels and zero on the condition channels, so at initialisation the
 wrapper *is* the wrapped SANA for any condition, and fine-tuning starts from the pretrained text-to-image model (the
 channel-space twin of InstructPix2Pix's zero-initialised ``conv_in`` expansion).
+
+Condition-anchored output (``condition_residual=True``): SANA's output ``r`` is read as the difference between the
+condition and the clean latent, ``x0 = z_cond - r``, and returned as the flow-matching velocity that gives that
+``x0``::
+
+    v = (x_t - z_cond + r) / sigma          # so that x_t - sigma * v = z_cond - r
+
+with ``sigma = timestep / (1000 * timestep_scale)`` (diffusers' flow-matching timesteps). SANA's output layer starts at
+zero, so a new model returns the condition unchanged and training learns only the correction it can make (the way
+residual restorers start from the degraded input). Meant for one-step models (sigma = 1); at small sigma the division
+amplifies the output's errors in velocity, not in ``x0``.
 """
 
 from __future__ import annotations
@@ -101,6 +112,9 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
     Args:
         condition_channels (`int`, *optional*):
             Channels of the condition latent. Defaults to `in_channels` (the degraded image encoded by the same VAE).
+        condition_residual (`bool`, defaults to False):
+            Read SANA's output as `z_cond - x0` and return the velocity of that `x0` (see the module docstring); a new
+            model then returns the condition unchanged.
 
     Weights are stored as `transformer.*` (SANA's own state dict, untouched) and `projection.weight`
     (`[in_channels, in_channels + condition_channels, 1, 1]`).
@@ -151,12 +165,15 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         qk_norm: str | None = None,
         timestep_scale: float = 1.0,
         condition_channels: int | None = None,
+        condition_residual: bool = False,
     ) -> None:
         super().__init__()
         if condition_channels is None:
             condition_channels = in_channels
             # keep the config explicit so a saved folder says what it was trained with
             self.register_to_config(condition_channels=condition_channels)
+        if condition_residual:
+            self._check_condition_residual(in_channels, out_channels, condition_channels)
 
         self.transformer = SanaTransformer2DModel(
             in_channels=in_channels,
@@ -183,6 +200,8 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         )
         self.projection = nn.Conv2d(in_channels + condition_channels, in_channels, kernel_size=1, bias=False)
         self.reset_projection()
+        if condition_residual:
+            self.reset_residual_output()
         # set by `fuse_projection`: (SANA's original patch-embedding conv, the fused conv)
         self._fused_patch_embed: tuple[nn.Conv2d, nn.Conv2d] | None = None
 
@@ -193,6 +212,28 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         channels = self.config.in_channels
         weight[:, :channels, 0, 0] = torch.eye(channels, dtype=weight.dtype, device=weight.device)
         self.projection.weight.copy_(weight)
+
+    @torch.no_grad()
+    def reset_residual_output(self) -> None:
+        """Zero SANA's output layer, so that a `condition_residual` model returns the condition unchanged."""
+        nn.init.zeros_(self.transformer.proj_out.weight)
+        if self.transformer.proj_out.bias is not None:
+            nn.init.zeros_(self.transformer.proj_out.bias)
+
+    def enable_condition_residual(self) -> None:
+        """Make this model a `condition_residual` one that starts from the condition: the flag is set in its config
+        (saved with it) and SANA's output layer zeroed, so it returns the condition latent until trained (a one-step
+        model's correction then starts at zero). The rest of the weights (projection, SANA's blocks) are kept."""
+        self._check_condition_residual(self.config.in_channels, self.config.out_channels,
+                                       self.config.condition_channels)
+        self.register_to_config(condition_residual=True)
+        self.reset_residual_output()
+
+    @staticmethod
+    def _check_condition_residual(in_channels: int, out_channels: int | None, condition_channels: int) -> None:
+        if condition_channels != in_channels or (out_channels or in_channels) != in_channels:
+            raise ValueError("`condition_residual` needs the condition, input and output latents to have the same "
+                             f"channels, got {condition_channels}, {in_channels} and {out_channels}.")
 
     @classmethod
     def from_transformer(
@@ -222,7 +263,7 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
             if not key.startswith("_") and key != "quantization_config"
         }
         with init_empty_weights():
-            model = cls(**sana_config, condition_channels=condition_channels)
+            model = cls(**sana_config, condition_channels=condition_channels, condition_residual=False)
         model.transformer = transformer
         parameter = next(transformer.parameters())
         model.projection = nn.Conv2d(
@@ -538,7 +579,7 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
         if not self.is_projection_fused:
             model_input = self.projection(model_input.to(self.projection.weight.dtype))
 
-        return self.transformer(
+        output = self.transformer(
             model_input,
             encoder_hidden_states=encoder_hidden_states,
             timestep=timestep,
@@ -547,5 +588,12 @@ class ConcatConditionedTransformer(SafeWeightsModelMixin, ModelMixin, AttentionM
             attention_mask=attention_mask,
             attention_kwargs=attention_kwargs,
             controlnet_block_samples=controlnet_block_samples,
-            return_dict=return_dict,
-        )
+            return_dict=False,
+        )[0]
+        if self.config.get("condition_residual", False):
+            sigma = timestep.float().reshape(-1, 1, 1, 1) / (1000.0 * self.config.timestep_scale)
+            anchored = hidden_states.float() - condition_latents.float() + output.float()
+            output = (anchored / sigma.clamp(min=1e-3)).to(output.dtype)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

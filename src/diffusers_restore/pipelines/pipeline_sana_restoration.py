@@ -49,7 +49,7 @@ from diffusers.utils import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.degradation_removal import DegradationRemovalModel, estimate_noise_level
+from ..models.degradation_removal import DegradationRemovalModel
 from ..models.safe_weights import PICKLE_PATTERNS, pickle_refusals_explained, weights_loading_kwargs
 from ..models.transformer_sana_concat import PROJECTION_KEY, ConcatConditionedTransformer, add_condition_projection
 from ..models.upscale_decoder import DCUpscaleDecoder
@@ -777,12 +777,12 @@ class SanaRestorationPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         height, width = pixels.shape[-2:]
         padded = pad_to_multiple(pixels, model.size_multiple)
         tiles = self._tile_grid(padded.shape[-2:], tile_size, tile_overlap, align=model.size_multiple)
-        # a stage conditioned on the noise level gets the whole image's in every tile
-        level = estimate_noise_level(pixels) if model.config.get("noise_level_input") else None
+        # a stage conditioned on image-level estimates (noise level, ...) gets the whole image's in every tile
+        conditioning = model.image_conditioning(pixels)
 
         def clean(top: int, left: int, tile_height: int, tile_width: int) -> torch.Tensor:
             tile = padded[:, :, top : top + tile_height, left : left + tile_width].to(model.dtype)
-            return model(tile) if level is None else model(tile, noise_level=level)
+            return model(tile, **conditioning)
 
         with self.progress_bar(total=len(tiles), desc="degradation removal") as progress:
             cleaned = tiles.blend(clean, progress=progress)
