@@ -400,7 +400,7 @@ def test_restore_in_a_real_browser(server, tmp_path):
         upload(large)
         wait_status("Ready")
         driver.find_element(By.XPATH, "//button[contains(., 'Advanced settings')]").click()
-        steps = driver.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
+        steps = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#steps input[type=number]")))
         steps.clear()
         steps.send_keys("20\t")
         wait.until(lambda _: driver.find_element(By.CSS_SELECTOR, "#strength input[type=range]").is_enabled())
