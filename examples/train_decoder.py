@@ -96,6 +96,7 @@ from diffusers_restore.training_utils import (
     remove_unfinished_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    weights_to_check,
 )
 
 
@@ -702,12 +703,6 @@ def main(args: argparse.Namespace) -> dict:
     def unwrap(module: nn.Module) -> nn.Module:
         return accelerator.unwrap_model(module)
 
-    def named_weights() -> list[tuple[str, torch.Tensor]]:
-        named = list(unwrap(model).named_parameters())
-        if ema_model is not None:
-            named += [(f"EMA {name}", shadow) for (name, _), shadow in zip(named, ema_model.shadow_params)]
-        return named
-
     # EMA weights travel in checkpoints as safetensors (accelerate would pickle a registered EMAModel).
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process and ema_model is not None:
@@ -854,7 +849,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                     last_checkpoint = save_checkpoint(
-                        accelerator, args.output_dir, global_step, generator, named_weights(),
+                        accelerator, args.output_dir, global_step, generator, weights_to_check(unwrap(model), ema_model),
                         {"upscale": args.upscale, "use_ema": args.use_ema, "decoder_extra_layers": args.decoder_extra_layers},
                         args.checkpoints_total_limit,
                     )

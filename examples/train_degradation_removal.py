@@ -65,6 +65,7 @@ from diffusers_restore.training_utils import (
     save_checkpoint,
     save_ema_checkpoint,
     skip_nonfinite_step,
+    weights_to_check,
 )
 
 
@@ -449,12 +450,6 @@ def main(args):
         validation_pairs = load_validation_pairs(args.validation_image, args.validation_target_image)
     validation = None
 
-    def named_weights():
-        named = list(accelerator.unwrap_model(stage).named_parameters())
-        if ema_model is not None:
-            named += [(f"EMA {name}", shadow) for (name, _), shadow in zip(named, ema_model.shadow_params)]
-        return named
-
     window_finite = True
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
@@ -493,7 +488,8 @@ def main(args):
                 if global_step % args.checkpointing_steps == 0:
                     state = {"skipped_steps": skipped_steps, "trained_component": "degradation_removal",
                              "use_lora": False, "use_ema": args.use_ema}
-                    save_checkpoint(accelerator, args.output_dir, global_step, None, named_weights(), state,
+                    weights = weights_to_check(accelerator.unwrap_model(stage), ema_model)
+                    save_checkpoint(accelerator, args.output_dir, global_step, None, weights, state,
                                     args.checkpoints_total_limit)
                 if validation_pairs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     model = accelerator.unwrap_model(stage)
@@ -507,8 +503,8 @@ def main(args):
                 break
 
     accelerator.wait_for_everyone()
-    check_finite_weights(accelerator, named_weights(), f"the final pipeline (step {global_step})")
     stage = accelerator.unwrap_model(stage)
+    check_finite_weights(accelerator, weights_to_check(stage, ema_model), f"the final pipeline (step {global_step})")
     if ema_model is not None:
         ema_model.copy_to(stage.parameters())
     if accelerator.is_main_process:

@@ -106,6 +106,7 @@ from diffusers_restore.training_utils import (
     save_checkpoint,
     save_ema_checkpoint,
     skip_nonfinite_step,
+    weights_to_check,
 )
 
 
@@ -1296,12 +1297,8 @@ def main(args):
                 global_step += 1
 
                 if global_step % args.checkpointing_steps == 0:
-                    named_weights = [(name, weight) for name, weight in unwrap_model(transformer).named_parameters()
-                                     if weight.requires_grad]  # a LoRA run's frozen base never changes
-                    if ema_model is not None:
-                        named_weights += [(f"EMA {name}", shadow)
-                                          for (name, _), shadow in zip(named_weights, ema_model.shadow_params)]
-                    save_checkpoint(accelerator, args.output_dir, global_step, generator, named_weights,
+                    save_checkpoint(accelerator, args.output_dir, global_step, generator,
+                                    weights_to_check(unwrap_model(transformer), ema_model),
                                     {"skipped_steps": skipped_steps, "trained_component": "transformer",
                                      "use_lora": args.use_lora, "use_ema": args.use_ema},
                                     args.checkpoints_total_limit)
@@ -1324,10 +1321,8 @@ def main(args):
     # Save the pipeline: the trained (EMA) weights, checked for NaN / inf first; the frozen components as shipped.
     accelerator.wait_for_everyone()
     transformer = unwrap_model(transformer)
-    named_weights = [(name, weight) for name, weight in transformer.named_parameters() if weight.requires_grad]
-    if ema_model is not None:
-        named_weights += [(f"EMA {name}", shadow) for (name, _), shadow in zip(named_weights, ema_model.shadow_params)]
-    check_finite_weights(accelerator, named_weights, f"the final pipeline (step {global_step})")
+    final = f"the final pipeline (step {global_step})"
+    check_finite_weights(accelerator, weights_to_check(transformer, ema_model), final)
     if ema_model is not None:
         ema_model.copy_to(transformer.parameters())
     full_state_dict = None

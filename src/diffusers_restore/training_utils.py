@@ -222,6 +222,17 @@ def all_processes_finite(accelerator, losses_finite: bool, grad_norm: torch.Tens
     return sum_over_processes(accelerator, 0.0 if finite else 1.0) == 0
 
 
+def weights_to_check(model: torch.nn.Module, ema_model=None) -> list[tuple[str, torch.Tensor]]:
+    """The `(name, tensor)` pairs a checkpoint of `model` must hold finite: its trainable parameters (a LoRA run's
+    frozen base never changes) and, with `ema_model` (an EMA of all of `model`'s parameters), their shadows."""
+    parameters = list(model.named_parameters())
+    named = [(name, weight) for name, weight in parameters if weight.requires_grad]
+    if ema_model is not None:
+        named += [(f"EMA {name}", shadow) for (name, weight), shadow in zip(parameters, ema_model.shadow_params)
+                  if weight.requires_grad]
+    return named
+
+
 def check_finite_weights(accelerator, named_tensors: list[tuple[str, torch.Tensor]], what: str) -> None:
     """Raise `NonFiniteError` if any tensor holds NaN or inf, on any process (every process must call this).
 
