@@ -273,13 +273,14 @@ A working demonstration, not a SANA fine-tune, in two stages:
 
 The tokenizer and the 1-layer Gemma-2 text encoder are the offline test kit's (random weights, so prompts carry almost
 no information). Everything was trained on a CPU on the training split of the project's photo corpus
-(`scripts/build_photo_corpus.py`: {num_train_photos} photos from package registries), degraded on the fly by
-`{degradation}`; its validation photos tuned the recipe and its test photos (other packages') were scored only for
-the final report. `train_degradation_removal.py` trained the first stage for {stage_steps} steps, then
-`train_paired.py` ran twice: {flow_matching_steps} steps of flow matching, then {one_step_steps} steps of one-step
-regression that starts from the first stage's output (`condition_residual`), with a per-sample PSNR pixel loss for
-the output with `fidelity=1` (the first stage's detail that the VAE cannot carry is put back). Last, the first stage
-was trained {refine_steps} steps more, on the same mix with a larger share of noise. Rebuild it with
+(`scripts/build_photo_corpus.py`: {num_train_photos} photos from package registries), degraded on the fly, one
+alternative drawn per crop. Degradations: `{degradation}`. Its validation photos tuned the recipe and its test photos
+(other packages') were scored only for the final report. `train_degradation_removal.py` trained the first stage for
+{stage_steps} steps, then `train_paired.py` ran twice: {flow_matching_steps} steps of flow matching, then
+{one_step_steps} steps of one-step regression that starts from the first stage's output (`condition_residual`), with a
+per-sample PSNR pixel loss for the output with `fidelity=1` (the first stage's detail that the VAE cannot carry is put
+back). Last, the first stage was trained {refine_steps} steps more, on the same mix with a larger share of noise.
+Rebuild it with
 `python examples/build_bundled_model.py --work_dir build --num_threads 1`.
 
 Its folder records how to sample it (`sampling_defaults` in model_index.json), so the plain call is the right one:
