@@ -92,5 +92,9 @@ def test_demo_writes_the_labelled_comparison_png(tmp_path, capsys):
         assert (captions[:, panel * 256:(panel + 1) * 256] < 100).any()
     printed = capsys.readouterr().out
     assert "bundled restorer" in printed
+    # and what the model restores and what it does not: its card's opening paragraph
+    with open(os.path.join(BUNDLED_MODEL_DIR, "README.md"), encoding="utf-8") as handle:
+        opening = handle.read().split("# sana-restore-tiny\n\n", 1)[1].split(".", 1)[0]
+    assert f"the bundled restorer: {opening}." in printed
     values = {line.split()[0]: float(line.split()[2]) for line in printed.splitlines() if "PSNR" in line}
     assert values["restored"] > values["degraded"] + 3.0

@@ -106,5 +106,9 @@ def run_demo(args: argparse.Namespace) -> int:
           f"degradation: {args.degradation}; restored with {label}.")
     for name, values in scores.items():
         print(f"  {name:9s} PSNR {float(values['psnr']):6.2f} dB   SSIM {float(values['ssim']):.4f}")
+    if args.model == BUNDLED:  # what it restores and what it does not, as its card's first paragraph says
+        from .app import describe_model_card, read_model_card
+
+        print(f"the bundled restorer: {describe_model_card(read_model_card(BUNDLED_MODEL_DIR))}")
     print(f"wrote {output} (degraded | restored | clean)")
     return 0
