@@ -119,6 +119,7 @@ def test_the_stage_trains_and_ships_in_the_pipeline(stage_run, tiny_base, pair_d
     assert Image.open(out / "validation.png").size == (3 * 64, 64)  # before | stage | target
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "a new stage (the identity)" in card and "not trained for restoration yet" in card
+    assert "TODO" not in card and "proofread" not in card  # no unfilled template sections
     stage_psnr = float(re.search(r"The stage alone: PSNR (\d+\.\d\d) dB", card).group(1))
     noisy1 = _psnr(np.asarray(Image.open(pair_data / "noisy1.png")), np.asarray(Image.open(pair_data / "clean/1.png")))
     assert stage_psnr > noisy1

@@ -611,6 +611,7 @@ def test_validation_grid_metrics_and_model_card(full_run):
     assert {"image-restoration", "diffusers-training"} <= set(card.data.tags)
     assert card_text.count("# out\n") == 1  # the folder's name, not its path
     assert "from_pretrained(\"out\"" in card_text and str(full) not in card_text
+    assert "TODO" not in card_text and "proofread" not in card_text  # no unfilled template sections
     assert "PSNR" in card_text and "![validation](validation.png)" in card_text
     assert "| training steps | 4 |" in card_text and "| EMA | decay 0.9 |" in card_text
     assert "trained with flow matching" in card_text and "shift 3" in card_text

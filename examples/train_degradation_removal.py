@@ -104,6 +104,7 @@ The stage alone: PSNR {validation["psnr"]:.2f} dB, SSIM {validation["ssim"]:.4f}
     model_card = load_or_create_model_card(repo_id_or_path=repo_id, token=args.hub_token, from_training=True,
                                            license="other",
                                            model_description=description)
+    model_card.text = description  # the whole card: without the template's "TODO" sections and its proofread note
     model_card.data.pipeline_tag = "image-to-image"
     model_card = populate_model_card(model_card, tags=["image-restoration", "diffusers-restore", "diffusers-training"])
     model_card.save(os.path.join(args.output_dir, "README.md"))

@@ -177,6 +177,7 @@ def save_model_card(args, repo_id: str, validation: dict | None, train_dataset_s
         base_model=base if base_is_hub_id else None,
         model_description=description,
     )
+    model_card.text = description  # the whole card: without the template's "TODO" sections and its proofread note
     model_card.data.pipeline_tag = "image-to-image"
     tags = ["image-restoration", "image-to-image", "sana", "diffusers-restore", "diffusers-training", "diffusers"]
     model_card = populate_model_card(model_card, tags=tags + ["lora"] * args.use_lora)
