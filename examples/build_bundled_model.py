@@ -307,7 +307,7 @@ def finalise_bundled_folder(folder: str, num_train_photos: int) -> None:
 
     for root, _, names in os.walk(folder):
         for name in names:
-            if name == "config.json":
+            if name in ("config.json", "model_index.json"):
                 path = os.path.join(root, name)
                 with open(path, encoding="utf-8") as handle:
                     config = json.load(handle)
@@ -392,21 +392,25 @@ def main(args: argparse.Namespace) -> str:
                  threads=args.num_threads)
         previous = output_dir
 
-    # 9. install
-    install(previous, args.destination, num_train_photos=len(os.listdir(photos)))
+    # 9. install, with the model card of the last train_paired.py stage (the pipeline's usage and sampling; the
+    # stage-training script's card describes only its stage)
+    card_stage = [name for name, script, _ in TRAINING_STAGES if script == "train_paired.py"][-1]
+    install(previous, args.destination, num_train_photos=len(os.listdir(photos)),
+            card=os.path.join(work, card_stage, "README.md"))
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.destination) for f in files)
     print(f"bundled restorer written to {args.destination} ({size / 2**20:.2f} MiB) in {time.time() - start:.0f} s")
     return args.destination
 
 
-def install(restorer: str, destination: str, num_train_photos: int) -> None:
-    """Copy what the package ships from a training output folder to `destination` and finalise it. The old folder is
-    replaced only once the new one is complete (a failed build leaves it in place)."""
+def install(restorer: str, destination: str, num_train_photos: int, card: str | None = None) -> None:
+    """Copy what the package ships from a training output folder to `destination` and finalise it; `card`, when
+    given, replaces that folder's model card. The old folder is replaced only once the new one is complete (a failed
+    build leaves it in place)."""
     staging = destination.rstrip(os.sep) + ".new"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     for name in SHIPPED:
-        source = os.path.join(restorer, name)
+        source = card if name == "README.md" and card else os.path.join(restorer, name)
         (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(staging, name))
     finalise_bundled_folder(staging, num_train_photos)
     shutil.rmtree(destination, ignore_errors=True)

@@ -77,11 +77,13 @@ def test_photos_base_folder_and_every_training_stage(tmp_path):
     assert final.degradation_removal.config.statistics_input is True
     assert final.transformer.config.condition_residual is True  # the one-step stage started from the condition
 
-    # The shipped folder names no local path and says what the model is.
-    build.finalise_bundled_folder(str(previous), num_train_photos=2)
-    for config in previous.rglob("config.json"):
+    # The shipped folder names no local path and says what the model is, on the last train_paired.py stage's card.
+    shipped = tmp_path / "shipped"
+    build.install(str(previous), str(shipped), num_train_photos=2, card=str(tmp_path / "one_step" / "README.md"))
+    for config in [*shipped.rglob("config.json"), shipped / "model_index.json"]:
         assert str(tmp_path) not in config.read_text(), config
-    card = (previous / "README.md").read_text()
+    card = (shipped / "README.md").read_text()
+    assert "trained as a one-step restorer" in card and "The stage alone" not in card  # the pipeline's card, not the stage's
     assert base not in card and str(tmp_path) not in card and "restorer bundled with diffusers-restore" in card
     assert all(setting in card for setting in ("num_inference_steps=1", "guidance_scale=1.0", "fidelity=1.0"))
     assert "8 layers, hidden 128, patch" in card and "training split of the project's photo corpus" in card
