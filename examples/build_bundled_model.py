@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the restorer bundled in the package (`diffusers_restore/bundled/sana-restore-tiny`) from scratch, offline.
 
-    python examples/build_bundled_model.py --work_dir build --num_threads 1    # about 6 h on a shared 2-core CPU
+    python examples/build_bundled_model.py --work_dir build --num_threads 1    # about 3.5 h on a shared 2-core CPU
 
 The stages use the project's own scripts (the same ones users run); each is skipped when its output is complete and
 each training stage resumes from its last checkpoint (every 250 steps), so a build that was cut off (or spread over
@@ -255,9 +255,9 @@ def write_training_photos(corpus: str, folder: str) -> str:
 # The card's first paragraph, which the web app shows as the model's one-line description: what this build restores
 # and what it barely touches, as its measured quality table (README) says. Keep it in step with that table.
 BUNDLED_SUMMARY = (
-    "A small demonstration restorer, trained on a CPU on a few dozen photos: it removes moderate to strong Gaussian "
-    "noise (sigma 15-50); light noise, JPEG artefacts, resizing and blur it barely touches, and it changes clean "
-    "photos slightly."
+    "A small demonstration restorer trained on a CPU on a few dozen photos: it removes Gaussian noise (better than "
+    "non-local means, short of CBM3D), slightly lightens JPEG artefacts, 2x-resize softness and light blur, and "
+    "leaves clean photos almost unchanged. Detail a photo has lost it cannot bring back."
 )
 
 BUNDLED_CARD_SECTION = """
